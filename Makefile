@@ -1,0 +1,23 @@
+# `make run` and `make test` each create and fill .venv when it is missing.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml scripts/setup_venv.sh
+	sh scripts/setup_venv.sh $(VENV)
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/matsim tiers
+
+test: $(STAMP)
+	$(PY) -m pytest -n auto
+
+# Benchmarks as ratios against a bare baseline in the same run (see README).
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -p no:xdist --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,1 @@
+"""Hypothesis strategies and property suites: the fuzz suite of matsim."""

@@ -1,0 +1,114 @@
+"""Hypothesis strategies: shapes, tiers, per-layer tier maps, parameter names
+(valid, non-MLP and near-miss), and small random model configs of both styles."""
+import torch
+from hypothesis import strategies as st
+
+from sim.align import PREFIX_DIMS
+from sim.config import STYLES, ModelConfig
+from sim.tiers import max_tier
+
+MLP_MODULES = tuple(PREFIX_DIMS)
+
+
+@st.composite
+def intermediate_sizes(draw, max_halvings: int = 5, max_odd: int = 7) -> int:
+    """Base FFN widths odd * 2**k, so the deepest valid tier k varies."""
+    return draw(st.integers(1, max_odd).filter(lambda n: n % 2)) << draw(st.integers(0, max_halvings))
+
+
+@st.composite
+def widths_and_tiers(draw, max_halvings: int = 5) -> tuple[int, int]:
+    """(I, t) with t a valid tier of I."""
+    size = draw(intermediate_sizes(max_halvings))
+    return size, draw(st.integers(0, max_tier(size)))
+
+
+def invalid_tiers(size: int):
+    """Tiers that must be rejected for base width `size`."""
+    return st.integers(-8, -1) | st.integers(max_tier(size) + 1, max_tier(size) + 8)
+
+
+def layer_tier_maps(size: int, num_layers: int):
+    """Mix'n'Match: one valid tier per layer."""
+    return st.lists(st.integers(0, max_tier(size)), min_size=num_layers, max_size=num_layers).map(tuple)
+
+
+layer_indices = st.integers(0, 63)
+prefixes = st.sampled_from(["model.layers.{i}.", "layers.{i}.", "transformer.h.{i}.", "{i}."])
+
+
+@st.composite
+def mlp_names(draw, modules=MLP_MODULES, kinds=("weight",)) -> str:
+    prefix = draw(prefixes).format(i=draw(layer_indices))
+    return f"{prefix}mlp.{draw(st.sampled_from(modules))}.{draw(st.sampled_from(kinds))}"
+
+
+@st.composite
+def non_mlp_names(draw) -> str:
+    """Real names of parameters that no tier slices."""
+    layer = draw(layer_indices)
+    return draw(st.sampled_from([
+        f"model.layers.{layer}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ] + [
+        f"model.layers.{layer}.input_layernorm.weight", f"model.layers.{layer}.post_attention_layernorm.weight",
+        f"model.layers.{layer}.mlp.down_proj.bias", "model.embed_tokens.weight", "model.norm.weight",
+        "lm_head.weight",
+    ]))
+
+
+@st.composite
+def near_miss_names(draw) -> str:
+    """Names a substring matcher would wrongly accept as MLP weights."""
+    layer, module = draw(layer_indices), draw(st.sampled_from(MLP_MODULES))
+    return draw(st.sampled_from([
+        f"model.layers.{layer}.self_attn.{module}_bias",
+        f"model.layers.{layer}.self_attn.{module}.weight",
+        f"model.layers.{layer}.mlp.{module.replace('_proj', '_projection')}.weight",
+        f"model.layers.{layer}.mlp.{module}_weight",
+        f"model.layers.{layer}.mlp_{module}.weight",
+        f"model.layers.{layer}.mlp.{module}.weight.extra",
+        f"model.layers.{layer}.mlp.{module}",
+        f"model.layers.{layer}.MLP.{module}.weight",
+        f"model.layers.{layer}.mlp.{module.upper()}.weight",
+        f"{module}.weight",
+        f"model.layers.{layer}.mlp.{module}.weight_scale",
+        f"model.layers.{layer}.mlp.my_{module}.weight",
+    ]))
+
+
+@st.composite
+def mlp_grad_cases(draw, max_hidden: int = 24):
+    """(name, full_shape, local_shape, prefix_dim) of one MLP weight at a valid tier."""
+    name = draw(mlp_names())
+    size, tier = draw(widths_and_tiers())
+    hidden = draw(st.integers(1, max_hidden))
+    dim = PREFIX_DIMS[name.split(".")[-2]]
+    full = [size, hidden] if dim == 0 else [hidden, size]
+    local = list(full)
+    local[dim] = size >> tier
+    return name, tuple(full), tuple(local), dim
+
+
+def tensors(shape, seed_strategy=st.integers(0, 2**31 - 1), dtype=torch.float32):
+    """Dense random tensors of `shape`, drawn from a seed so shrinking stays cheap."""
+    return seed_strategy.map(lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype))
+
+
+@st.composite
+def model_configs(draw, styles=STYLES, max_layers: int = 3) -> ModelConfig:
+    """Small models of either style: GQA/MQA/MHA, tied or not, with or without MLP bias."""
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    kv = draw(st.sampled_from([d for d in (1, 2, 4) if heads % d == 0]))
+    return ModelConfig(
+        style=draw(st.sampled_from(styles)),
+        vocab_size=draw(st.integers(4, 48)),
+        hidden_size=heads * head_dim,
+        intermediate_size=draw(intermediate_sizes(max_halvings=4, max_odd=5)),
+        num_hidden_layers=draw(st.integers(1, max_layers)),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=32,
+        tie_word_embeddings=draw(st.booleans()),
+        mlp_bias=draw(st.booleans()),
+    )
