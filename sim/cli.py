@@ -38,6 +38,8 @@ def cmd_tiers(args) -> None:
                   f"{batch}x{cfg.seq_len} tokens, seed {args.seed}")
     table = Table("tier", "FFN width", "parameters", "share of full", "loss before", "loss after", "step ms")
     full = param_count(m, 0)
+    if args.step:
+        _one_step(cfg, tiers[0], tokens, args.seed)  # warm-up: first-call allocation is not a tier's cost
     for tier, width in zip(tiers, widths):
         count = param_count(m, tier)
         row = [str(tier), f"{width}/{m.intermediate_size}", f"{count:,}", f"{count / full:.1%}"]
