@@ -112,3 +112,45 @@ def model_configs(draw, styles=STYLES, max_layers: int = 3) -> ModelConfig:
         tie_word_embeddings=draw(st.booleans()),
         mlp_bias=draw(st.booleans()),
     )
+
+
+# --- payloads -------------------------------------------------------------
+
+def random_sparse(shape, distro, gen: torch.Generator):
+    """A Sparse as a peer would send it: distinct random top-k slots per block, random values
+    (signs when quantized). Cheaper than compressing a real delta, same wire shape."""
+    from sim.distro import ChunkGrid, Sparse
+    grid = ChunkGrid.of(shape, distro.compression_chunk)
+    k = min(distro.compression_topk, grid.block_numel)
+    indices = torch.rand(*grid.blocks, grid.block_numel, generator=gen).argsort(dim=-1)[..., :k]
+    values = torch.randn(*grid.blocks, k, generator=gen)
+    return Sparse(grid, indices, values.sign() if distro.quantize_1bit else values)
+
+
+def random_payload(model_cfg, distro, tiers, peer: int, seed: int, round_: int = 0):
+    from sim.model import local_shapes
+    from sim.wire import Payload
+    gen = torch.Generator().manual_seed(seed)
+    params = {name: random_sparse(shape, distro, gen) for name, shape in local_shapes(model_cfg, tiers).items()}
+    return Payload(peer, round_, tuple(tiers), params, distro.quantize_1bit)
+
+
+@st.composite
+def aggregation_cases(draw, min_peers: int = 1, max_peers: int = 6, max_tier_used: int = 2):
+    """(model, distro, payloads, receiver tiers) where every tier's DCT blocks line up
+    (the base width is a multiple of chunk * 2**max_tier_used), peers of mixed
+    per-layer tiers, some peers at tier 0."""
+    from sim.config import DistroConfig
+    chunk = draw(st.sampled_from([2, 4, 8]))
+    deepest = draw(st.integers(0, max_tier_used))
+    base = draw(model_configs(max_layers=2))
+    size = chunk * (1 << deepest) * draw(st.sampled_from([1, 2, 3]))
+    model = ModelConfig(**{**base.__dict__, "intermediate_size": size})
+    distro = DistroConfig(compression_chunk=chunk, compression_topk=draw(st.integers(1, 6)),
+                          quantize_1bit=draw(st.booleans()))
+    tiers = st.lists(st.integers(0, deepest), min_size=model.num_hidden_layers,
+                     max_size=model.num_hidden_layers).map(tuple)
+    peer_tiers = draw(st.lists(tiers, min_size=min_peers, max_size=max_peers))
+    seed = draw(st.integers(0, 2**20))
+    payloads = [random_payload(model, distro, t, peer=i, seed=seed + i) for i, t in enumerate(peer_tiers)]
+    return model, distro, payloads, draw(tiers)

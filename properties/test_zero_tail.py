@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from properties.profiles import scaled
 from properties.strategies import layer_tier_maps, model_configs
-from sim.model import MatFormerLM, build_model, is_mlp_sliced, load_prefix, param_count
+from sim.model import MatFormerLM, build_model, is_mlp_sliced, load_prefix, local_shapes, mlp_layer, param_count
 from sim.align import prefix_dim
 from sim.tiers import layer_widths
 
@@ -18,15 +18,11 @@ def tiered_models(draw):
     return cfg, tiers, draw(st.integers(0, 2**16)), draw(st.integers(1, 3)), draw(st.integers(2, 8))
 
 
-def layer_of(name: str) -> int:
-    return int(name.split(".")[2])
-
-
 def poison_suffix(model, widths):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if is_mlp_sliced(name):
-                dim, width = prefix_dim(name), widths[layer_of(name)]
+                dim, width = prefix_dim(name), widths[mlp_layer(name)]
                 param.narrow(dim, width, param.shape[dim] - width).fill_(float("nan"))
 
 
@@ -54,7 +50,7 @@ def test_tier_grads_are_zero_outside_the_prefix_and_equal_an_independent_tier_mo
     for name, param in full.named_parameters():
         grad, expected = param.grad, reference[name].grad
         if is_mlp_sliced(name):
-            dim, width = prefix_dim(name), widths[layer_of(name)]
+            dim, width = prefix_dim(name), widths[mlp_layer(name)]
             tail = grad.narrow(dim, width, grad.shape[dim] - width)
             assert torch.count_nonzero(tail) == 0, f"{name}: gradient leaked into the suffix"
             grad = grad.narrow(dim, 0, width)
@@ -63,7 +59,9 @@ def test_tier_grads_are_zero_outside_the_prefix_and_equal_an_independent_tier_mo
 
 @given(model_configs(), st.data())
 def test_param_count_equals_the_parameters_of_a_model_built_at_that_width(cfg, data):
-    """Catches: the tier table miscounting biases, tied heads or the nanogpt MLP."""
+    """Catches: the tier table miscounting biases, tied heads or the nanogpt MLP, and the wire
+    validating a peer against shapes its tier does not hold."""
     tiers = data.draw(layer_tier_maps(cfg.intermediate_size, cfg.num_hidden_layers))
     model = MatFormerLM(cfg, stored_widths=layer_widths(cfg.intermediate_size, tiers, cfg.num_hidden_layers))
     assert param_count(cfg, tiers) == sum(p.numel() for p in model.parameters())
+    assert local_shapes(cfg, tiers) == {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -24,3 +24,7 @@ class ShapeMismatch(SimError, ValueError):
 
 class AlignmentError(SimError, ValueError):
     """Helper-mode indices that cannot be placed (out of range, duplicate, wrong dtype)."""
+
+
+class ChunkGridMismatch(AlignmentError):
+    """A payload whose DCT blocks do not line up with the receiver's (COEFF_MEAN cannot mix them)."""

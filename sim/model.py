@@ -7,6 +7,7 @@ changes how much of them the forward pass reads, through `narrow` views along
 the prefix dim. No copies are made, so autograd writes gradients into the
 prefix and leaves the tail exactly zero.
 """
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -196,6 +197,41 @@ def build_model(cfg: ModelConfig, tiers: int | Sequence[int] = 0, *, seed: int =
     """A deterministically initialized model running at `tiers`."""
     model = init_weights(MatFormerLM(cfg, stored_widths), seed)
     return model.set_tiers(tiers).to(device=device or default_device(), dtype=dtype)
+
+
+def mlp_layer(name: str) -> int:
+    """Layer index of an HF-named parameter (`model.layers.{i}....`)."""
+    return int(name.split(".")[2])
+
+
+@functools.lru_cache(maxsize=64)
+def _full_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    with torch.device("meta"):
+        return tuple((name, tuple(p.shape)) for name, p in MatFormerLM(cfg).named_parameters())
+
+
+def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every trainable parameter (tied weights once), built on the meta device."""
+    return dict(_full_shapes(cfg))
+
+
+def local_shapes(cfg: ModelConfig, tiers: int | Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter as a peer at `tiers` holds and sends it."""
+    widths = layer_widths(cfg.intermediate_size, tiers, cfg.num_hidden_layers)
+    shapes = {}
+    for name, shape in full_shapes(cfg).items():
+        if is_mlp_sliced(name):
+            shape = list(shape)
+            shape[prefix_dim(name)] = widths[mlp_layer(name)]
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def local_grads(model: MatFormerLM) -> dict[str, torch.Tensor]:
+    """Gradients in the shapes the model's current tiers train (what a peer sends)."""
+    shapes = local_shapes(model.cfg, model.layer_tiers)
+    return {name: align_prefix_grad(name, p.grad, shapes[name]) if is_mlp_sliced(name) else p.grad
+            for name, p in model.named_parameters()}
 
 
 def is_mlp_sliced(name: str) -> bool:

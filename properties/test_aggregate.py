@@ -1,0 +1,225 @@
+"""Mean semantics and accounting of aggregation (sim/aggregate.py)."""
+import random
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from properties.profiles import scaled
+from properties.strategies import aggregation_cases, random_payload
+from sim.aggregate import MeanSemantics, aggregate, homogeneous_update, receive
+from sim.align import align_prefix_grad, prefix_dim
+from sim.distro import ChunkGrid, decompress
+from sim.model import full_shapes, is_mlp_sliced, local_shapes, mlp_layer
+from sim.wire import encode_payload
+
+SEMANTICS = list(MeanSemantics)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@given(aggregation_cases())
+def test_coeff_mean_heterogeneous_path_equals_the_fast_path_when_shapes_agree(case):
+    """Catches: the heterogeneous path normalizing differently from batch_decompress
+    (dividing by all peers, counting absent slots, a different decode)."""
+    model, distro, payloads, receiver = case
+    same = [random_payload(model, distro, receiver, peer=i, seed=i) for i in range(len(payloads))]
+    result = aggregate(same, local_shapes(model, receiver), distro, MeanSemantics.COEFF_MEAN)
+    fast = homogeneous_update(same)
+    assert result.contributing_peers == len(same)
+    for name, update in fast.items():
+        assert torch.equal(result.updates[name], update), name
+
+
+@given(aggregation_cases(min_peers=2), st.sampled_from(SEMANTICS), st.randoms(use_true_random=False))
+def test_peer_order_does_not_change_the_result(case, semantics, rng):
+    """Catches: order-dependent state (a running mean, a first-payload-wins shape)."""
+    model, distro, payloads, receiver = case
+    shuffled = payloads[:]
+    rng.shuffle(shuffled)
+    shapes = local_shapes(model, receiver)
+    a, b = aggregate(payloads, shapes, distro, semantics), aggregate(shuffled, shapes, distro, semantics)
+    assert a.contributing_peers == b.contributing_peers
+    for name in shapes:
+        close(a.updates[name], b.updates[name])
+
+
+def decoded_in(payload, name, shape):
+    """A payload's parameter decoded in its own shape, aligned to `shape`."""
+    dense = decompress(payload.params[name])
+    return dense if tuple(dense.shape) == tuple(shape) else align_prefix_grad(name, dense, shape)
+
+
+def width_of(payload, name):
+    return payload.params[name].grid.shape[prefix_dim(name)]
+
+
+@scaled(0.5)
+@given(aggregation_cases())
+def test_region_mean_divides_each_element_by_the_contributors_covering_it(case):
+    """Reference: neuron by neuron, the plain mean over the peers whose width reaches it.
+    Catches: dividing the suffix by all peers, or the prefix by the tier-0 peers only."""
+    model, distro, payloads, _ = case
+    shapes = full_shapes(model)
+    result = aggregate(payloads, shapes, distro, MeanSemantics.REGION_MEAN)
+    for name, shape in shapes.items():
+        if not is_mlp_sliced(name):
+            close(result.updates[name], sum(decompress(p.params[name]) for p in payloads) / len(payloads))
+            continue
+        dim = prefix_dim(name)
+        for j in range(shape[dim]):
+            covering = [decoded_in(p, name, shape).select(dim, j) for p in payloads if width_of(p, name) > j]
+            expected = torch.stack(covering).mean(0) if covering else torch.zeros(shape[1 - dim] if len(shape) == 2 else ())
+            close(result.updates[name].select(dim, j), expected)
+
+
+@scaled(0.5)
+@given(aggregation_cases(min_peers=2))
+def test_peer_mean_divides_the_tier0_only_suffix_by_all_contributors(case):
+    """Psyche's heterogeneous normalization: where only tier-0 peers reach, the update is their
+    sum over N, i.e. their mean diluted by N0/N (the reported `dilution`).
+    Catches: a PEER_MEAN that silently became REGION_MEAN, or a dilution metric that lies."""
+    model, distro, payloads, _ = case
+    shapes = full_shapes(model)
+    result = aggregate(payloads, shapes, distro, MeanSemantics.PEER_MEAN)
+    n = len(payloads)
+    for layer, factor in enumerate(result.dilution):
+        assert factor == sum(p.tiers[layer] == 0 for p in payloads) / n
+    for name, shape in shapes.items():
+        if not is_mlp_sliced(name):
+            continue
+        dim, layer = prefix_dim(name), mlp_layer(name)
+        narrow_reach = max((width_of(p, name) for p in payloads if p.tiers[layer] > 0), default=0)
+        tier0 = [decoded_in(p, name, shape) for p in payloads if p.tiers[layer] == 0]
+        suffix = result.updates[name].narrow(dim, narrow_reach, shape[dim] - narrow_reach)
+        expected = sum(tier0) / n if tier0 else torch.zeros(shape)
+        close(suffix, expected.narrow(dim, narrow_reach, shape[dim] - narrow_reach))
+        if tier0 and suffix.numel():
+            close(suffix * n / len(tier0), (sum(tier0) / len(tier0)).narrow(dim, narrow_reach, shape[dim] - narrow_reach))
+
+
+@scaled(0.5)
+@given(aggregation_cases())
+def test_coeff_mean_makes_every_coefficient_the_mean_over_the_peers_that_sent_it(case):
+    """Reference: a dict from (block, coefficient) to the values peers sent, in Python.
+    Catches: dividing by all peers (PEER_MEAN's dilution), counting absent slots, misplaced blocks."""
+    model, distro, payloads, receiver = case
+    shapes = local_shapes(model, receiver)
+    result = aggregate(payloads, shapes, distro, MeanSemantics.COEFF_MEAN)
+    for name, shape in shapes.items():
+        grid = ChunkGrid.of(shape, distro.compression_chunk)
+        sent = {}
+        for p in payloads:
+            sparse = p.params[name]
+            for block in torch.cartesian_prod(*[torch.arange(b) for b in sparse.grid.blocks]).reshape(-1, len(sparse.grid.blocks)).tolist():
+                if any(b >= limit for b, limit in zip(block, grid.blocks)):
+                    continue
+                for index, value in zip(sparse.indices[tuple(block)].tolist(), sparse.values[tuple(block)].tolist()):
+                    if index < grid.block_numel:
+                        sent.setdefault((*block, index), []).append(value)
+        expected = torch.zeros(*grid.blocks, grid.block_numel)
+        for (*block, index), values in sent.items():
+            expected[(*block, index)] = sum(values) / len(values)
+        close(grid.encode(result.updates[name]), expected)
+
+
+@given(aggregation_cases(), st.sampled_from(SEMANTICS), st.data())
+def test_receivers_of_different_tiers_agree_on_every_element_they_share(case, semantics, data):
+    """Replica consistency. Catches: a receiver's own tier leaking into the normalization
+    (dividing by peers of its own width, aligning to the wrong prefix)."""
+    model, distro, payloads, receiver = case
+    other = data.draw(st.lists(st.integers(0, max(max(p.tiers) for p in payloads) if payloads else 0),
+                               min_size=model.num_hidden_layers, max_size=model.num_hidden_layers).map(tuple))
+    a = aggregate(payloads, local_shapes(model, receiver), distro, semantics)
+    b = aggregate(payloads, local_shapes(model, other), distro, semantics)
+    for name, update in a.updates.items():
+        mine, theirs = update, b.updates[name]
+        if mine.shape != theirs.shape:
+            narrower = min(mine.shape, theirs.shape, key=lambda shape: shape.numel())
+            mine, theirs = (align_prefix_grad(name, t, narrower) for t in (mine, theirs))
+        close(mine, theirs)
+
+
+@given(aggregation_cases(), st.sampled_from(SEMANTICS))
+def test_elements_outside_every_contributors_width_get_a_zero_update(case, semantics):
+    """Catches: padding with garbage, or DCT blocks bleeding across the width boundary."""
+    model, distro, payloads, _ = case
+    shapes = full_shapes(model)
+    result = aggregate(payloads, shapes, distro, semantics)
+    for name, shape in shapes.items():
+        if is_mlp_sliced(name) and payloads:
+            dim, reach = prefix_dim(name), max(width_of(p, name) for p in payloads)
+            assert torch.count_nonzero(result.updates[name].narrow(dim, reach, shape[dim] - reach)) == 0
+
+
+FLAWS = ["flipped_byte", "truncated", "nan", "wrong_shape", "non_mlp_narrowed", "unknown_parameter", "bad_tier"]
+EXPECTED_REASON = {"flipped_byte": {"bad_checksum", "bad_magic"}, "truncated": {"bad_checksum", "truncated"},
+                   "nan": {"non_finite"}, "wrong_shape": {"bad_shape"}, "non_mlp_narrowed": {"bad_shape"},
+                   "unknown_parameter": {"unknown_parameter"}, "bad_tier": {"bad_tier"}}
+
+
+def malformed(flaw, model, distro, good, rng):
+    """One bad payload of kind `flaw`, built from a good one."""
+    payload = random_payload(model, distro, good.tiers, peer=99, seed=rng.randrange(2**20))
+    name = rng.choice(sorted(payload.params))
+    if flaw == "nan":
+        payload.params[name].values.view(-1)[0] = float("nan")
+    elif flaw == "wrong_shape" or flaw == "non_mlp_narrowed":
+        candidates = sorted(n for n in payload.params if is_mlp_sliced(n) == (flaw == "wrong_shape"))
+        name = rng.choice(candidates)
+        sparse = payload.params[name]
+        shape = list(sparse.grid.shape)
+        shape[0] = shape[0] * 2
+        from properties.strategies import random_sparse
+        payload.params[name] = random_sparse(tuple(shape), distro, torch.Generator().manual_seed(1))
+    elif flaw == "unknown_parameter":
+        payload.params["model.layers.0.mlp.gate_projection.weight"] = payload.params[name]
+    elif flaw == "bad_tier":
+        payload.tiers = (model.max_tier + 1,) * len(payload.tiers)
+    data = bytearray(encode_payload(payload, distro.compression_chunk))
+    if flaw == "flipped_byte":
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif flaw == "truncated":
+        data = data[:rng.randrange(len(data))]
+    return bytes(data)
+
+
+@scaled(0.5)
+@given(aggregation_cases(), st.sampled_from(FLAWS), st.sampled_from(SEMANTICS), st.randoms(use_true_random=False))
+def test_a_rejected_payload_changes_the_counts_and_nothing_else(case, flaw, semantics, rng):
+    """contributing_peers counts only payloads that validated and aligned.
+    Catches: counting rejected payloads, NaN reaching the aggregate, a malformed payload
+    crashing the round or being silently dropped without a count."""
+    model, distro, payloads, receiver = case
+    if flaw == "nan" and distro.quantize_1bit:
+        flaw = "flipped_byte"  # 1-bit values cannot carry NaN; the wire has nothing to validate there
+    if flaw == "non_mlp_narrowed" and not payloads:
+        return
+    raw = [encode_payload(p, distro.compression_chunk) for p in payloads]
+    shapes = local_shapes(model, receiver)
+    clean = receive(raw, model, distro, shapes, semantics)
+    bad = malformed(flaw, model, distro, payloads[0] if payloads else random_payload(model, distro, receiver, 0, 0), rng)
+    position = rng.randrange(len(raw) + 1)
+    dirty = receive(raw[:position] + [bad] + raw[position:], model, distro, shapes, semantics)
+    assert dirty.contributing_peers == clean.contributing_peers == len(payloads)
+    assert sum(dirty.rejected.values()) == 1 and set(dirty.rejected) <= EXPECTED_REASON[flaw], dirty.rejected
+    for name in shapes:
+        assert torch.equal(dirty.updates[name], clean.updates[name])
+        assert torch.isfinite(dirty.updates[name]).all()
+
+
+def test_mismatched_chunk_grids_are_rejected_never_mixed():
+    """I=192, chunk 64: tier 0 cuts rows in 64s, tier 1 (96 rows) in 48s. Under COEFF_MEAN
+    the tier-1 payload cannot be placed and is rejected with chunk_grid_mismatch."""
+    from sim.config import DistroConfig, load_config
+    model = load_config("tiny").model.__class__(**{**load_config("tiny").model.__dict__, "intermediate_size": 192})
+    distro = DistroConfig(compression_chunk=64, quantize_1bit=False)
+    payloads = [random_payload(model, distro, (0, 0), 0, 1), random_payload(model, distro, (1, 1), 1, 2)]
+    result = aggregate(payloads, full_shapes(model), distro, MeanSemantics.COEFF_MEAN)
+    assert result.contributing_peers == 1 and result.rejected == Counter(chunk_grid_mismatch=1)
+    peer_mean = aggregate(payloads, full_shapes(model), distro, MeanSemantics.PEER_MEAN)
+    assert peer_mean.contributing_peers == 2 and not peer_mean.rejected

@@ -1,0 +1,184 @@
+"""Aggregation of peers' payloads into one update per parameter, per receiver.
+
+Three mean semantics (DESIGN.md):
+- COEFF_MEAN: each DCT coefficient is the mean over the peers that sent it, then
+  one decode. Mixed tiers are aligned in the block domain first: a narrower
+  tensor's blocks are the leading blocks of the wider one when block sizes agree.
+- PEER_MEAN: Psyche's heterogeneous path: decode each payload, align, sum,
+  divide by the number of contributing peers.
+- REGION_MEAN: HeteroFL's: like PEER_MEAN, but every element is divided by the
+  number of contributors whose width covers it.
+
+A payload that fails to decode or align is rejected as a whole: counted by
+reason and logged, never silently skipped, never raised into the round.
+"""
+import enum
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sim.align import align_prefix_grad, prefix_dim
+from sim.config import DistroConfig, ModelConfig
+from sim.distro import ChunkGrid, Sparse, batch_decompress, coefficient_mean, decompress
+from sim.errors import ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
+from sim.wire import Payload, Rejection, decode_payload
+
+log = logging.getLogger(__name__)
+
+
+class MeanSemantics(enum.Enum):
+    COEFF_MEAN = "coeff_mean"
+    PEER_MEAN = "peer_mean"
+    REGION_MEAN = "region_mean"
+
+
+@dataclass
+class Aggregate:
+    """What one receiver computed from one round's payloads."""
+    updates: dict[str, torch.Tensor]          # receiver's shapes; zero where no contributor reached
+    contributing_peers: int
+    rejected: Counter = field(default_factory=Counter)   # reason -> payloads
+    dilution: tuple[float, ...] = ()          # per layer: tier-0 contributors / all (PEER_MEAN's suffix factor)
+
+
+def align_blocks(name: str, sparse: Sparse, grid: ChunkGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """A payload's (indices, values) moved onto the receiver's chunk grid.
+
+    Blocks past the sender's width are padded with the absent slot; blocks past
+    the receiver's width are dropped. Blocks of different sizes cannot be mixed."""
+    if sparse.grid == grid:
+        return sparse.indices, sparse.values
+    dim = prefix_dim(name)
+    if sparse.grid.block != grid.block:
+        raise ChunkGridMismatch(f"{name}: sender blocks {sparse.grid.block} of {list(sparse.grid.shape)} do not "
+                                f"line up with receiver blocks {grid.block} of {list(grid.shape)}")
+    align_prefix_grad(name, torch.empty(sparse.grid.shape, device="meta"), grid.shape)  # checks the other axes
+    have, want = sparse.grid.blocks[dim], grid.blocks[dim]
+    if have >= want:
+        return sparse.indices.narrow(dim, 0, want), sparse.values.narrow(dim, 0, want)
+    pad = list(sparse.indices.shape)
+    pad[dim] = want - have
+    indices = torch.cat([sparse.indices, sparse.indices.new_full(pad, grid.block_numel)], dim=dim)
+    values = torch.cat([sparse.values, sparse.values.new_zeros(pad)], dim=dim)
+    return indices, values
+
+
+def homogeneous_update(payloads: Sequence[Payload]) -> dict[str, torch.Tensor]:
+    """Psyche's homogeneous fast path: batch_decompress per parameter (one shape for all)."""
+    return {name: batch_decompress([p.params[name] for p in payloads]) for name in payloads[0].params}
+
+
+def _aligned(payload: Payload, grids: dict[str, ChunkGrid], semantics: MeanSemantics) -> dict:
+    """Per parameter: (indices, values) on the receiver grid, or (dense, coverage) in its shape."""
+    parts = {}
+    for name, grid in grids.items():
+        sparse = payload.params[name]
+        if semantics is MeanSemantics.COEFF_MEAN:
+            parts[name] = align_blocks(name, sparse, grid)
+        else:
+            dense = decompress(sparse)
+            if sparse.grid.shape != grid.shape:
+                dense = align_prefix_grad(name, dense, grid.shape)
+            parts[name] = dense
+    return parts
+
+
+def _coverage(payload: Payload, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """1 on the elements this payload's width covers in the receiver's shape, else 0."""
+    sent = payload.params[name].grid.shape
+    ones = torch.ones(sent)
+    return ones if sent == tuple(shape) else align_prefix_grad(name, ones, shape)
+
+
+def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int, ...]], distro: DistroConfig,
+              semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, rejected: Counter | None = None) -> Aggregate:
+    """Combine decoded payloads into the receiver's shapes under `semantics`."""
+    rejected = Counter() if rejected is None else rejected
+    grids = {name: ChunkGrid.of(shape, distro.compression_chunk) for name, shape in receiver_shapes.items()}
+    accepted, parts = [], []
+    for payload in payloads:
+        try:
+            parts.append(_aligned(payload, grids, semantics))
+            accepted.append(payload)
+        except ChunkGridMismatch as err:
+            _reject(rejected, payload.peer, Rejection("chunk_grid_mismatch", str(err)))
+        except (ShapeMismatch, UnsupportedParameter, KeyError) as err:
+            _reject(rejected, payload.peer, Rejection("bad_shape", f"{type(err).__name__}: {err}"))
+
+    n = len(accepted)
+    updates = {}
+    for name, shape in receiver_shapes.items():
+        if n == 0:
+            updates[name] = torch.zeros(shape)
+        elif semantics is MeanSemantics.COEFF_MEAN:
+            indices = torch.cat([part[name][0] for part in parts], dim=-1)
+            values = torch.cat([part[name][1] for part in parts], dim=-1)
+            updates[name] = grids[name].decode(coefficient_mean(grids[name], indices, values))
+        else:
+            total = torch.stack([part[name] for part in parts]).sum(0)
+            if semantics is MeanSemantics.PEER_MEAN:
+                updates[name] = total / n
+            else:
+                covered = torch.stack([_coverage(p, name, shape) for p in accepted]).sum(0)
+                updates[name] = torch.where(covered > 0, total / covered.clamp(min=1), 0.0)
+    return Aggregate(updates, n, rejected, _dilution(accepted))
+
+
+def _dilution(accepted: Sequence[Payload]) -> tuple[float, ...]:
+    if not accepted:
+        return ()
+    layers = len(accepted[0].tiers)
+    return tuple(sum(p.tiers[layer] == 0 for p in accepted) / len(accepted) for layer in range(layers))
+
+
+def _reject(rejected: Counter, peer, rejection: Rejection) -> None:
+    rejected[rejection.reason] += 1
+    log.warning("rejected payload from peer %s: %s (%s)", peer, rejection.reason, rejection.detail)
+
+
+def receive(raw: Sequence[bytes], model: ModelConfig, distro: DistroConfig,
+            receiver_shapes: dict[str, tuple[int, ...]],
+            semantics: MeanSemantics = MeanSemantics.COEFF_MEAN) -> Aggregate:
+    """Decode, validate and aggregate one round's payloads as a receiver does."""
+    rejected, decoded = Counter(), []
+    for data in raw:
+        result = decode_payload(data, model, distro)
+        if isinstance(result, Rejection):
+            _reject(rejected, "?", result)
+        else:
+            decoded.append(result)
+    return aggregate(decoded, receiver_shapes, distro, semantics, rejected)
+
+
+class ApplyRule(enum.Enum):
+    SIGN = "sign"      # DisTrO: param -= lr * sign(update)
+    SGD = "sgd"        # param -= lr * update (shows PEER_MEAN's dilution, which sign hides)
+    ADAMW = "adamw"    # AdamW with the update as its gradient
+
+
+def apply_update(params: dict[str, torch.Tensor], updates: dict[str, torch.Tensor], lr: float,
+                 rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, adam_state: dict | None = None,
+                 betas=(0.9, 0.95), eps: float = 1e-8) -> None:
+    """Apply a receiver's aggregate in place. Decoupled weight decay: param *= 1 - lr * wd."""
+    with torch.no_grad():
+        for name, param in params.items():
+            update = updates[name].to(device=param.device, dtype=param.dtype)
+            if weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            if rule is ApplyRule.SIGN:
+                param.sub_(lr * update.sign())
+            elif rule is ApplyRule.SGD:
+                param.sub_(lr * update)
+            else:
+                if adam_state is None:
+                    raise SimError("ApplyRule.ADAMW needs an adam_state dict that persists across rounds")
+                m, v, t = adam_state.get(name, (torch.zeros_like(param), torch.zeros_like(param), 0))
+                t += 1
+                m.mul_(betas[0]).add_(update, alpha=1 - betas[0])
+                v.mul_(betas[1]).addcmul_(update, update, value=1 - betas[1])
+                m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+                param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+                adam_state[name] = (m, v, t)

@@ -1,0 +1,153 @@
+"""DisTrO (DeMo-style) compression: chunked DCT, per-chunk top-k, 1-bit signs.
+
+A parameter of shape [R, C] is cut into blocks of cr x cc (cr: the largest
+divisor of R not above `chunk`, likewise cc), each block is transformed with
+an orthonormal 2-D DCT-II, and the `topk` largest-magnitude coefficients of
+every block are kept. 1-D tensors use 1-D blocks. A sparse tensor is then
+(indices, values) of shape [*blocks, k], indices counting within a block.
+
+Index `block_numel` is the "absent" slot: an exactly-zero coefficient (only
+an all-zero block has them among its top-k) is sent there, so that 1-bit
+signs never turn a zero into +-1 and an absent coefficient never dilutes a
+mean. Decoders scatter into one extra slot per block and drop it.
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sim.config import DistroConfig
+from sim.errors import ShapeMismatch
+
+
+def chunk_size(n: int, chunk: int) -> int:
+    """Largest divisor of n not above chunk (a dimension the chunk does not divide)."""
+    return max(d for d in range(1, min(n, chunk) + 1) if n % d == 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _dct_matrix_cpu(n: int) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis
+
+
+@functools.lru_cache(maxsize=256)
+def dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D (D @ D.T == I), built in float64 once per size."""
+    return _dct_matrix_cpu(n).to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """How a tensor of `shape` is cut into DCT blocks."""
+    shape: tuple[int, ...]
+    block: tuple[int, ...]
+
+    @classmethod
+    def of(cls, shape, chunk: int) -> "ChunkGrid":
+        shape = tuple(shape)
+        if len(shape) not in (1, 2) or min(shape) < 1:
+            raise ShapeMismatch(f"DisTrO compresses 1-D and 2-D tensors, got shape {list(shape)}")
+        return cls(shape, tuple(chunk_size(n, chunk) for n in shape))
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(n // b for n, b in zip(self.shape, self.block))
+
+    @property
+    def block_numel(self) -> int:
+        return math.prod(self.block)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[*shape] -> DCT coefficients [*blocks, block_numel]."""
+        mats = [dct_matrix(b, x.dtype, x.device) for b in self.block]
+        if len(self.shape) == 1:
+            return x.reshape(self.blocks[0], self.block[0]) @ mats[0].T
+        (nr, nc), (cr, cc) = self.blocks, self.block
+        tiles = x.reshape(nr, cr, nc, cc).permute(0, 2, 1, 3)
+        return (mats[0] @ tiles @ mats[1].T).reshape(nr, nc, cr * cc)
+
+    def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Inverse of encode: [*blocks, block_numel] -> [*shape]."""
+        mats = [dct_matrix(b, coeffs.dtype, coeffs.device) for b in self.block]
+        if len(self.shape) == 1:
+            return (coeffs @ mats[0]).reshape(self.shape)
+        (nr, nc), (cr, cc) = self.blocks, self.block
+        tiles = mats[0].T @ coeffs.reshape(nr, nc, cr, cc) @ mats[1]
+        return tiles.permute(0, 2, 1, 3).reshape(self.shape)
+
+
+@dataclass
+class Sparse:
+    """Top-k DCT coefficients of one tensor: indices/values of shape [*grid.blocks, k]."""
+    grid: ChunkGrid
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+def compress(x: torch.Tensor, chunk: int, topk: int) -> Sparse:
+    grid = ChunkGrid.of(x.shape, chunk)
+    coeffs = grid.encode(x)
+    k = min(topk, grid.block_numel)
+    indices = coeffs.abs().topk(k, dim=-1, sorted=False).indices
+    values = coeffs.gather(-1, indices)
+    indices = torch.where(values == 0, grid.block_numel, indices)  # exact zeros go to the absent slot
+    return Sparse(grid, indices, values)
+
+
+def quantize_1bit(sparse: Sparse) -> Sparse:
+    """Values -> +-1. Absent entries keep value 0 (they are dropped on decode anyway)."""
+    return Sparse(sparse.grid, sparse.indices, sparse.values.sign())
+
+
+def coefficient_mean(grid: ChunkGrid, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Scatter (index, value) pairs with reduce "mean" and no self term: each coefficient is
+    the mean over the entries that name it, zero where none do. Indices [*blocks, n]."""
+    out = values.new_zeros(*grid.blocks, grid.block_numel + 1)
+    out.scatter_reduce_(-1, indices.long(), values, reduce="mean", include_self=False)
+    return out[..., :-1]
+
+
+def decompress(sparse: Sparse) -> torch.Tensor:
+    return sparse.grid.decode(coefficient_mean(sparse.grid, sparse.indices, sparse.values))
+
+
+def batch_decompress(sparses: list[Sparse]) -> torch.Tensor:
+    """Homogeneous fast path (Psyche/DeMo): concatenate every payload's pairs, one
+    scatter-mean, one decode. All payloads must share one chunk grid."""
+    grid = sparses[0].grid
+    if any(s.grid != grid for s in sparses):
+        raise ShapeMismatch(f"batch_decompress needs one chunk grid, got {sorted({s.grid.shape for s in sparses})}")
+    indices = torch.cat([s.indices for s in sparses], dim=-1)
+    values = torch.cat([s.values for s in sparses], dim=-1)
+    return grid.decode(coefficient_mean(grid, indices, values))
+
+
+@dataclass
+class DistroState:
+    """One peer's DisTrO state: the momentum/residual `delta` per parameter (local shape)."""
+    config: DistroConfig
+    delta: dict[str, torch.Tensor]
+
+    @classmethod
+    def fresh(cls, config: DistroConfig) -> "DistroState":
+        return cls(config, {})
+
+    def step(self, name: str, grad: torch.Tensor, lr: float) -> tuple[Sparse, torch.Tensor]:
+        """delta = decay * delta + lr * grad; send top-k of DCT(delta); keep the rest.
+
+        Returns what goes on the wire (signs when quantize_1bit) and the decoded
+        full-precision transmitted part, which error feedback removed from delta."""
+        cfg = self.config
+        delta = self.delta.get(name)
+        if delta is None:
+            delta = self.delta[name] = torch.zeros_like(grad)
+        delta.mul_(cfg.compression_decay).add_(grad, alpha=lr)
+        sparse = compress(delta, cfg.compression_chunk, cfg.compression_topk)
+        transmitted = decompress(sparse)
+        delta.sub_(transmitted)
+        return (quantize_1bit(sparse) if cfg.quantize_1bit else sparse), transmitted
