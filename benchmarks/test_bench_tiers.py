@@ -30,7 +30,7 @@ def forward_backward(model, tokens):
 def test_bench_forward_backward_per_tier(benchmark, model_and_tokens, tier):
     model, tokens = model_and_tokens
     model.set_tiers(tier)
-    loss = benchmark.pedantic(forward_backward, args=(model, tokens), rounds=5, warmup_rounds=1)
+    loss = benchmark.pedantic(forward_backward, args=(model, tokens), rounds=10, warmup_rounds=2)
     assert torch.isfinite(loss)
     width = CFG.model.intermediate_size >> tier
     assert torch.count_nonzero(model.model.layers[0].mlp.up_proj.weight.grad[width:]) == 0

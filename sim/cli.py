@@ -13,6 +13,12 @@ from sim.model import build_model, default_device, param_count, random_tokens
 from sim.tiers import parse_int_list, tier_width
 
 
+def console() -> Console:
+    """Rich console; off a terminal (logs, CI, pipes) wide enough that tables never wrap."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=160)
+
+
 class UsageError(SimError):
     """A command line argparse could not read."""
 
@@ -32,8 +38,8 @@ def cmd_tiers(args) -> None:
     device = default_device()
     batch = args.batch or -(-cfg.global_batch_size // cfg.min_clients)
     tokens = random_tokens(m, batch, cfg.seq_len, args.seed, device)
-    console = Console()
-    console.print(f"[bold]{cfg.name}[/]: {m.style}-style, hidden {m.hidden_size}, FFN {m.intermediate_size}, "
+    out = console()
+    out.print(f"[bold]{cfg.name}[/]: {m.style}-style, hidden {m.hidden_size}, FFN {m.intermediate_size}, "
                   f"{m.num_hidden_layers} layers, vocab {m.vocab_size}; step on {device} with "
                   f"{batch}x{cfg.seq_len} tokens, seed {args.seed}")
     table = Table("tier", "FFN width", "parameters", "share of full", "loss before", "loss after", "step ms")
@@ -49,7 +55,7 @@ def cmd_tiers(args) -> None:
         else:
             row += ["-", "-", "-"]
         table.add_row(*row)
-    console.print(table)
+    out.print(table)
 
 
 def _one_step(cfg, tier, tokens, seed) -> tuple[float, float, float]:

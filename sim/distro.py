@@ -112,6 +112,14 @@ def coefficient_mean(grid: ChunkGrid, indices: torch.Tensor, values: torch.Tenso
     return out[..., :-1]
 
 
+def coefficient_sum(grid: ChunkGrid, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Like coefficient_mean, but summed: decode is linear, so the sum of many payloads'
+    decodes is one decode of their summed coefficients."""
+    out = values.new_zeros(*grid.blocks, grid.block_numel + 1)
+    out.scatter_add_(-1, indices.long(), values)
+    return out[..., :-1]
+
+
 def decompress(sparse: Sparse) -> torch.Tensor:
     return sparse.grid.decode(coefficient_mean(sparse.grid, sparse.indices, sparse.values))
 

@@ -1,0 +1,69 @@
+"""DisTrO transform and state laws (sim/distro.py)."""
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from properties.strategies import tensors
+from sim.config import DistroConfig
+from sim.distro import ChunkGrid, DistroState, chunk_size, coefficient_mean, compress, decompress
+
+shapes = st.one_of(st.tuples(st.integers(1, 150)), st.tuples(st.integers(1, 150), st.integers(1, 150)))
+chunks = st.integers(1, 70)
+
+
+@given(st.integers(1, 5000), chunks)
+def test_chunk_size_is_the_largest_divisor_not_above_the_chunk(n, chunk):
+    """Catches: a chunk that does not divide (blocks overrun) or a needlessly small one."""
+    c = chunk_size(n, chunk)
+    assert n % c == 0 and c <= chunk and not any(n % d == 0 for d in range(c + 1, min(n, chunk) + 1))
+
+
+@given(shapes, chunks, st.data())
+def test_dct_round_trips_and_preserves_energy(shape, chunk, data):
+    """Catches: a non-orthonormal basis (scaled updates), a wrong block permutation on decode."""
+    grid = ChunkGrid.of(shape, chunk)
+    x = data.draw(tensors(shape, dtype=torch.float64))
+    coeffs = grid.encode(x)
+    assert tuple(coeffs.shape) == (*grid.blocks, grid.block_numel)
+    torch.testing.assert_close(grid.decode(coeffs), x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(coeffs.pow(2).sum(), x.pow(2).sum(), rtol=1e-10, atol=1e-10)
+
+
+@given(shapes, chunks, st.integers(1, 12), st.data())
+def test_topk_keeps_the_k_largest_coefficients_of_every_block(shape, chunk, topk, data):
+    """Catches: a global instead of per-chunk top-k, smallest-k, or lost values."""
+    x = data.draw(tensors(shape, dtype=torch.float64))
+    sparse = compress(x, chunk, topk)
+    grid, k = sparse.grid, min(topk, sparse.grid.block_numel)
+    coeffs = grid.encode(x)
+    kept = coefficient_mean(grid, sparse.indices, sparse.values)
+    threshold = coeffs.abs().topk(k, dim=-1).values[..., -1:]
+    assert torch.all((kept != 0).sum(-1) <= k)
+    assert torch.equal(kept, torch.where(kept != 0, coeffs, 0.0))
+    assert torch.all(coeffs.abs().where(kept == 0, 0.0) <= threshold + 1e-12)
+    if k == grid.block_numel:
+        torch.testing.assert_close(decompress(sparse), x, rtol=1e-10, atol=1e-10)
+
+
+@given(shapes, st.integers(1, 70), st.integers(1, 12), st.floats(0.0, 1.0), st.integers(1, 4), st.data())
+def test_error_feedback_conserves_the_delta(shape, chunk, topk, decay, rounds, data):
+    """delta before transmit == decoded transmitted part + residual, every round.
+    Catches: dropped error feedback, subtracting the quantized signs, momentum applied twice."""
+    state = DistroState.fresh(DistroConfig(decay, chunk, topk, quantize_1bit=True))
+    for _ in range(rounds):
+        grad = data.draw(tensors(shape, dtype=torch.float64))
+        previous = state.delta.get("w", torch.zeros(shape, dtype=torch.float64)).clone()
+        before = decay * previous + 0.1 * grad
+        sent, transmitted = state.step("w", grad, lr=0.1)
+        torch.testing.assert_close(transmitted + state.delta["w"], before, rtol=1e-10, atol=1e-12)
+        assert set(sent.values.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        signs = sent.grid.encode(transmitted).gather(-1, sent.indices.clamp(max=sent.grid.block_numel - 1)).sign()
+        present = sent.indices < sent.grid.block_numel
+        assert torch.equal(sent.values[present], signs[present])
+
+
+def test_an_all_zero_block_sends_only_absent_slots():
+    """Catches: 1-bit signs turning exact zeros into +-1 (unused embedding rows drifting)."""
+    sparse = compress(torch.zeros(8, 8), chunk=8, topk=4)
+    assert torch.all(sparse.indices == sparse.grid.block_numel)
+    assert torch.count_nonzero(decompress(sparse)) == 0

@@ -1,0 +1,45 @@
+"""Applying an aggregate (sim/aggregate.apply_update)."""
+import pytest
+import torch
+
+from sim.aggregate import ApplyRule, apply_update
+from sim.errors import SimError
+
+
+def fixed(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 5, generator=gen, dtype=torch.float64)
+
+
+def test_sign_rule_moves_every_element_by_lr_against_the_sign_after_weight_decay():
+    param, update = fixed(0), fixed(1)
+    update[0, 0] = 0.0
+    expected = param * (1 - 0.1 * 0.01) - 0.1 * update.sign()
+    params = {"w": param.clone()}
+    apply_update(params, {"w": update}, lr=0.1, weight_decay=0.01)
+    assert torch.equal(params["w"], expected)
+    assert params["w"][0, 0] == param[0, 0] * (1 - 0.1 * 0.01)  # a zero aggregate moves nothing
+
+
+def test_sgd_rule_is_plain_gradient_descent_on_the_aggregate():
+    param, update = fixed(2), fixed(3)
+    params = {"w": param.clone()}
+    apply_update(params, {"w": update}, lr=0.5, rule=ApplyRule.SGD)
+    assert torch.equal(params["w"], param - 0.5 * update)
+
+
+def test_adamw_rule_matches_torch_adamw_over_several_rounds():
+    reference = torch.nn.Parameter(fixed(4))
+    optimizer = torch.optim.AdamW([reference], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    params, state = {"w": fixed(4)}, {}
+    for round_ in range(5):
+        update = fixed(10 + round_)
+        reference.grad = update.clone()
+        optimizer.step()
+        apply_update(params, {"w": update}, lr=0.01, rule=ApplyRule.ADAMW, weight_decay=0.1, adam_state=state)
+        torch.testing.assert_close(params["w"], reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_adamw_without_state_is_a_clear_error():
+    with pytest.raises(SimError, match="adam_state"):
+        apply_update({"w": fixed(5)}, {"w": fixed(6)}, lr=0.1, rule=ApplyRule.ADAMW)
