@@ -1,15 +1,21 @@
 """`matsim` command line. User errors become one line on stderr and exit 2."""
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
+from sim import memory
+from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint
 from sim.config import DEFAULT_CONFIG, load_config
 from sim.errors import SimError
 from sim.model import build_model, default_device, param_count, random_tokens
+from sim.schema import checkpoint_schema_hash
 from sim.tiers import parse_int_list, tier_width
 
 
@@ -44,13 +50,19 @@ def cmd_tiers(args) -> None:
                   f"{batch}x{cfg.seq_len} tokens, seed {args.seed}")
     table = Table("tier", "FFN width", "parameters", "share of full", "loss before", "loss after", "step ms")
     full = param_count(m, 0)
+    weights = None
+    if args.checkpoint:
+        model, info = load_checkpoint(args.checkpoint, min(tiers), args.matformer_load_strategy, device=device,
+                                      expected=m)
+        out.print(startup_summary(info))
+        weights = model.state_dict()
     if args.step:
-        _one_step(cfg, tiers[0], tokens, args.seed)  # warm-up: first-call allocation is not a tier's cost
+        _one_step(cfg, tiers[0], tokens, args.seed, weights)  # warm-up: first-call allocation is not a tier's cost
     for tier, width in zip(tiers, widths):
         count = param_count(m, tier)
         row = [str(tier), f"{width}/{m.intermediate_size}", f"{count:,}", f"{count / full:.1%}"]
         if args.step:
-            before, after, ms = _one_step(cfg, tier, tokens, args.seed)
+            before, after, ms = _one_step(cfg, tier, tokens, args.seed, weights)
             row += [f"{before:.4f}", f"{after:.4f}", f"{ms:.0f}"]
         else:
             row += ["-", "-", "-"]
@@ -58,9 +70,13 @@ def cmd_tiers(args) -> None:
     out.print(table)
 
 
-def _one_step(cfg, tier, tokens, seed) -> tuple[float, float, float]:
-    """Loss before, loss after, and milliseconds of one fwd+bwd+update at `tier`."""
-    model = build_model(cfg.model, tier, seed=seed, device=tokens.device)
+def _one_step(cfg, tier, tokens, seed, weights=None) -> tuple[float, float, float]:
+    """Loss before, loss after, and milliseconds of one fwd+bwd+update at `tier`,
+    from `weights` (a checkpoint's state dict) or a fresh init from `seed`."""
+    stored = None if weights is None else [weights["model.layers.0.mlp.up_proj.weight"].shape[0]] * cfg.model.num_hidden_layers
+    model = build_model(cfg.model, tier, seed=seed, device=tokens.device, stored_widths=stored)
+    if weights is not None:
+        model.load_state_dict(weights)
     lr = cfg.lr_schedule.base_lr
     start = time.perf_counter()
     _, loss = model(tokens, tokens.roll(-1, dims=1))
@@ -76,6 +92,75 @@ def _one_step(cfg, tier, tokens, seed) -> tuple[float, float, float]:
     return loss.item(), after.item(), ms
 
 
+def startup_summary(info: LoadInfo) -> Panel:
+    """Psyche's MATFORMER CONFIGURATION box: what a peer loaded and how it will run."""
+    lines = [
+        f"checkpoint       {info.checkpoint}",
+        f"load strategy    {info.strategy} -> {info.resolved}",
+        f"sliced           {'yes, stored tier ' + str(info.stored_tier) if info.sliced else 'no (full weights)'}",
+        f"tier             CLI {info.requested_tier} -> effective {info.effective_tier}",
+        f"helper mode      {'on' if info.helper_mode else 'off'} ({info.helper_reason})",
+        f"FFN width        {info.ffn_width} / {info.base_intermediate_size}",
+    ]
+    return Panel("\n".join(lines), title="MATFORMER CONFIGURATION", expand=False)
+
+
+def cmd_export_tiers(args) -> None:
+    written = export_tiers(args.checkpoint, parse_int_list(args.tiers, "--tiers"), args.out)
+    for path in written:
+        print(f"wrote {path} (schema {checkpoint_schema_hash(path)[:16]})")
+
+
+def cmd_print_schema_hash(args) -> None:
+    load_checkpoint(args.checkpoint, args.matformer_tier, args.matformer_load_strategy, device="cpu")
+    print(checkpoint_schema_hash(args.checkpoint))
+
+
+def cmd_memory(args) -> None:
+    tiers = parse_int_list(args.tiers, "--tiers")
+    runs = [load_config(path) for path in args.config_path or ["test-nanogpt-small", DEFAULT_CONFIG]]
+    for run in runs:
+        for tier in tiers:
+            tier_width(run.model.intermediate_size, tier)
+    out = console()
+    measured = Table("config", "tier", "FFN width", "device", "tokens", "peak", "vs tier 0",
+                     "analytic", "analytic vs tier 0", title="Measured: one training step per tier")
+    records = []
+    for run in runs:
+        base = None
+        for tier in tiers:
+            row = memory.measure_step(str(run.path), tier)
+            batch = max(1, run.global_batch_size // run.min_clients)
+            estimate = memory.analytic(run.model, tier, batch, run.seq_len).total
+            base = base or (row["peak_bytes"], estimate)
+            records.append({**row, "analytic_bytes": estimate})
+            measured.add_row(run.name, str(tier), str(run.model.intermediate_size >> tier), row["device"],
+                             f"{batch}x{run.seq_len}", _mib(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
+                             _mib(estimate), f"{estimate / base[1] - 1:+.1%}")
+    out.print(measured)
+    analytic = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
+                     "vs tier 0", title="Analytic breakdown (fp32)")
+    bars = []
+    shapes = {run.name: (run.model, max(1, run.global_batch_size // run.min_clients), run.seq_len) for run in runs}
+    for name, (cfg, batch, seq) in {**shapes, **memory.LLAMA_SHAPES}.items():
+        base = memory.analytic(cfg, 0, batch, seq).total
+        for tier in tiers:
+            b = memory.analytic(cfg, tier, batch, seq)
+            analytic.add_row(name, f"{batch}x{seq}", str(tier), _mib(b.parameters), _mib(b.gradients),
+                             _mib(b.distro_state), _mib(b.activations), _mib(b.total), f"{b.total / base - 1:+.1%}")
+            bars.append((name, tier, b))
+    out.print(analytic)
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    memory.bar_chart(bars, outdir / "memory.png")
+    (outdir / "memory.json").write_text(json.dumps(records, indent=2))
+    out.print(f"wrote {outdir / 'memory.png'} and {outdir / 'memory.json'}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="matsim", description="Verification harness for heterogeneous MatFormer training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -85,7 +170,27 @@ def build_parser() -> Parser:
     tiers.add_argument("--batch", type=int, default=0, help="sequences per step (default: per-client share)")
     tiers.add_argument("--seed", type=int, default=0)
     tiers.add_argument("--no-step", dest="step", action="store_false", help="table only, no training step")
+    tiers.add_argument("--checkpoint", help="start from this checkpoint (prints the MATFORMER CONFIGURATION box)")
+    tiers.add_argument("--matformer-load-strategy", default="auto", choices=LOAD_STRATEGIES)
     tiers.set_defaults(run=cmd_tiers)
+
+    export = commands.add_parser("export-tiers", help="write sliced checkpoints with tier metadata")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--tiers", required=True, help="comma-separated tiers, e.g. 1,2")
+    export.add_argument("--out", required=True, help="directory; each tier goes to OUT/tier<t>")
+    export.set_defaults(run=cmd_export_tiers)
+
+    schema = commands.add_parser("print-schema-hash", help="hash of the tier-0 canonical schema of a checkpoint")
+    schema.add_argument("--checkpoint", required=True)
+    schema.add_argument("--matformer-tier", type=int, default=0)
+    schema.add_argument("--matformer-load-strategy", default="auto", choices=LOAD_STRATEGIES)
+    schema.set_defaults(run=cmd_print_schema_hash)
+
+    mem = commands.add_parser("memory", help="measured and analytic memory per tier, with a PNG chart")
+    mem.add_argument("--config-path", action="append", help="repeatable (default: test-nanogpt-small, nanogpt-20m-run)")
+    mem.add_argument("--tiers", default="0,1,2")
+    mem.add_argument("--out", default="results/memory")
+    mem.set_defaults(run=cmd_memory)
     return parser
 
 

@@ -28,3 +28,11 @@ class AlignmentError(SimError, ValueError):
 
 class ChunkGridMismatch(AlignmentError):
     """A payload whose DCT blocks do not line up with the receiver's (COEFF_MEAN cannot mix them)."""
+
+
+class CheckpointError(SimError):
+    """A checkpoint that is missing, corrupt, or disagrees with its own metadata."""
+
+
+class DoubleSlicingError(CheckpointError):
+    """A sliced checkpoint asked to be sliced again (universal strategy at tier > 0)."""

@@ -1,0 +1,117 @@
+"""Memory per tier: measured peak of one training step, and an analytic breakdown.
+
+Measured: one step (forward, backward, DisTrO compress) of a peer that holds a
+sliced model at its tier, in a fresh process per tier, since peak RSS is
+process-wide and never falls. On CPU the figure is peak RSS minus the RSS
+before the model exists (torch itself excluded); on GPU it is
+torch.cuda.max_memory_allocated.
+
+Analytic: fp32 parameters, gradients, DisTrO state (one delta per parameter)
+and the activations autograd keeps, counted tensor by tensor for this
+implementation (per token and layer: ~8H + 4*kv for attention, 4w (SwiGLU) or
+3w (relu²) for the FFN of width w; 2V + 2H for embeddings, head and loss).
+"""
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from sim.config import ModelConfig, load_config
+from sim.distro import DistroState
+from sim.model import build_model, default_device, local_grads, param_count, random_tokens
+from sim.tiers import layer_widths
+
+BYTES = 4  # fp32
+LLAMA_SHAPES = {  # public shapes: TinyLlama-1.1B, Llama-2-7B
+    "llama-1b": (ModelConfig("llama", 32000, 2048, 5632, 22, 32, 4), 1, 2048),
+    "llama-7b": (ModelConfig("llama", 32000, 4096, 11008, 32, 32, 32), 1, 2048),
+}
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    parameters: int
+    gradients: int
+    distro_state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.distro_state + self.activations
+
+
+def analytic(cfg: ModelConfig, tier: int, batch: int, seq_len: int) -> Breakdown:
+    params = param_count(cfg, tier) * BYTES
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    ffn_terms = 4 if cfg.style == "llama" else 3
+    per_token = sum(8 * cfg.hidden_size + 4 * kv + ffn_terms * w
+                    for w in layer_widths(cfg.intermediate_size, tier, cfg.num_hidden_layers))
+    per_token += 2 * cfg.vocab_size + 2 * cfg.hidden_size
+    return Breakdown(params, params, params, per_token * batch * seq_len * BYTES)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure_step_here(config_path: str, tier: int, seed: int = 0) -> dict:
+    """Peak memory of one training step at `tier`, in this process."""
+    run = load_config(config_path)
+    device = default_device()
+    batch = max(1, run.global_batch_size // run.min_clients)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = _rss_bytes()
+    widths = layer_widths(run.model.intermediate_size, tier, run.model.num_hidden_layers)
+    model = build_model(run.model, tier, seed=seed, device=device, stored_widths=widths)
+    tokens = random_tokens(run.model, batch, run.seq_len + 1, seed=seed, device=device)
+    loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+    loss.backward()
+    state = DistroState.fresh(run.distro)
+    for name, grad in local_grads(model).items():
+        state.step(name, grad, run.lr_schedule.base_lr)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"config": run.name, "tier": tier, "device": device.type, "batch": batch, "seq_len": run.seq_len,
+            "peak_bytes": peak}
+
+
+def measure_step(config_path: str, tier: int, seed: int = 0) -> dict:
+    """measure_step_here in a fresh interpreter, so earlier peaks do not hide this one."""
+    code = f"import json, sim.memory as m; print(json.dumps(m.measure_step_here({str(config_path)!r}, {tier}, {seed})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bar_chart(rows: list[tuple[str, int, Breakdown]], path) -> None:
+    """One panel per model, stacked bars per tier (parameters, gradients, DisTrO state,
+    activations), each panel on its own linear scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(model for model, _, _ in rows))
+    parts = ("parameters", "gradients", "distro_state", "activations")
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [(tier, b) for m, tier, b in rows if m == model]
+        scale, unit = (2**30, "GiB") if max(b.total for _, b in mine) >= 2**30 else (2**20, "MiB")
+        bottom = [0.0] * len(mine)
+        for part in parts:
+            heights = [getattr(b, part) / scale for _, b in mine]
+            ax.bar([f"tier {t}" for t, _ in mine], heights, bottom=bottom, label=part.replace("_", " "))
+            bottom = [a + h for a, h in zip(bottom, heights)]
+        for x, (total, (_, b)) in enumerate(zip(bottom, mine)):
+            ax.annotate(f"{b.total / mine[0][1].total - 1:+.0%}" if x else "", (x, total), ha="center", va="bottom", fontsize=8)
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel(unit)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("One training step per tier (analytic, fp32)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
