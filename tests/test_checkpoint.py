@@ -173,3 +173,14 @@ def test_memory_command_measures_each_tier_and_writes_table_data_and_chart(tmp_p
     assert records[1]["analytic_bytes"] < records[0]["analytic_bytes"]
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "llama-7b" in result.stdout
+
+
+def test_a_run_that_loads_a_checkpoint_prints_the_matformer_configuration_box(full, tmp_path):
+    export_tiers(full[0], [1], tmp_path / "out")
+    result = matsim("tiers", "--config-path", "tiny", "--tiers", "1,2", "--no-step",
+                    "--checkpoint", str(tmp_path / "out" / "tier1"))
+    assert result.returncode == 0, result.stderr
+    box = result.stdout
+    for line in ("MATFORMER CONFIGURATION", "auto -> sliced", "yes, stored tier 1", "CLI 1 -> effective 1",
+                 f"{TINY.intermediate_size // 2} / {TINY.intermediate_size}"):
+        assert line in box, line
