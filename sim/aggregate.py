@@ -159,14 +159,21 @@ def _reject(rejected: Counter, peer, rejection: Rejection) -> None:
 
 def receive(raw: Sequence[bytes], model: ModelConfig, distro: DistroConfig,
             receiver_shapes: dict[str, tuple[int, ...]],
-            semantics: MeanSemantics = MeanSemantics.COEFF_MEAN) -> Aggregate:
-    """Decode, validate and aggregate one round's payloads as a receiver does."""
-    rejected, decoded = Counter(), []
+            semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, round_: int | None = None) -> Aggregate:
+    """Decode, validate and aggregate one round's payloads as a receiver does. With
+    `round_`, payloads of another round are stale and a peer's second payload a duplicate."""
+    rejected, decoded, seen = Counter(), [], set()
     for data in raw:
         result = decode_payload(data, model, distro)
+        if isinstance(result, Payload):
+            if round_ is not None and result.round != round_:
+                result = Rejection("stale_round", f"payload of round {result.round} arrived in round {round_}")
+            elif result.peer in seen:
+                result = Rejection("duplicate", f"peer {result.peer} already contributed to round {result.round}")
         if isinstance(result, Rejection):
             _reject(rejected, "?", result)
         else:
+            seen.add(result.peer)
             decoded.append(result)
     return aggregate(decoded, receiver_shapes, distro, semantics, rejected)
 

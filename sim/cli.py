@@ -1,6 +1,8 @@
 """`matsim` command line. User errors become one line on stderr and exit 2."""
 import argparse
 import json
+import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,11 +12,14 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from sim import analyze as analysis
 from sim import memory
 from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint
 from sim.config import DEFAULT_CONFIG, load_config
-from sim.errors import SimError
+from sim.errors import ConfigError, SimError
 from sim.model import build_model, default_device, param_count, random_tokens
+from sim.faults import parse_fault_spec
+from sim.run import simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
 from sim.tiers import parse_int_list, tier_width
 
@@ -157,6 +162,118 @@ def cmd_memory(args) -> None:
     out.print(f"wrote {outdir / 'memory.png'} and {outdir / 'memory.json'}")
 
 
+def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
+                 oracle: str | None, seed: int, rounds: int | None, faults: str | None,
+                 exit_after: float | None = None, echo: bool = True) -> dict:
+    """One testnet run: validated first, then metrics, summary, scenario.json and a log
+    whose lines carry `loss=` (the chapter's grep reads them) under `out`."""
+    run = load_config(config_path)
+    tiers = parse_int_list(tiers_text, "--client-matformer-tiers")
+    helpers = parse_fractions(helper_text)
+    rounds = rounds or run.total_steps
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = open(out / "run.log", "w")
+    terminal = console()
+
+    def line(record):
+        rejected = ",".join(f"{k}:{v}" for k, v in record["rejected"].items()) or "none"
+        faults = ",".join(f"{k}:{v}" for k, v in record["faults"].items()) or "none"
+        text = (f"[{name}] round {record['round'] + 1}/{rounds} contributing={record['contributing_peers']} "
+                f"rejected={rejected} faults={faults} bytes={record['bytes_sent']} "
+                f"train_loss={record['loss']:.4f} loss={record['eval_loss']:.4f}")
+        logfile.write(text + "\n")
+        if echo:
+            terminal.print(text, highlight=False, markup=False)
+
+    try:
+        result = simulate(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after, on_round=line)
+    finally:
+        logfile.close()
+    meta = {"name": name, "tiers": tiers_text, "kind": kind, "oracle": oracle, "rounds": len(result.records),
+            "config": run.name, "seed": seed, "faults": faults or "none"}
+    (out / "scenario.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def parse_fractions(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--client-matformer-helper-fractions {text!r} is not a comma-separated list of "
+                          f"numbers in [0, 1], e.g. 0,0,0") from None
+
+
+def _validate_testnet(args) -> None:
+    """Everything that can be wrong with the flags, before anything is written."""
+    run = load_config(args.config_path)
+    tiers = parse_int_list(args.client_matformer_tiers, "--client-matformer-tiers")
+    if args.num_clients is not None and len(tiers) != args.num_clients:
+        raise ConfigError(f"--client-matformer-tiers {args.client_matformer_tiers} names {len(tiers)} clients but "
+                          f"--num-clients is {args.num_clients}: give one tier per client")
+    validate_assignment(run, tiers, parse_fractions(args.client_matformer_helper_fractions))
+    parse_fault_spec(args.faults)
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds} is invalid: expected an integer >= 1")
+
+
+def cmd_testnet(args) -> None:
+    _validate_testnet(args)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(name)s %(message)s")
+    out = Path(args.out or "results/testnet")
+    tiers = args.client_matformer_tiers
+    kind = "baseline" if set(tiers.split(",")) == {"0"} else "heterogeneous"
+    meta = run_scenario(args.config_path, tiers, args.client_matformer_helper_fractions, out, name="testnet",
+                        kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
+                        exit_after=args.headless_exit_after_secs)
+    summary = json.loads((out / "summary.json").read_text())
+    console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
+                    f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
+                    f"floor {summary['loss_floor']:.4f}); results in {out}", highlight=False)
+
+
+def cmd_analyze(args) -> int:
+    rows = analysis.analyze(args.results)
+    out = console()
+    table = Table("scenario", "tiers", "final loss", "vs oracle", "errors", "NaN", "criteria", "verdict",
+                  title=f"MatFormer scenario matrix: {args.results}")
+    for row in rows:
+        gap = "-" if row["vs_oracle"] is None else f"{row['vs_oracle']:+.1%}"
+        judged = "; ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in row["criteria"].items())
+        table.add_row(row["scenario"], row["tiers"], f"{row['final_loss']:.4f}", gap, str(row["errors"]),
+                      str(row["nan"]), judged, "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]")
+    out.print(table)
+    png = Path(args.results) / "loss_curves.png"
+    analysis.plot(args.results, png)
+    (Path(args.results) / "analysis.json").write_text(json.dumps(rows, indent=2))
+    verdict = all(row["passed"] for row in rows)
+    out.print(f"verdict: {'PASS' if verdict else 'FAIL'} ({sum(r['passed'] for r in rows)}/{len(rows)} scenarios); "
+              f"loss curves in {png}", highlight=False)
+    return 0 if verdict else 1
+
+
+def cmd_matrix(args) -> int:
+    load_config(args.config_path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_unit_tests:
+        console().print("=== Unit tests ===")
+        unit = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                               str(Path(__file__).resolve().parent.parent / "tests" / "test_matformer_unit.py")],
+                              capture_output=True, text=True)
+        (out / "unit_tests.log").write_text(unit.stdout + unit.stderr)
+        console().print(unit.stdout.strip().splitlines()[-1] if unit.stdout.strip() else unit.stderr, highlight=False)
+        if unit.returncode:
+            raise SimError(f"the chapter's unit tests failed: see {out / 'unit_tests.log'}")
+    for name, tiers, kind, oracle in analysis.MATRIX:
+        console().print(f"=== {name} ({tiers}) ===")
+        run_scenario(args.config_path, tiers, None, out / name, name=name, kind=kind, oracle=oracle,
+                     seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose)
+    console().print("=== Analysis ===")
+    return cmd_analyze(argparse.Namespace(results=str(out)))
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
@@ -191,14 +308,43 @@ def build_parser() -> Parser:
     mem.add_argument("--tiers", default="0,1,2")
     mem.add_argument("--out", default="results/memory")
     mem.set_defaults(run=cmd_memory)
+
+    testnet = commands.add_parser("testnet", help="local testnet (Psyche's flag names)")
+    testnet_commands = testnet.add_subparsers(dest="testnet_command", required=True, parser_class=Parser)
+    start = testnet_commands.add_parser("start", help="run a local testnet of simulated clients")
+    start.add_argument("--headless", action="store_true", help="accepted for Psyche parity (matsim is headless)")
+    start.add_argument("--headless-exit-after-secs", type=float, help="end cleanly at the first round boundary after this")
+    start.add_argument("--num-clients", type=int)
+    start.add_argument("--config-path", default="test-nanogpt-small")
+    start.add_argument("--client-matformer-tiers", default="0,1,1")
+    start.add_argument("--client-matformer-helper-fractions")
+    start.add_argument("--tui", default="false", choices=["true", "false"], help="accepted for Psyche parity")
+    start.add_argument("--seed", type=int, default=0)
+    start.add_argument("--rounds", type=int, help="default: the config's total_steps")
+    start.add_argument("--faults", help="e.g. drop=0.1,corrupt=0.05 (kinds: drop late duplicate corrupt nan byzantine churn)")
+    start.add_argument("--out", help="results directory (default results/testnet)")
+    start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    start.set_defaults(run=cmd_testnet)
+
+    analyze = commands.add_parser("analyze", help="table, PASS/FAIL criteria and loss-curve PNG of a results directory")
+    analyze.add_argument("results", nargs="?", default="results")
+    analyze.set_defaults(run=cmd_analyze)
+
+    matrix = commands.add_parser("matrix", help="the chapter's test matrix: unit tests, scenarios, analysis")
+    matrix.add_argument("--config-path", default="test-nanogpt-small")
+    matrix.add_argument("--rounds", type=int)
+    matrix.add_argument("--seed", type=int, default=0)
+    matrix.add_argument("--out", default="results")
+    matrix.add_argument("--skip-unit-tests", action="store_true")
+    matrix.add_argument("--verbose", action="store_true", help="print every round's log line")
+    matrix.set_defaults(run=cmd_matrix)
     return parser
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
+        return args.run(args) or 0
     except SimError as err:
         print(f"matsim: error: {err}", file=sys.stderr)
         return 2
-    return 0

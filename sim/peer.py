@@ -1,17 +1,45 @@
-"""One peer's round: train its shard at its tier, compress, build the payload."""
+"""One peer: its tier, its replica (or a view of shared weights), its DisTrO state."""
+import logging
+from dataclasses import dataclass
+
 import torch
 
 from sim.distro import DistroState
 from sim.model import MatFormerLM, local_grads
 from sim.wire import Payload
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Peer:
+    id: int
+    tiers: tuple[int, ...]
+    helper_fraction: float
+    state: DistroState
+    model: MatFormerLM | None = None   # None in shared-weights mode
+
 
 def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Tensor, lr: float,
-                       peer: int, round_: int) -> tuple[Payload, float]:
+                       peer: int, round_: int, poison: bool = False) -> tuple[Payload | None, float]:
     """Forward+backward on `tokens` (next-token targets) at the model's tiers, then one
-    DisTrO step per parameter. Returns the payload and the loss."""
+    DisTrO step per parameter. Returns (payload, loss).
+
+    The guard: a non-finite gradient is never compressed, since it would poison this
+    peer's DisTrO state for good (and 1-bit signs would hide it from every receiver);
+    the payload is withheld (None) instead. `poison` injects such a gradient (the nan fault)."""
     model.zero_grad(set_to_none=True)
     loss = model(tokens[:, :-1], tokens[:, 1:])[1]
     loss.backward()
-    params = {name: state.step(name, grad, lr)[0] for name, grad in local_grads(model).items()}
+    grads = local_grads(model)
+    if log.isEnabledFor(logging.DEBUG):  # the chapter's gradient-shape diagnostic
+        full = dict(model.named_parameters())
+        for name, grad in grads.items():
+            log.debug("gradient peer=%d round=%d parameter=%s local_shape=%s full_shape=%s",
+                      peer, round_, name, list(grad.shape), list(full[name].shape))
+    if poison:
+        next(iter(grads.values())).view(-1)[0] = float("nan")
+    if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        return None, loss.item()
+    params = {name: state.step(name, grad, lr)[0] for name, grad in grads.items()}
     return Payload(peer, round_, model.layer_tiers, params, state.config.quantize_1bit), loss.item()

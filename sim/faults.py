@@ -1,0 +1,114 @@
+"""Seeded fault plans: what goes wrong, for whom, in which round.
+
+Kinds (rates per peer and round, e.g. `drop=0.1,corrupt=0.05`):
+- drop: the payload never arrives;
+- late: it arrives after the round deadline, i.e. in the next round, and is rejected as stale;
+- duplicate: it arrives twice; the second copy is rejected;
+- corrupt: one byte is flipped on the way; the checksum rejects it;
+- nan: the peer's gradient holds NaN/Inf. With 1-bit payloads the wire cannot carry a
+  NaN, so the peer's own guard must withhold it; unquantized, the NaN is sent and the
+  receivers' validation must reject it. Either way it is counted as non_finite;
+- byzantine: the payload is sign-flipped (or, unquantized, scaled by 10): valid on the wire,
+  accepted, and only visible in the fault counts;
+- churn: the peer leaves for 1-3 rounds and rejoins from a checkpoint of the current model
+  or from the current weights, possibly at another tier, with a fresh DisTrO state.
+A plan never loses every peer of a round: if it would, peers are spared, lowest-numbered first.
+"""
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from sim.errors import ConfigError
+
+KINDS = ("drop", "late", "duplicate", "corrupt", "nan", "byzantine", "churn")
+LOSING = {"drop", "late", "corrupt", "nan", "churn"}  # the payload of that round does not count
+
+
+@dataclass(frozen=True)
+class Fault:
+    round: int
+    peer: int
+    kind: str
+    away: int = 0                 # churn: rounds away
+    rejoin_from: str = ""         # churn: "checkpoint" or "current"
+    rejoin_tier: int | None = None  # churn: tier after rejoining (None: unchanged)
+    byte: int = 0                 # corrupt: which byte (mod payload length); also byzantine's mode
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    faults: tuple[Fault, ...] = ()
+    rates: dict = field(default_factory=dict, compare=False)
+
+    def at(self, round_: int) -> dict[int, Fault]:
+        return {f.peer: f for f in self.faults if f.round == round_}
+
+    def away(self, round_: int) -> set[int]:
+        """Peers absent in `round_` because of churn (they leave at the fault's round)."""
+        return {f.peer for f in self.faults if f.kind == "churn" and f.round <= round_ < f.round + f.away}
+
+    def counts(self) -> Counter:
+        return Counter(f.kind for f in self.faults)
+
+
+def parse_fault_spec(text: str | None) -> dict[str, float]:
+    """'drop=0.1,corrupt=0.05' -> {'drop': 0.1, 'corrupt': 0.05}; '' or 'none' -> {}."""
+    if not text or text.strip().lower() == "none":
+        return {}
+    rates = {}
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise ConfigError(f"fault kind {kind!r} is unknown: valid kinds are {', '.join(KINDS)} "
+                              f"(e.g. --faults drop=0.1,corrupt=0.05)")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ConfigError(f"fault rate {value!r} for {kind} is not a number: expected kind=rate, rate in [0, 1]") from None
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"fault rate {rate} for {kind} is outside [0, 1]")
+        rates[kind] = rate
+    if sum(rates.values()) > 1.0:
+        raise ConfigError(f"fault rates {rates} add up to {sum(rates.values()):.3g} > 1: at most one fault per "
+                          f"peer and round")
+    return rates
+
+
+def _generator(seed: int) -> torch.Generator:
+    digest = hashlib.sha256(repr(("faults", seed)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def plan_faults(rates: dict[str, float], num_peers: int, rounds: int, seed: int, max_tier: int = 0) -> FaultPlan:
+    """Draw at most one fault per (round, peer) from `rates`, deterministically from `seed`."""
+    gen = _generator(seed)
+    kinds, cumulative, total = list(rates), [], 0.0
+    for kind in kinds:
+        total += rates[kind]
+        cumulative.append(total)
+    faults = []
+    for round_ in range(rounds):
+        away = {f.peer for f in faults if f.kind == "churn" and f.round <= round_ < f.round + f.away}
+        chosen = {}
+        for peer in range(num_peers):
+            u, extra = torch.rand(1, generator=gen).item(), torch.randint(0, 2**31, (4,), generator=gen).tolist()
+            if peer in away:
+                continue
+            kind = next((k for k, c in zip(kinds, cumulative) if u < c), None)
+            if kind is None:
+                continue
+            fault = Fault(round_, peer, kind, byte=extra[0])
+            if kind == "churn":
+                fault = Fault(round_, peer, kind, away=1 + extra[1] % 3,
+                              rejoin_from=("checkpoint", "current")[extra[2] % 2],
+                              rejoin_tier=extra[3] % (max_tier + 1), byte=extra[0])
+            chosen[peer] = fault
+        # Spare peers (lowest first) until someone's payload of this round counts. Churns
+        # of earlier rounds passed this same check, so some peer is always present.
+        while num_peers and len(away | {p for p, f in chosen.items() if f.kind in LOSING}) >= num_peers:
+            del chosen[min(p for p, f in chosen.items() if f.kind in LOSING)]
+        faults.extend(chosen.values())
+    return FaultPlan(tuple(faults), dict(rates))

@@ -1,0 +1,248 @@
+"""The round loop: peers train, compress and send; faults act; every receiver
+aggregates what arrived and applies it; metrics go to JSONL.
+
+Data flows one way: config -> peers -> payloads (wire) -> faults -> aggregate ->
+apply -> metrics. metrics.jsonl is deterministic (same seed, same config, CPU:
+byte-identical); wall times go to timing.jsonl beside it.
+"""
+import copy
+import json
+import math
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sim.aggregate import ApplyRule, MeanSemantics, apply_update, receive
+from sim.checkpoint import load_checkpoint, save_checkpoint
+from sim.config import RunConfig
+from sim.data import make_source, shard
+from sim.distro import DistroState, Sparse
+from sim.errors import ConfigError
+from sim.faults import FaultPlan, parse_fault_spec, plan_faults
+from sim.model import build_model, default_device
+from sim.peer import Peer, train_and_compress
+from sim.tiers import layer_tiers, layer_widths
+from sim.wire import Payload, encode_payload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    records: list[dict]                   # one per round, as in metrics.jsonl
+    timings: list[dict]                   # one per round, as in timing.jsonl
+    loss_floor: float                     # entropy rate of the data: no model can beat it
+    stopped_early: bool = False
+    final_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def eval_losses(self) -> list[float]:
+        return [r["eval_loss"] for r in self.records]
+
+    @property
+    def final_eval_loss(self) -> float:
+        return self.records[-1]["eval_loss"]
+
+    def rejected(self) -> Counter:
+        return sum((Counter(r["rejected"]) for r in self.records), Counter())
+
+    def faults(self) -> Counter:
+        return sum((Counter(r["faults"]) for r in self.records), Counter())
+
+
+def validate_assignment(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None):
+    if not tiers:
+        raise ConfigError("no peers: give at least one tier, e.g. --client-matformer-tiers 0,1,1")
+    layers = config.model.num_hidden_layers
+    per_peer = [layer_tiers(t, layers) for t in tiers]
+    for t in per_peer:
+        layer_widths(config.model.intermediate_size, t, layers)
+    fractions = list(helper_fractions) if helper_fractions is not None else [0.0] * len(tiers)
+    if len(fractions) != len(tiers):
+        raise ConfigError(f"got {len(fractions)} helper fractions for {len(tiers)} peers: give one per peer")
+    for f in fractions:
+        if not 0.0 <= f <= 1.0:
+            raise ConfigError(f"helper fraction {f} is outside [0, 1]")
+    if any(f > 0 for f in fractions):
+        raise ConfigError(f"helper fractions {fractions}: helper mode (> 0) is not implemented yet; use 0")
+    return per_peer, fractions
+
+
+def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
+             faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
+             out: str | Path | None = None, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
+             shared_weights: bool = False, apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0,
+             device=None, deadline_s: float | None = None,
+             on_round: Callable[[dict], None] | None = None) -> RunResult:
+    """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training."""
+    per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
+    rounds = config.total_steps if rounds is None else rounds
+    if rounds < 1:
+        raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
+    device = device or default_device()
+    cfg, distro = config.model, config.distro
+    plan = faults if isinstance(faults, FaultPlan) else plan_faults(
+        parse_fault_spec(faults), len(per_peer), rounds, seed, max(max(t) for t in per_peer))
+    source = make_source(config.data, cfg.vocab_size, seed)
+    batch = max(1, config.global_batch_size // len(per_peer))
+    held_out = shard(source, seed, -1, -1, batch, config.seq_len + 1).to(device)
+
+    shared = build_model(cfg, 0, seed=seed, device=device) if shared_weights else None
+    peers = [Peer(i, t, f, DistroState.fresh(distro), None if shared_weights else build_model(cfg, t, seed=seed, device=device))
+             for i, (t, f) in enumerate(zip(per_peer, fractions))]
+    out = Path(out) if out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_file, timing_file = open(out / "metrics.jsonl", "w"), open(out / "timing.jsonl", "w")
+    scratch = tempfile.TemporaryDirectory(prefix="matsim-churn-")
+    records, timings, carried, start = [], [], [], time.perf_counter()
+    stopped_early = False
+    try:
+        for round_ in range(rounds):
+            tick = time.perf_counter()
+            lr = config.lr_schedule.lr(round_)
+            away, faults_now = plan.away(round_), plan.at(round_)
+            _rejoin(peers, plan, round_, shared, Path(scratch.name), device)
+            present = [p for p in peers if p.id not in away]
+
+            losses, outgoing, late, fault_counts, withheld, bytes_sent = {}, [], [], Counter(), Counter(), 0
+            for peer in present:
+                model = shared if shared_weights else peer.model
+                model.set_tiers(peer.tiers)
+                fault = faults_now.get(peer.id)
+                kind = fault.kind if fault else None
+                tokens = shard(source, seed, round_, peer.id, batch, config.seq_len + 1).to(device)
+                payload, losses[peer.id] = train_and_compress(
+                    model, peer.state, tokens, lr, peer.id, round_, poison=kind == "nan" and distro.quantize_1bit)
+                if kind:
+                    fault_counts[kind] += 1
+                if payload is None:
+                    withheld["non_finite"] += 1
+                    continue
+                if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
+                    next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
+                elif kind == "byzantine":
+                    payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
+                data = encode_payload(payload, distro.compression_chunk)
+                bytes_sent += len(data)
+                if kind == "corrupt":
+                    flipped = bytearray(data)
+                    flipped[fault.byte % len(flipped)] ^= 0xFF
+                    data = bytes(flipped)
+                if kind == "late":
+                    late.append(data)
+                elif kind != "drop":
+                    outgoing += [data, data] if kind == "duplicate" else [data]
+            incoming, carried = carried + outgoing, late
+
+            receivers = [shared] if shared_weights else [p.model for p in present]
+            contributing, rejected = [], Counter()
+            for model in receivers:
+                result = receive(incoming, cfg, distro, {n: tuple(p.shape) for n, p in model.named_parameters()},
+                                 semantics, round_=round_)
+                apply_update(dict(model.named_parameters()), result.updates, lr, apply_rule, weight_decay)
+                contributing.append(result.contributing_peers)
+                rejected = result.rejected
+            rejected.update(withheld)
+
+            record = {
+                "round": round_, "lr": lr,
+                "loss": sum(losses.values()) / len(losses),
+                "eval_loss": _eval_loss(receivers[0], held_out),
+                "peers": {str(p.id): {"tier": _tier_label(p.tiers), "loss": losses.get(p.id),
+                                      "present": p.id not in away} for p in peers},
+                "contributing_peers": contributing[0],
+                "receivers_agree": len(set(contributing)) == 1,
+                "rejected": dict(sorted(rejected.items())),
+                "faults": dict(sorted(fault_counts.items())),
+                "bytes_sent": bytes_sent,
+            }
+            records.append(record)
+            timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
+            if out:
+                metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
+                timing_file.write(json.dumps(timings[-1]) + "\n")
+                metrics_file.flush()
+            if on_round:
+                on_round(record)
+            if deadline_s is not None and time.perf_counter() - start >= deadline_s and round_ + 1 < rounds:
+                stopped_early = True
+                break
+    finally:
+        scratch.cleanup()
+        if out:
+            metrics_file.close()
+            timing_file.close()
+    final = receivers[0]
+    result = RunResult(records, timings, source.entropy_rate, stopped_early,
+                       {n: t.detach().cpu().clone() for n, t in final.state_dict().items()})
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary(result), indent=2, sort_keys=True))
+    return result
+
+
+def _tier_label(tiers: tuple[int, ...]):
+    return tiers[0] if len(set(tiers)) == 1 else list(tiers)
+
+
+def _eval_loss(model, tokens) -> float:
+    """Loss of the full (tier-0) model on a fixed held-out batch: what the network learned."""
+    tiers = model.layer_tiers
+    with torch.no_grad():
+        loss = model.set_tiers(model.stored_tiers)(tokens[:, :-1], tokens[:, 1:])[1].item()
+    model.set_tiers(tiers)
+    return loss
+
+
+def _byzantine(payload: Payload, scale: bool) -> Payload:
+    """Sign-flipped (or, unquantized, 10x scaled) copy: well-formed, and wrong."""
+    factor = 10.0 if scale else -1.0
+    params = {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in payload.params.items()}
+    return Payload(payload.peer, payload.round, payload.tiers, params, payload.quantized)
+
+
+def _rejoin(peers: list[Peer], plan: FaultPlan, round_: int, shared, scratch: Path, device) -> None:
+    """Peers whose churn ends this round come back with the current model, from a
+    checkpoint written by a present peer or copied in memory, at their rejoin tier,
+    with a fresh DisTrO state."""
+    returning = [f for f in plan.faults if f.kind == "churn" and f.round + f.away == round_]
+    if not returning:
+        return
+    away = plan.away(round_)
+    donor = shared if shared is not None else next(p.model for p in peers if p.id not in away)
+    for fault in returning:
+        peer = peers[fault.peer]
+        if fault.rejoin_tier is not None:
+            peer.tiers = (fault.rejoin_tier,) * len(peer.tiers)
+        peer.state = DistroState.fresh(peer.state.config)
+        if shared is not None:
+            continue
+        if fault.rejoin_from == "checkpoint":
+            path = save_checkpoint(donor, scratch / f"round{round_}-peer{peer.id}")
+            peer.model, _ = load_checkpoint(path, max(peer.tiers), "auto", device=device)
+        else:
+            peer.model = copy.deepcopy(donor)
+        peer.model.set_tiers(peer.tiers)
+
+
+def summary(result: RunResult) -> dict:
+    losses = result.eval_losses
+    return {
+        "rounds": len(result.records),
+        "stopped_early": result.stopped_early,
+        "first_eval_loss": losses[0],
+        "final_eval_loss": losses[-1],
+        "final_train_loss": result.records[-1]["loss"],
+        "loss_floor": result.loss_floor,
+        "rejected": dict(result.rejected()),
+        "faults": dict(result.faults()),
+        "non_finite_losses": sum(1 for r in result.records for p in r["peers"].values()
+                                 if p["loss"] is not None and not math.isfinite(p["loss"])),
+        "bytes_sent": sum(r["bytes_sent"] for r in result.records),
+    }
