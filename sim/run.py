@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sim.aggregate import ApplyRule, MeanSemantics, apply_update, receive
+from sim.align import align_prefix_grad
 from sim.checkpoint import load_checkpoint, save_checkpoint
 from sim.config import RunConfig
 from sim.data import make_source, shard
@@ -159,6 +160,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
                                       "present": p.id not in away} for p in peers},
                 "contributing_peers": contributing[0],
                 "receivers_agree": len(set(contributing)) == 1,
+                "replica_max_diff": _replica_max_diff(receivers),
                 "rejected": dict(sorted(rejected.items())),
                 "faults": dict(sorted(fault_counts.items())),
                 "bytes_sent": bytes_sent,
@@ -185,6 +187,21 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     if out:
         (out / "summary.json").write_text(json.dumps(summary(result), indent=2, sort_keys=True))
     return result
+
+
+def _replica_max_diff(models) -> float:
+    """Largest difference between any replica and the first, over every element they share."""
+    first = dict(models[0].named_parameters())
+    worst = 0.0
+    with torch.no_grad():
+        for other in models[1:]:
+            for name, param in other.named_parameters():
+                mine = first[name]
+                if mine.shape != param.shape:
+                    param = align_prefix_grad(name, param, mine.shape) if mine.numel() < param.numel() else param
+                    mine = align_prefix_grad(name, mine, param.shape) if mine.numel() > param.numel() else mine
+                worst = max(worst, (mine - param).abs().max().item())
+    return worst
 
 
 def _tier_label(tiers: tuple[int, ...]):
@@ -214,8 +231,9 @@ def _rejoin(peers: list[Peer], plan: FaultPlan, round_: int, shared, scratch: Pa
     returning = [f for f in plan.faults if f.kind == "churn" and f.round + f.away == round_]
     if not returning:
         return
-    away = plan.away(round_)
-    donor = shared if shared is not None else next(p.model for p in peers if p.id not in away)
+    # The donor must have been present last round: a peer returning now is as stale as we are.
+    was_away = plan.away(round_ - 1)
+    donor = shared if shared is not None else next(p.model for p in peers if p.id not in was_away)
     for fault in returning:
         peer = peers[fault.peer]
         if fault.rejoin_tier is not None:

@@ -1,0 +1,85 @@
+"""Whole runs: determinism, shared weights vs replicas, the testnet CLI and analysis."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sim.config import load_config
+from sim.run import simulate
+
+TINY = load_config("tiny")
+
+
+def test_same_seed_same_config_gives_byte_identical_metrics_on_cpu(tmp_path):
+    for name in ("a", "b"):
+        simulate(TINY, [0, 1, 2], faults="drop=0.1,corrupt=0.1,churn=0.1", seed=7, rounds=5, out=tmp_path / name, device="cpu")
+    a, b = (tmp_path / n / "metrics.jsonl" for n in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes() and len(a.read_text().splitlines()) == 5
+    other = simulate(TINY, [0, 1, 2], faults="drop=0.1,corrupt=0.1,churn=0.1", seed=8, rounds=5, device="cpu")
+    assert other.records != [json.loads(line) for line in a.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("tiers", [(0, 1, 1), (0, 2, 1, 0)])
+def test_shared_weights_mode_equals_replica_mode_exactly(tiers):
+    replicas = simulate(TINY, list(tiers), seed=1, rounds=4, device="cpu")
+    shared = simulate(TINY, list(tiers), seed=1, rounds=4, shared_weights=True, device="cpu")
+    assert [r["eval_loss"] for r in replicas.records] == [r["eval_loss"] for r in shared.records]
+    assert all(torch.equal(shared.final_weights[n], t) for n, t in replicas.final_weights.items())
+
+
+def matsim(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sim", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-clients", "2"], "names 3 clients but --num-clients is 2"),
+    (["--client-matformer-helper-fractions", "0,1.5,0"], "helper fraction 1.5 is outside [0, 1]"),
+    (["--client-matformer-helper-fractions", "0,0"], "got 2 helper fractions for 3 peers"),
+    (["--faults", "meteor=0.1"], "fault kind 'meteor' is unknown"),
+    (["--config-path", "configs/missing"], "does not exist"),
+])
+def test_testnet_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, fragment):
+    result = matsim("testnet", "start", "--client-matformer-tiers", "0,1,1", "--out", str(tmp_path / "out"), *argv)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_headless_exit_after_secs_ends_at_a_round_boundary_with_the_summary_written(tmp_path):
+    result = matsim("testnet", "start", "--headless", "--headless-exit-after-secs", "0.001", "--num-clients", "3",
+                    "--config-path", "tiny", "--client-matformer-tiers", "0,1,1", "--rounds", "50",
+                    "--tui", "false", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert summary["stopped_early"] and summary["rounds"] == len(lines) < 50
+    assert "loss=" in (tmp_path / "run.log").read_text()
+
+
+def test_log_level_debug_prints_each_gradients_local_and_full_shape(tmp_path):
+    result = matsim("testnet", "start", "--config-path", "tiny", "--client-matformer-tiers", "0,1", "--rounds", "1",
+                    "--log-level", "debug", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "parameter=model.layers.0.mlp.gate_proj.weight local_shape=[32, 32] full_shape=[64, 32]" in result.stderr
+    assert "parameter=model.layers.0.mlp.down_proj.weight local_shape=[32, 32] full_shape=[32, 64]" in result.stderr
+
+
+def test_analyze_passes_a_good_matrix_and_fails_a_heterogeneous_run_15_percent_off(tmp_path):
+    from sim.cli import run_scenario
+    run_scenario("tiny", "0,0", None, tmp_path / "homogeneous", name="homogeneous", kind="baseline", oracle=None,
+                 seed=0, rounds=3, faults=None, echo=False)
+    run_scenario("tiny", "0,1", None, tmp_path / "hetero", name="hetero", kind="heterogeneous", oracle="homogeneous",
+                 seed=0, rounds=3, faults=None, echo=False)
+    good = matsim("analyze", str(tmp_path))
+    assert good.returncode == 0 and "verdict: PASS (2/2" in good.stdout, good.stdout
+    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = tmp_path / "hetero" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["eval_loss"] *= 1.2  # what a normalization bug looks like in the final loss
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    bad = matsim("analyze", str(tmp_path))
+    assert bad.returncode == 1 and "verdict: FAIL (1/2" in bad.stdout
+    rows = {row["scenario"]: row for row in json.loads((tmp_path / "analysis.json").read_text())}
+    assert rows["hetero"]["criteria"]["final loss within 15% of homogeneous"] is False
+    assert rows["homogeneous"]["passed"]
