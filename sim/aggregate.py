@@ -153,8 +153,10 @@ def _dilution(accepted: Sequence[Payload]) -> tuple[float, ...]:
 
 
 def _reject(rejected: Counter, peer, rejection: Rejection) -> None:
+    # INFO, not WARNING: every receiver logs its own rejections, and the counts already
+    # go to the metrics; `--log-level info` shows them.
     rejected[rejection.reason] += 1
-    log.warning("rejected payload from peer %s: %s (%s)", peer, rejection.reason, rejection.detail)
+    log.info("rejected payload from peer %s: %s (%s)", peer, rejection.reason, rejection.detail)
 
 
 def receive(raw: Sequence[bytes], model: ModelConfig, distro: DistroConfig,
@@ -164,14 +166,15 @@ def receive(raw: Sequence[bytes], model: ModelConfig, distro: DistroConfig,
     `round_`, payloads of another round are stale and a peer's second payload a duplicate."""
     rejected, decoded, seen = Counter(), [], set()
     for data in raw:
-        result = decode_payload(data, model, distro)
+        result, peer = decode_payload(data, model, distro), "?"  # "?": a payload too broken to name its sender
         if isinstance(result, Payload):
+            peer = result.peer
             if round_ is not None and result.round != round_:
                 result = Rejection("stale_round", f"payload of round {result.round} arrived in round {round_}")
             elif result.peer in seen:
                 result = Rejection("duplicate", f"peer {result.peer} already contributed to round {result.round}")
         if isinstance(result, Rejection):
-            _reject(rejected, "?", result)
+            _reject(rejected, peer, result)
         else:
             seen.add(result.peer)
             decoded.append(result)

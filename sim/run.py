@@ -75,96 +75,186 @@ def validate_assignment(config: RunConfig, tiers: Sequence, helper_fractions: Se
     return per_peer, fractions
 
 
+class Network:
+    """The peers of a run and everything they hold between rounds. `simulate` drives it
+    from a fault plan; the whole-run state machine drives it rule by rule."""
+
+    def __init__(self, config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
+                 seed: int = 0, *, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, shared_weights: bool = False,
+                 apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, device=None):
+        per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
+        self.config, self.seed, self.semantics = config, seed, semantics
+        self.apply_rule, self.weight_decay = apply_rule, weight_decay
+        self.device = device or default_device()
+        self.source = make_source(config.data, config.model.vocab_size, seed)
+        self.batch = max(1, config.global_batch_size // len(per_peer))
+        self.held_out = shard(self.source, seed, -1, -1, self.batch, config.seq_len + 1).to(self.device)
+        self.shared = build_model(config.model, 0, seed=seed, device=self.device) if shared_weights else None
+        self.peers = [self._new_peer(i, t, f, None if shared_weights else build_model(config.model, t, seed=seed, device=self.device))
+                      for i, (t, f) in enumerate(zip(per_peer, fractions))]
+        self.away: set[int] = set()
+        self.carried: list[bytes] = []   # late payloads: they arrive next round
+        self._scratch = tempfile.TemporaryDirectory(prefix="matsim-")
+
+    def _new_peer(self, peer_id, tiers, fraction, model) -> Peer:
+        return Peer(peer_id, tuple(tiers), fraction, DistroState.fresh(self.config.distro), model)
+
+    def present(self) -> list[Peer]:
+        return [p for p in self.peers if p.id not in self.away]
+
+    def receivers(self) -> list:
+        return [self.shared] if self.shared is not None else [p.model for p in self.present()]
+
+    # --- membership -------------------------------------------------------
+
+    def leave(self, peer_id: int) -> None:
+        if len(self.present()) <= 1:
+            raise ConfigError("the last present peer cannot leave: a round needs at least one")
+        self.away.add(peer_id)
+
+    def rejoin(self, peer_id: int, via: str = "current", tier: int | None = None) -> None:
+        """Back with the current model (from a checkpoint a present peer writes, or copied
+        in memory), at `tier` if given, with a fresh DisTrO state."""
+        peer = self.peers[peer_id]
+        if tier is not None:
+            peer.tiers = layer_tiers(tier, self.config.model.num_hidden_layers)
+            validate_assignment(self.config, [peer.tiers], None)
+        peer.state = DistroState.fresh(self.config.distro)
+        if self.shared is None:  # copy before counting it present: it must not be its own donor
+            peer.model = self._copy_of_current(via, peer.tiers, f"peer{peer_id}")
+        self.away.discard(peer_id)
+
+    def join(self, tiers, via: str = "current") -> int:
+        """A new peer with the current model."""
+        per_peer, _ = validate_assignment(self.config, [tiers], None)
+        model = None if self.shared is not None else self._copy_of_current(via, per_peer[0], f"peer{len(self.peers)}")
+        self.peers.append(self._new_peer(len(self.peers), per_peer[0], 0.0, model))
+        return self.peers[-1].id
+
+    def _copy_of_current(self, via: str, tiers, tag: str):
+        # The donor must be present now; a returning peer is as stale as the one it would help.
+        donor = next(p.model for p in self.present() if p.model is not None)
+        if via == "checkpoint":
+            path = save_checkpoint(donor, Path(self._scratch.name) / tag)
+            model, _ = load_checkpoint(path, max(tiers), "auto", device=self.device)
+        else:
+            model = copy.deepcopy(donor)
+        return model.set_tiers(tiers)
+
+    def checkpoint(self, path: str | Path) -> Path:
+        return save_checkpoint(self.receivers()[0], path)
+
+    def restore(self, path: str | Path) -> None:
+        """Every replica loads the checkpoint; DisTrO states restart (they belong to the old timeline)."""
+        for peer in self.peers:
+            peer.state = DistroState.fresh(self.config.distro)
+            if self.shared is None:
+                peer.model, _ = load_checkpoint(path, max(peer.tiers), "auto", device=self.device)
+        if self.shared is not None:
+            self.shared, _ = load_checkpoint(path, 0, "auto", device=self.device)
+        self.carried = []
+
+    # --- one round --------------------------------------------------------
+
+    def round(self, round_: int, faults: dict | None = None) -> dict:
+        """Every present peer trains, compresses and sends; `faults` ({peer: Fault}) act on
+        the payloads; every receiver aggregates what arrived and applies it."""
+        faults = faults or {}
+        cfg, distro = self.config.model, self.config.distro
+        lr = self.config.lr_schedule.lr(round_)
+        losses, outgoing, late, fault_counts, withheld, bytes_sent = {}, [], [], Counter(), Counter(), 0
+        for peer in self.present():
+            model = self.shared if self.shared is not None else peer.model
+            model.set_tiers(peer.tiers)
+            fault = faults.get(peer.id)
+            kind = fault.kind if fault else None
+            tokens = shard(self.source, self.seed, round_, peer.id, self.batch, self.config.seq_len + 1).to(self.device)
+            payload, losses[peer.id] = train_and_compress(
+                model, peer.state, tokens, lr, peer.id, round_, poison=kind == "nan" and distro.quantize_1bit)
+            if kind:
+                fault_counts[kind] += 1
+            if payload is None:
+                withheld["non_finite"] += 1
+                continue
+            if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
+                next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
+            elif kind == "byzantine":
+                payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
+            data = encode_payload(payload, distro.compression_chunk)
+            bytes_sent += len(data)
+            if kind == "corrupt":
+                flipped = bytearray(data)
+                flipped[fault.byte % len(flipped)] ^= 0xFF
+                data = bytes(flipped)
+            if kind == "late":
+                late.append(data)
+            elif kind != "drop":
+                outgoing += [data, data] if kind == "duplicate" else [data]
+        incoming, self.carried = self.carried + outgoing, late
+
+        receivers = self.receivers()
+        contributing, rejected = [], Counter()
+        for model in receivers:
+            result = receive(incoming, cfg, distro, {n: tuple(p.shape) for n, p in model.named_parameters()},
+                             self.semantics, round_=round_)
+            apply_update(dict(model.named_parameters()), result.updates, lr, self.apply_rule, self.weight_decay)
+            contributing.append(result.contributing_peers)
+            rejected = result.rejected
+        rejected.update(withheld)
+        return {
+            "round": round_, "lr": lr,
+            "loss": sum(losses.values()) / len(losses),
+            "eval_loss": _eval_loss(receivers[0], self.held_out),
+            "peers": {str(p.id): {"tier": _tier_label(p.tiers), "loss": losses.get(p.id),
+                                  "present": p.id not in self.away} for p in self.peers},
+            "contributing_peers": contributing[0],
+            "receivers_agree": len(set(contributing)) == 1,
+            "replica_max_diff": _replica_max_diff(receivers),
+            "rejected": dict(sorted(rejected.items())),
+            "faults": dict(sorted(fault_counts.items())),
+            "bytes_sent": bytes_sent,
+        }
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().cpu().clone() for n, t in self.receivers()[0].state_dict().items()}
+
+    def close(self) -> None:
+        self._scratch.cleanup()
+
+
 def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
              faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
              out: str | Path | None = None, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
              shared_weights: bool = False, apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0,
              device=None, deadline_s: float | None = None,
              on_round: Callable[[dict], None] | None = None) -> RunResult:
-    """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training."""
-    per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
+    """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training
+    under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05")."""
     rounds = config.total_steps if rounds is None else rounds
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
-    device = device or default_device()
-    cfg, distro = config.model, config.distro
+    network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
+                      apply_rule=apply_rule, weight_decay=weight_decay, device=device)
     plan = faults if isinstance(faults, FaultPlan) else plan_faults(
-        parse_fault_spec(faults), len(per_peer), rounds, seed, max(max(t) for t in per_peer))
-    source = make_source(config.data, cfg.vocab_size, seed)
-    batch = max(1, config.global_batch_size // len(per_peer))
-    held_out = shard(source, seed, -1, -1, batch, config.seq_len + 1).to(device)
-
-    shared = build_model(cfg, 0, seed=seed, device=device) if shared_weights else None
-    peers = [Peer(i, t, f, DistroState.fresh(distro), None if shared_weights else build_model(cfg, t, seed=seed, device=device))
-             for i, (t, f) in enumerate(zip(per_peer, fractions))]
+        parse_fault_spec(faults), len(network.peers), rounds, seed, max(max(p.tiers) for p in network.peers))
     out = Path(out) if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
         metrics_file, timing_file = open(out / "metrics.jsonl", "w"), open(out / "timing.jsonl", "w")
-    scratch = tempfile.TemporaryDirectory(prefix="matsim-churn-")
-    records, timings, carried, start = [], [], [], time.perf_counter()
-    stopped_early = False
+    records, timings, start, stopped_early = [], [], time.perf_counter(), False
     try:
         for round_ in range(rounds):
             tick = time.perf_counter()
-            lr = config.lr_schedule.lr(round_)
-            away, faults_now = plan.away(round_), plan.at(round_)
-            _rejoin(peers, plan, round_, shared, Path(scratch.name), device)
-            present = [p for p in peers if p.id not in away]
-
-            losses, outgoing, late, fault_counts, withheld, bytes_sent = {}, [], [], Counter(), Counter(), 0
-            for peer in present:
-                model = shared if shared_weights else peer.model
-                model.set_tiers(peer.tiers)
-                fault = faults_now.get(peer.id)
-                kind = fault.kind if fault else None
-                tokens = shard(source, seed, round_, peer.id, batch, config.seq_len + 1).to(device)
-                payload, losses[peer.id] = train_and_compress(
-                    model, peer.state, tokens, lr, peer.id, round_, poison=kind == "nan" and distro.quantize_1bit)
-                if kind:
-                    fault_counts[kind] += 1
-                if payload is None:
-                    withheld["non_finite"] += 1
-                    continue
-                if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
-                    next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
-                elif kind == "byzantine":
-                    payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
-                data = encode_payload(payload, distro.compression_chunk)
-                bytes_sent += len(data)
-                if kind == "corrupt":
-                    flipped = bytearray(data)
-                    flipped[fault.byte % len(flipped)] ^= 0xFF
-                    data = bytes(flipped)
-                if kind == "late":
-                    late.append(data)
-                elif kind != "drop":
-                    outgoing += [data, data] if kind == "duplicate" else [data]
-            incoming, carried = carried + outgoing, late
-
-            receivers = [shared] if shared_weights else [p.model for p in present]
-            contributing, rejected = [], Counter()
-            for model in receivers:
-                result = receive(incoming, cfg, distro, {n: tuple(p.shape) for n, p in model.named_parameters()},
-                                 semantics, round_=round_)
-                apply_update(dict(model.named_parameters()), result.updates, lr, apply_rule, weight_decay)
-                contributing.append(result.contributing_peers)
-                rejected = result.rejected
-            rejected.update(withheld)
-
-            record = {
-                "round": round_, "lr": lr,
-                "loss": sum(losses.values()) / len(losses),
-                "eval_loss": _eval_loss(receivers[0], held_out),
-                "peers": {str(p.id): {"tier": _tier_label(p.tiers), "loss": losses.get(p.id),
-                                      "present": p.id not in away} for p in peers},
-                "contributing_peers": contributing[0],
-                "receivers_agree": len(set(contributing)) == 1,
-                "replica_max_diff": _replica_max_diff(receivers),
-                "rejected": dict(sorted(rejected.items())),
-                "faults": dict(sorted(fault_counts.items())),
-                "bytes_sent": bytes_sent,
-            }
+            for fault in plan.faults:
+                if fault.kind == "churn" and fault.round + fault.away == round_:
+                    network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
+            for fault in plan.faults:
+                if fault.kind == "churn" and fault.round == round_:
+                    network.leave(fault.peer)
+            record = network.round(round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"})
+            churned = sum(1 for f in plan.faults if f.kind == "churn" and f.round == round_)
+            if churned:
+                record["faults"] = dict(sorted({**record["faults"], "churn": churned}.items()))
             records.append(record)
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if out:
@@ -177,13 +267,11 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
                 stopped_early = True
                 break
     finally:
-        scratch.cleanup()
+        network.close()
         if out:
             metrics_file.close()
             timing_file.close()
-    final = receivers[0]
-    result = RunResult(records, timings, source.entropy_rate, stopped_early,
-                       {n: t.detach().cpu().clone() for n, t in final.state_dict().items()})
+    result = RunResult(records, timings, network.source.entropy_rate, stopped_early, network.weights())
     if out:
         (out / "summary.json").write_text(json.dumps(summary(result), indent=2, sort_keys=True))
     return result
@@ -222,31 +310,6 @@ def _byzantine(payload: Payload, scale: bool) -> Payload:
     factor = 10.0 if scale else -1.0
     params = {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in payload.params.items()}
     return Payload(payload.peer, payload.round, payload.tiers, params, payload.quantized)
-
-
-def _rejoin(peers: list[Peer], plan: FaultPlan, round_: int, shared, scratch: Path, device) -> None:
-    """Peers whose churn ends this round come back with the current model, from a
-    checkpoint written by a present peer or copied in memory, at their rejoin tier,
-    with a fresh DisTrO state."""
-    returning = [f for f in plan.faults if f.kind == "churn" and f.round + f.away == round_]
-    if not returning:
-        return
-    # The donor must have been present last round: a peer returning now is as stale as we are.
-    was_away = plan.away(round_ - 1)
-    donor = shared if shared is not None else next(p.model for p in peers if p.id not in was_away)
-    for fault in returning:
-        peer = peers[fault.peer]
-        if fault.rejoin_tier is not None:
-            peer.tiers = (fault.rejoin_tier,) * len(peer.tiers)
-        peer.state = DistroState.fresh(peer.state.config)
-        if shared is not None:
-            continue
-        if fault.rejoin_from == "checkpoint":
-            path = save_checkpoint(donor, scratch / f"round{round_}-peer{peer.id}")
-            peer.model, _ = load_checkpoint(path, max(peer.tiers), "auto", device=device)
-        else:
-            peer.model = copy.deepcopy(donor)
-        peer.model.set_tiers(peer.tiers)
 
 
 def summary(result: RunResult) -> dict:
