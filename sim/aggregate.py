@@ -164,9 +164,18 @@ def receive(raw: Sequence[bytes], model: ModelConfig, distro: DistroConfig,
             semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, round_: int | None = None) -> Aggregate:
     """Decode, validate and aggregate one round's payloads as a receiver does. With
     `round_`, payloads of another round are stale and a peer's second payload a duplicate."""
-    rejected, decoded, seen = Counter(), [], set()
-    for data in raw:
-        result, peer = decode_payload(data, model, distro), "?"  # "?": a payload too broken to name its sender
+    return receive_decoded([decode_payload(data, model, distro) for data in raw], receiver_shapes, distro,
+                           semantics, round_)
+
+
+def receive_decoded(decoded: Sequence[Payload | Rejection], receiver_shapes: dict[str, tuple[int, ...]],
+                    distro: DistroConfig, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
+                    round_: int | None = None) -> Aggregate:
+    """`receive` after decoding: decoding is a pure function of the bytes, so a simulator
+    may decode each arriving payload once and hand the results to every receiver."""
+    rejected, accepted, seen = Counter(), [], set()
+    for result in decoded:
+        peer = "?"  # a payload too broken to name its sender
         if isinstance(result, Payload):
             peer = result.peer
             if round_ is not None and result.round != round_:
@@ -177,8 +186,8 @@ def receive(raw: Sequence[bytes], model: ModelConfig, distro: DistroConfig,
             _reject(rejected, peer, result)
         else:
             seen.add(result.peer)
-            decoded.append(result)
-    return aggregate(decoded, receiver_shapes, distro, semantics, rejected)
+            accepted.append(result)
+    return aggregate(accepted, receiver_shapes, distro, semantics, rejected)
 
 
 class ApplyRule(enum.Enum):

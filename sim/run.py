@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sim.aggregate import ApplyRule, MeanSemantics, apply_update, receive
+from sim.aggregate import ApplyRule, MeanSemantics, apply_update, receive_decoded
 from sim.align import align_prefix_grad
 from sim.checkpoint import load_checkpoint, save_checkpoint
 from sim.config import RunConfig
@@ -29,7 +29,7 @@ from sim.faults import FaultPlan, parse_fault_spec, plan_faults
 from sim.model import build_model, default_device
 from sim.peer import Peer, train_and_compress
 from sim.tiers import layer_tiers, layer_widths
-from sim.wire import Payload, encode_payload
+from sim.wire import Payload, decode_payload, encode_payload
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +192,21 @@ class Network:
                 outgoing += [data, data] if kind == "duplicate" else [data]
         incoming, self.carried = self.carried + outgoing, late
 
-        receivers = self.receivers()
+        # Decoding is a pure function of the bytes, and aggregation of (payloads, receiver
+        # shapes): each is done once per round and per distinct shape, then every receiver
+        # applies the result to its own replica.
+        decoded = [decode_payload(data, cfg, distro) for data in incoming]
+        receivers, aggregates = self.receivers(), {}
         contributing, rejected = [], Counter()
         for model in receivers:
-            result = receive(incoming, cfg, distro, {n: tuple(p.shape) for n, p in model.named_parameters()},
-                             self.semantics, round_=round_)
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            key = tuple(shapes.items())
+            if key not in aggregates:
+                aggregates[key] = receive_decoded(decoded, shapes, distro, self.semantics, round_=round_)
+            result = aggregates[key]
             apply_update(dict(model.named_parameters()), result.updates, lr, self.apply_rule, self.weight_decay)
             contributing.append(result.contributing_peers)
-            rejected = result.rejected
+            rejected = Counter(result.rejected)
         rejected.update(withheld)
         return {
             "round": round_, "lr": lr,

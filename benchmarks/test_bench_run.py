@@ -1,0 +1,66 @@
+"""Harness overhead and scale of the simulator.
+
+- Overhead: one simulated round (train, compress, encode, every receiver decoding,
+  aggregating and applying, evaluation, replica check) against the same peers'
+  bare forward+backward+compress, in the same run (goal: at most 1.10x).
+- Memory: peak RSS of 64 peers of test-nanogpt-small in shared-weights mode
+  against 1 peer, each in a fresh process."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sim.config import load_config
+from sim.data import shard
+from sim.peer import train_and_compress
+from sim.run import Network
+
+TIERS = [0, 1, 1]
+
+
+def bare_peers(network, round_):
+    """What the peers would do with no harness: forward, backward, DisTrO compress."""
+    for peer in network.present():
+        peer.model.set_tiers(peer.tiers)
+        tokens = shard(network.source, network.seed, round_, peer.id, network.batch, network.config.seq_len + 1)
+        train_and_compress(peer.model, peer.state, tokens, 1e-3, peer.id, round_)
+
+
+@pytest.mark.parametrize("config", ["tiny", "test-nanogpt-small"])
+@pytest.mark.parametrize("what", ["bare-baseline", "round"])
+def test_bench_harness_overhead(benchmark, config, what):
+    benchmark.group = f"harness overhead, {config}, tiers 0,1,1"
+    network = Network(load_config(config), TIERS, seed=0, device="cpu")
+    counter = iter(range(10**6))
+    if what == "round":
+        record = benchmark.pedantic(lambda: network.round(next(counter)), rounds=10, warmup_rounds=2)
+        assert record["contributing_peers"] == 3
+    else:
+        benchmark.pedantic(lambda: bare_peers(network, next(counter)), rounds=10, warmup_rounds=2)
+        assert all(p.state.delta for p in network.peers)
+    network.close()
+
+
+PEAK = """
+import json, resource, sys
+from sim.config import load_config
+from sim.run import Network
+network = Network(load_config("test-nanogpt-small"), [0, 1] * (int(sys.argv[1]) // 2) or [0], seed=0,
+                  shared_weights=True, device="cpu")
+network.round(0)
+print(json.dumps({"peers": len(network.peers), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def test_bench_memory_of_64_shared_weight_peers_vs_1(benchmark):
+    def measure(n):
+        out = subprocess.run([sys.executable, "-c", PEAK, str(n)], capture_output=True, text=True, check=True, timeout=600)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    one, many = measure(1), benchmark.pedantic(measure, args=(64,), rounds=1)
+    benchmark.extra_info.update(peak_rss_1_peer=one["peak_rss"], peak_rss_64_peers=many["peak_rss"],
+                                ratio=many["peak_rss"] / one["peak_rss"])
+    assert one["peers"] == 1 and many["peers"] == 64
+    print(f"\npeak RSS: 1 peer {one['peak_rss'] / 2**20:.0f} MiB, 64 peers {many['peak_rss'] / 2**20:.0f} MiB "
+          f"({many['peak_rss'] / one['peak_rss']:.2f}x)")
