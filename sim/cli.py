@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sim import analyze as analysis
@@ -174,6 +175,10 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "run.log", "w")
     terminal = console()
+    # A progress bar on a terminal; plain log lines (with loss=) for logs, pipes and CI.
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[status]}"), console=terminal) if terminal.is_terminal and echo else None
+    task = bar.add_task(name, total=rounds, status="") if bar else None
 
     def line(record):
         rejected = ",".join(f"{k}:{v}" for k, v in record["rejected"].items()) or "none"
@@ -182,12 +187,18 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
                 f"rejected={rejected} faults={faults} bytes={record['bytes_sent']} "
                 f"train_loss={record['loss']:.4f} loss={record['eval_loss']:.4f}")
         logfile.write(text + "\n")
-        if echo:
+        if bar:
+            bar.update(task, advance=1, status=f"loss={record['eval_loss']:.4f} contributing={record['contributing_peers']}")
+        elif echo:
             terminal.print(text, highlight=False, markup=False)
 
     try:
+        if bar:
+            bar.start()
         result = simulate(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after, on_round=line)
     finally:
+        if bar:
+            bar.stop()
         logfile.close()
     meta = {"name": name, "tiers": tiers_text, "kind": kind, "oracle": oracle, "rounds": len(result.records),
             "config": run.name, "seed": seed, "faults": faults or "none"}
