@@ -89,9 +89,12 @@ def mlp_grad_cases(draw, max_hidden: int = 24):
     return name, tuple(full), tuple(local), dim
 
 
-def tensors(shape, seed_strategy=st.integers(0, 2**31 - 1), dtype=torch.float32):
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def tensors(shape, dtype=torch.float32):
     """Dense random tensors of `shape`, drawn from a seed so shrinking stays cheap."""
-    return seed_strategy.map(lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype))
+    return SEEDS.map(lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype))
 
 
 @st.composite

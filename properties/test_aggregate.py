@@ -1,14 +1,12 @@
 """Mean semantics and accounting of aggregation (sim/aggregate.py)."""
-import random
 from collections import Counter
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.profiles import scaled
-from properties.strategies import aggregation_cases, random_payload
+from properties.strategies import aggregation_cases, random_payload, random_sparse
 from sim.aggregate import MeanSemantics, aggregate, homogeneous_update, receive
 from sim.align import align_prefix_grad, prefix_dim
 from sim.distro import ChunkGrid, decompress
@@ -174,7 +172,6 @@ def malformed(flaw, model, distro, good, rng):
         sparse = payload.params[name]
         shape = list(sparse.grid.shape)
         shape[0] = shape[0] * 2
-        from properties.strategies import random_sparse
         payload.params[name] = random_sparse(tuple(shape), distro, torch.Generator().manual_seed(1))
     elif flaw == "unknown_parameter":
         payload.params["model.layers.0.mlp.gate_projection.weight"] = payload.params[name]
