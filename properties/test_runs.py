@@ -3,10 +3,12 @@ that drives a network rule by rule (join, leave, rejoin at another tier, drop or
 corrupt a payload, run a round, checkpoint and restore).
 
 Tolerance against the oracle (the same seed and peer count, all tier 0, no
-faults): calibrated from the oracle's own spread. Over 10 seeds of `tiny`, 6
-rounds, the oracle's final held-out loss has a relative standard deviation of
-0.8% (1 peer), 2.4% (3 peers) and 2.1% (8 peers); the tolerance is 4x the
-largest, 10%. Mixed tiers with faults landed at -0.7%..+5.3% of their oracle.
+faults), calibrated from the oracle's own spread: over 10 seeds of `tiny`, 6
+rounds, its final held-out loss (16 sequences) has a relative standard
+deviation of 0.9% (1 peer), 0.6% (3) and 0.8% (8). The tolerance is 8 sigma
+= 7.2%: a 4-sigma noise band plus as much again for the systematic gap that
+narrower tiers and lost payloads cause (seen: +0.8%..+3.3%, at most 3.7 sigma).
+A bug that costs the network a few percent of its loss shows up here.
 """
 import math
 import tempfile
@@ -25,7 +27,7 @@ from sim.run import Network, simulate
 
 TINY = load_config("tiny")
 ROUNDS = 6
-TOLERANCE = 4 * 0.024
+TOLERANCE = 8 * 0.009
 
 
 @st.composite

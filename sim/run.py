@@ -32,6 +32,7 @@ from sim.tiers import layer_tiers, layer_widths
 from sim.wire import Payload, decode_payload, encode_payload
 
 log = logging.getLogger(__name__)
+EVAL_SEQUENCES = 16
 
 
 @dataclass
@@ -88,7 +89,9 @@ class Network:
         self.device = device or default_device()
         self.source = make_source(config.data, config.model.vocab_size, seed)
         self.batch = max(1, config.global_batch_size // len(per_peer))
-        self.held_out = shard(self.source, seed, -1, -1, self.batch, config.seq_len + 1).to(self.device)
+        # Held-out batch: at least 16 sequences, so the loss a criterion reads is a measurement, not noise.
+        self.held_out = shard(self.source, seed, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
+                              config.seq_len + 1).to(self.device)
         self.shared = build_model(config.model, 0, seed=seed, device=self.device) if shared_weights else None
         self.peers = [self._new_peer(i, t, f, None if shared_weights else build_model(config.model, t, seed=seed, device=self.device))
                       for i, (t, f) in enumerate(zip(per_peer, fractions))]
