@@ -65,7 +65,7 @@ def test_bench_heterogeneous_path_mixed_tiers(benchmark, mixed):
     assert result.contributing_peers == 32 and not result.rejected
 
 
-PEER_BATCH = CFG.global_batch_size // CFG.min_clients
+PEER_BATCH = CFG.client_batch
 PEER_GROUP = "one peer, nanogpt-20m-run"
 
 

@@ -62,12 +62,10 @@ def analyze(directory: str | Path) -> list[dict]:
     for name, (info, result) in scenarios.items():
         oracle = scenarios.get(info.get("oracle"), (None, None))[1]
         judged = judge(info["kind"], result, oracle, info["rounds"])
-        nan = sum(1 for r in result.records for p in r["peers"].values()
-                  if p["loss"] is not None and not math.isfinite(p["loss"]))
         rows.append({
             "scenario": name, "tiers": info["tiers"], "final_loss": result.final_eval_loss,
             "vs_oracle": criteria.relative_gap(result, oracle) if oracle else None,
-            "errors": sum(result.rejected().values()), "nan": nan, "criteria": judged,
+            "errors": sum(result.rejected().values()), "nan": result.non_finite_losses(), "criteria": judged,
             "passed": all(judged.values()),
         })
     return rows

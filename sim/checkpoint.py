@@ -127,7 +127,7 @@ def read_checkpoint(directory: str | Path) -> tuple[Path, dict, dict[str, torch.
     return directory, hf, tensors
 
 
-def _stored_width(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: Path) -> int:
+def _stored_width(tensors: dict[str, torch.Tensor], where: Path) -> int:
     name = "model.layers.0.mlp.up_proj.weight"
     if name not in tensors:
         raise CheckpointError(f"{where}: tensor {name!r} is missing")
@@ -141,7 +141,7 @@ def checkpoint_layout(directory: str | Path) -> tuple[Path, ModelConfig, int, di
         stored_cfg = ModelConfig.from_hf_dict(hf, source=str(path / CONFIG))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    width = _stored_width(stored_cfg, tensors, path)
+    width = _stored_width(tensors, path)
     has_tier, has_base = "matformer_tier" in hf, "matformer_base_intermediate_size" in hf
     try:
         if has_tier != has_base:

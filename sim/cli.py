@@ -48,7 +48,7 @@ def cmd_tiers(args) -> None:
     tiers = parse_int_list(args.tiers, "--tiers") if args.tiers else tuple(range(min(m.max_tier, 3) + 1))
     widths = [tier_width(m.intermediate_size, t) for t in tiers]  # validates before any work
     device = default_device()
-    batch = args.batch or -(-cfg.global_batch_size // cfg.min_clients)
+    batch = args.batch or cfg.client_batch
     tokens = random_tokens(m, batch, cfg.seq_len, args.seed, device)
     out = console()
     out.print(f"[bold]{cfg.name}[/]: {m.style}-style, hidden {m.hidden_size}, FFN {m.intermediate_size}, "
@@ -136,18 +136,17 @@ def cmd_memory(args) -> None:
         base = None
         for tier in tiers:
             row = memory.measure_step(str(run.path), tier)
-            batch = max(1, run.global_batch_size // run.min_clients)
-            estimate = memory.analytic(run.model, tier, batch, run.seq_len).total
+            estimate = memory.analytic(run.model, tier, run.client_batch, run.seq_len).total
             base = base or (row["peak_bytes"], estimate)
             records.append({**row, "analytic_bytes": estimate})
             measured.add_row(run.name, str(tier), str(run.model.intermediate_size >> tier), row["device"],
-                             f"{batch}x{run.seq_len}", _mib(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
+                             f"{run.client_batch}x{run.seq_len}", _mib(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
                              _mib(estimate), f"{estimate / base[1] - 1:+.1%}")
     out.print(measured)
     analytic = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
                      "vs tier 0", title="Analytic breakdown (fp32)")
     bars = []
-    shapes = {run.name: (run.model, max(1, run.global_batch_size // run.min_clients), run.seq_len) for run in runs}
+    shapes = {run.name: (run.model, run.client_batch, run.seq_len) for run in runs}
     for name, (cfg, batch, seq) in {**shapes, **memory.LLAMA_SHAPES}.items():
         base = memory.analytic(cfg, 0, batch, seq).total
         for tier in tiers:

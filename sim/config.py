@@ -188,6 +188,11 @@ class RunConfig:
             raise ConfigError(f"max_seq_len {self.seq_len} exceeds max_position_embeddings "
                               f"{self.model.max_position_embeddings}")
 
+    @property
+    def client_batch(self) -> int:
+        """Sequences one client trains per round: its share of the global batch (Psyche splits it)."""
+        return max(1, self.global_batch_size // self.min_clients)
+
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 

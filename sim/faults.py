@@ -49,6 +49,12 @@ class FaultPlan:
         """Peers absent in `round_` because of churn (they leave at the fault's round)."""
         return {f.peer for f in self.faults if f.kind == "churn" and f.round <= round_ < f.round + f.away}
 
+    def leaving(self, round_: int) -> list[Fault]:
+        return [f for f in self.faults if f.kind == "churn" and f.round == round_]
+
+    def returning(self, round_: int) -> list[Fault]:
+        return [f for f in self.faults if f.kind == "churn" and f.round + f.away == round_]
+
     def counts(self) -> Counter:
         return Counter(f.kind for f in self.faults)
 

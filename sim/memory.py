@@ -21,7 +21,8 @@ import torch
 
 from sim.config import ModelConfig, load_config
 from sim.distro import DistroState
-from sim.model import build_model, default_device, local_grads, param_count, random_tokens
+from sim.model import build_model, default_device, param_count, random_tokens
+from sim.peer import train_and_compress
 from sim.tiers import layer_widths
 
 BYTES = 4  # fp32
@@ -62,18 +63,14 @@ def measure_step_here(config_path: str, tier: int, seed: int = 0) -> dict:
     """Peak memory of one training step at `tier`, in this process."""
     run = load_config(config_path)
     device = default_device()
-    batch = max(1, run.global_batch_size // run.min_clients)
+    batch = run.client_batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = _rss_bytes()
     widths = layer_widths(run.model.intermediate_size, tier, run.model.num_hidden_layers)
     model = build_model(run.model, tier, seed=seed, device=device, stored_widths=widths)
     tokens = random_tokens(run.model, batch, run.seq_len + 1, seed=seed, device=device)
-    loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-    loss.backward()
-    state = DistroState.fresh(run.distro)
-    for name, grad in local_grads(model).items():
-        state.step(name, grad, run.lr_schedule.base_lr)
+    train_and_compress(model, DistroState.fresh(run.distro), tokens, run.lr_schedule.base_lr, peer=0, round_=0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:

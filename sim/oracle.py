@@ -23,8 +23,7 @@ def loss_decreases(result: RunResult) -> bool:
 
 
 def no_errors(result: RunResult) -> bool:
-    finite = all(math.isfinite(r["eval_loss"]) and all(p["loss"] is None or math.isfinite(p["loss"])
-                                                       for p in r["peers"].values()) for r in result.records)
+    finite = all(math.isfinite(r["eval_loss"]) for r in result.records) and result.non_finite_losses() == 0
     return finite and not result.rejected()
 
 

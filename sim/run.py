@@ -8,7 +8,6 @@ byte-identical); wall times go to timing.jsonl beside it.
 import copy
 import json
 import math
-import logging
 import tempfile
 import time
 from collections import Counter
@@ -31,7 +30,6 @@ from sim.peer import Peer, train_and_compress
 from sim.tiers import layer_tiers, layer_widths
 from sim.wire import Payload, decode_payload, encode_payload
 
-log = logging.getLogger(__name__)
 EVAL_SEQUENCES = 16
 
 
@@ -56,6 +54,11 @@ class RunResult:
 
     def faults(self) -> Counter:
         return sum((Counter(r["faults"]) for r in self.records), Counter())
+
+    def non_finite_losses(self) -> int:
+        """Peers' training losses that were NaN or infinite."""
+        return sum(1 for r in self.records for p in r["peers"].values()
+                   if p["loss"] is not None and not math.isfinite(p["loss"]))
 
 
 def validate_assignment(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None):
@@ -255,16 +258,14 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     try:
         for round_ in range(rounds):
             tick = time.perf_counter()
-            for fault in plan.faults:
-                if fault.kind == "churn" and fault.round + fault.away == round_:
-                    network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
-            for fault in plan.faults:
-                if fault.kind == "churn" and fault.round == round_:
-                    network.leave(fault.peer)
+            for fault in plan.returning(round_):
+                network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
+            leaving = plan.leaving(round_)
+            for fault in leaving:
+                network.leave(fault.peer)
             record = network.round(round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"})
-            churned = sum(1 for f in plan.faults if f.kind == "churn" and f.round == round_)
-            if churned:
-                record["faults"] = dict(sorted({**record["faults"], "churn": churned}.items()))
+            if leaving:  # churn acts on membership, not on a payload, so round() cannot count it
+                record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
             records.append(record)
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if out:
@@ -296,8 +297,8 @@ def _replica_max_diff(models) -> float:
             for name, param in other.named_parameters():
                 mine = first[name]
                 if mine.shape != param.shape:
-                    param = align_prefix_grad(name, param, mine.shape) if mine.numel() < param.numel() else param
-                    mine = align_prefix_grad(name, mine, param.shape) if mine.numel() > param.numel() else mine
+                    narrower = min(mine.shape, param.shape, key=lambda shape: shape.numel())
+                    mine, param = (align_prefix_grad(name, t, narrower) for t in (mine, param))
                 worst = max(worst, (mine - param).abs().max().item())
     return worst
 
@@ -333,7 +334,6 @@ def summary(result: RunResult) -> dict:
         "loss_floor": result.loss_floor,
         "rejected": dict(result.rejected()),
         "faults": dict(result.faults()),
-        "non_finite_losses": sum(1 for r in result.records for p in r["peers"].values()
-                                 if p["loss"] is not None and not math.isfinite(p["loss"])),
+        "non_finite_losses": result.non_finite_losses(),
         "bytes_sent": sum(r["bytes_sent"] for r in result.records),
     }
