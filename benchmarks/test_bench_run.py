@@ -1,8 +1,10 @@
 """Harness overhead and scale of the simulator.
 
 - Overhead: one simulated round (train, compress, encode, every receiver decoding,
-  aggregating and applying, evaluation, replica check) against the same peers'
-  bare forward+backward+compress, in the same run (goal: at most 1.10x).
+  aggregating and applying, replica check) against the same peers' bare
+  forward+backward+compress, in the same run (goal: at most 1.10x). "round+eval"
+  adds the held-out evaluation, a forward over EVAL_SEQUENCES sequences that
+  `simulate` runs every `eval_every` rounds (about 50 per run by default).
 - Memory: peak RSS of 64 peers of test-nanogpt-small in shared-weights mode
   against 1 peer, each in a fresh process."""
 import json
@@ -28,14 +30,15 @@ def bare_peers(network, round_):
 
 
 @pytest.mark.parametrize("config", ["tiny", "test-nanogpt-small"])
-@pytest.mark.parametrize("what", ["bare-baseline", "round"])
+@pytest.mark.parametrize("what", ["bare-baseline", "round", "round+eval"])
 def test_bench_harness_overhead(benchmark, config, what):
     benchmark.group = f"harness overhead, {config}, tiers 0,1,1"
     network = Network(load_config(config), TIERS, seed=0, device="cpu")
     counter = iter(range(10**6))
-    if what == "round":
-        record = benchmark.pedantic(lambda: network.round(next(counter)), rounds=10, warmup_rounds=2)
-        assert record["contributing_peers"] == 3
+    if what.startswith("round"):
+        evaluate = what == "round+eval"
+        record = benchmark.pedantic(lambda: network.round(next(counter), evaluate=evaluate), rounds=10, warmup_rounds=2)
+        assert record["contributing_peers"] == 3 and (record["eval_loss"] is not None) == evaluate
     else:
         benchmark.pedantic(lambda: bare_peers(network, next(counter)), rounds=10, warmup_rounds=2)
         assert all(p.state.delta for p in network.peers)

@@ -56,10 +56,6 @@ def reframed(payload, distro, edit, version=None):
     return frame(header, tensors, version=version or VERSION)
 
 
-def first(tensors, suffix):
-    return sorted(k for k in tensors if k.endswith(suffix))[0]
-
-
 def negative_tiers(header, tensors):
     header["tiers"] = [-1] * len(header["tiers"])
 
@@ -69,12 +65,11 @@ def drop_a_parameter(header, tensors):
 
 
 def index_past_the_block(header, tensors):
-    tensors[first(tensors, "/idx")].view(-1)[0] = 30000
+    tensors["idx"][0] = 30000
 
 
 def widen_index_dtype(header, tensors):
-    name = first(tensors, "/idx")
-    tensors[name] = tensors[name].int()
+    tensors["idx"] = tensors["idx"].int()
 
 
 def drop_the_round(header, tensors):
@@ -86,7 +81,7 @@ def unchanged(header, tensors):
 
 
 EDITS = {  # reason -> (edit, version)
-    "bad_version": (unchanged, 2),
+    "bad_version": (unchanged, 1),
     "bad_tier": (negative_tiers, None),
     "missing_parameter": (drop_a_parameter, None),
     "index_out_of_range": (index_past_the_block, None),

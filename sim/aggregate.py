@@ -128,14 +128,12 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
             _reject(rejected, payload.peer, Rejection("bad_shape", f"{type(err).__name__}: {err}"))
 
     n = len(accepted)
+    if n and semantics is MeanSemantics.COEFF_MEAN:
+        return Aggregate(_coefficient_means(grids, parts), n, rejected, _dilution(accepted))
     updates = {}
     for name, shape in receiver_shapes.items():
         if n == 0:
             updates[name] = torch.zeros(shape)
-        elif semantics is MeanSemantics.COEFF_MEAN:
-            indices = torch.cat([part[name][0] for part in parts], dim=-1)
-            values = torch.cat([part[name][1] for part in parts], dim=-1)
-            updates[name] = grids[name].decode(coefficient_mean(grids[name], indices, values))
         else:
             total, covered = _dense_sum(name, accepted, shape)
             if semantics is MeanSemantics.PEER_MEAN:
@@ -143,6 +141,21 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
             else:
                 updates[name] = torch.where(covered > 0, total / covered.clamp(min=1), 0.0)
     return Aggregate(updates, n, rejected, _dilution(accepted))
+
+
+def _coefficient_means(grids: dict[str, ChunkGrid], parts: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """COEFF_MEAN of every parameter from the payloads' aligned (indices, values). Parameters
+    that share a chunk grid (one attention matrix per layer, say) are stacked, scattered
+    and decoded together: the same numbers at a fraction of the per-tensor calls."""
+    by_grid: dict[ChunkGrid, list[str]] = {}
+    for name, grid in grids.items():
+        by_grid.setdefault(grid, []).append(name)
+    updates = {}
+    for grid, names in by_grid.items():
+        indices = torch.cat([torch.stack([part[name][0] for name in names]) for part in parts], dim=-1)
+        values = torch.cat([torch.stack([part[name][1] for name in names]) for part in parts], dim=-1)
+        updates.update(zip(names, grid.decode(coefficient_mean(grid, indices, values)).unbind(0)))
+    return {name: updates[name] for name in grids}
 
 
 def _dilution(accepted: Sequence[Payload]) -> tuple[float, ...]:
@@ -200,22 +213,32 @@ def apply_update(params: dict[str, torch.Tensor], updates: dict[str, torch.Tenso
                  rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, adam_state: dict | None = None,
                  betas=(0.9, 0.95), eps: float = 1e-8) -> None:
     """Apply a receiver's aggregate in place. Decoupled weight decay: param *= 1 - lr * wd."""
+    if rule is not ApplyRule.ADAMW:
+        _apply_elementwise(params, updates, lr, rule, weight_decay)
+        return
+    if adam_state is None:
+        raise SimError("ApplyRule.ADAMW needs an adam_state dict that persists across rounds")
     with torch.no_grad():
         for name, param in params.items():
             update = updates[name].to(device=param.device, dtype=param.dtype)
             if weight_decay:
                 param.mul_(1 - lr * weight_decay)
-            if rule is ApplyRule.SIGN:
-                param.sub_(lr * update.sign())
-            elif rule is ApplyRule.SGD:
-                param.sub_(lr * update)
-            else:
-                if adam_state is None:
-                    raise SimError("ApplyRule.ADAMW needs an adam_state dict that persists across rounds")
-                m, v, t = adam_state.get(name, (torch.zeros_like(param), torch.zeros_like(param), 0))
-                t += 1
-                m.mul_(betas[0]).add_(update, alpha=1 - betas[0])
-                v.mul_(betas[1]).addcmul_(update, update, value=1 - betas[1])
-                m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-                param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
-                adam_state[name] = (m, v, t)
+            m, v, t = adam_state.get(name, (torch.zeros_like(param), torch.zeros_like(param), 0))
+            t += 1
+            m.mul_(betas[0]).add_(update, alpha=1 - betas[0])
+            v.mul_(betas[1]).addcmul_(update, update, value=1 - betas[1])
+            m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+            param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+            adam_state[name] = (m, v, t)
+
+
+def _apply_elementwise(params: dict[str, torch.Tensor], updates: dict[str, torch.Tensor], lr: float,
+                       rule: ApplyRule, weight_decay: float) -> None:
+    """SIGN and SGD over every parameter at once (torch's _foreach kernels, as its optimizers use):
+    the same arithmetic as one tensor at a time, without a Python loop's per-tensor calls."""
+    targets = list(params.values())
+    steps = [updates[name].to(device=p.device, dtype=p.dtype) for name, p in params.items()]
+    with torch.no_grad():
+        if weight_decay:
+            torch._foreach_mul_(targets, 1 - lr * weight_decay)
+        torch._foreach_add_(targets, torch._foreach_sign(steps) if rule is ApplyRule.SIGN else steps, alpha=-lr)

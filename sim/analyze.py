@@ -37,7 +37,7 @@ def judge(kind: str, result: RunResult, oracle: RunResult | None, rounds: int) -
         return {"loss decreases": criteria.loss_decreases(result), "no errors": criteria.no_errors(result),
                 "all clients complete all rounds": complete}
     if kind == "heterogeneous":
-        finite = all(math.isfinite(r["eval_loss"]) for r in result.records)
+        finite = all(map(math.isfinite, result.eval_losses))
         judged = {"no NaN/Inf": finite, "all clients complete all rounds": complete}
         if oracle is not None:
             judged[f"final loss within {criteria.TOLERANCE:.0%} of homogeneous"] = criteria.within_tolerance(result, oracle)
@@ -83,7 +83,7 @@ def plot(directory: str | Path, path: str | Path) -> None:
         result = load_result(meta.parent)
         floor = result.loss_floor
         style = "--" if info["kind"] == "baseline" else "-"
-        ax.plot(range(len(result.records)), result.eval_losses, style, label=f"{info['name']} ({info['tiers']})")
+        ax.plot(result.eval_rounds, result.eval_losses, style, label=f"{info['name']} ({info['tiers']})")
     if floor is not None:
         ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"entropy floor {floor:.2f}")
     ax.set_xlabel("round")

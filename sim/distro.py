@@ -21,6 +21,7 @@ from sim.config import DistroConfig
 from sim.errors import ShapeMismatch
 
 
+@functools.lru_cache(maxsize=1024)
 def chunk_size(n: int, chunk: int) -> int:
     """Largest divisor of n not above chunk (a dimension the chunk does not divide)."""
     return max(d for d in range(1, min(n, chunk) + 1) if n % d == 0)
@@ -49,16 +50,13 @@ class ChunkGrid:
 
     @classmethod
     def of(cls, shape, chunk: int) -> "ChunkGrid":
-        shape = tuple(shape)
-        if len(shape) not in (1, 2) or min(shape) < 1:
-            raise ShapeMismatch(f"DisTrO compresses 1-D and 2-D tensors, got shape {list(shape)}")
-        return cls(shape, tuple(chunk_size(n, chunk) for n in shape))
+        return _grid(tuple(shape), chunk)
 
-    @property
+    @functools.cached_property
     def blocks(self) -> tuple[int, ...]:
         return tuple(n // b for n, b in zip(self.shape, self.block))
 
-    @property
+    @functools.cached_property
     def block_numel(self) -> int:
         return math.prod(self.block)
 
@@ -72,13 +70,22 @@ class ChunkGrid:
         return (mats[0] @ tiles @ mats[1].T).reshape(nr, nc, cr * cc)
 
     def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """Inverse of encode: [*blocks, block_numel] -> [*shape]."""
+        """Inverse of encode: [*lead, *blocks, block_numel] -> [*lead, *shape]. Leading
+        dimensions decode a stack of same-grid tensors in one batched product."""
         mats = [dct_matrix(b, coeffs.dtype, coeffs.device) for b in self.block]
+        lead = coeffs.shape[:coeffs.ndim - len(self.shape) - 1]
         if len(self.shape) == 1:
-            return (coeffs @ mats[0]).reshape(self.shape)
+            return (coeffs @ mats[0]).reshape(*lead, *self.shape)
         (nr, nc), (cr, cc) = self.blocks, self.block
-        tiles = mats[0].T @ coeffs.reshape(nr, nc, cr, cc) @ mats[1]
-        return tiles.permute(0, 2, 1, 3).reshape(self.shape)
+        tiles = mats[0].T @ coeffs.reshape(*lead, nr, nc, cr, cc) @ mats[1]
+        return tiles.transpose(-3, -2).reshape(*lead, *self.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid(shape: tuple[int, ...], chunk: int) -> ChunkGrid:
+    if len(shape) not in (1, 2) or min(shape) < 1:
+        raise ShapeMismatch(f"DisTrO compresses 1-D and 2-D tensors, got shape {list(shape)}")
+    return ChunkGrid(shape, tuple(chunk_size(n, chunk) for n in shape))
 
 
 @dataclass
@@ -106,8 +113,8 @@ def quantize_1bit(sparse: Sparse) -> Sparse:
 
 def coefficient_mean(grid: ChunkGrid, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Scatter (index, value) pairs with reduce "mean" and no self term: each coefficient is
-    the mean over the entries that name it, zero where none do. Indices [*blocks, n]."""
-    out = values.new_zeros(*grid.blocks, grid.block_numel + 1)
+    the mean over the entries that name it, zero where none do. Indices [*lead, *blocks, n]."""
+    out = values.new_zeros(*indices.shape[:-1], grid.block_numel + 1)
     out.scatter_reduce_(-1, indices.long(), values, reduce="mean", include_self=False)
     return out[..., :-1]
 
@@ -115,7 +122,7 @@ def coefficient_mean(grid: ChunkGrid, indices: torch.Tensor, values: torch.Tenso
 def coefficient_sum(grid: ChunkGrid, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Like coefficient_mean, but summed: decode is linear, so the sum of many payloads'
     decodes is one decode of their summed coefficients."""
-    out = values.new_zeros(*grid.blocks, grid.block_numel + 1)
+    out = values.new_zeros(*indices.shape[:-1], grid.block_numel + 1)
     out.scatter_add_(-1, indices.long(), values)
     return out[..., :-1]
 

@@ -23,7 +23,7 @@ def loss_decreases(result: RunResult) -> bool:
 
 
 def no_errors(result: RunResult) -> bool:
-    finite = all(math.isfinite(r["eval_loss"]) for r in result.records) and result.non_finite_losses() == 0
+    finite = all(map(math.isfinite, result.eval_losses)) and result.non_finite_losses() == 0
     return finite and not result.rejected()
 
 

@@ -31,6 +31,7 @@ from sim.tiers import layer_tiers, layer_widths
 from sim.wire import Payload, decode_payload, encode_payload
 
 EVAL_SEQUENCES = 16
+EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of the run's time
 
 
 @dataclass
@@ -42,8 +43,13 @@ class RunResult:
     final_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
+    def eval_rounds(self) -> list[int]:
+        """Rounds whose record carries a held-out loss (every `eval_every`-th, and the last)."""
+        return [r["round"] for r in self.records if r["eval_loss"] is not None]
+
+    @property
     def eval_losses(self) -> list[float]:
-        return [r["eval_loss"] for r in self.records]
+        return [r["eval_loss"] for r in self.records if r["eval_loss"] is not None]
 
     @property
     def final_eval_loss(self) -> float:
@@ -162,9 +168,10 @@ class Network:
 
     # --- one round --------------------------------------------------------
 
-    def round(self, round_: int, faults: dict | None = None) -> dict:
+    def round(self, round_: int, faults: dict | None = None, evaluate: bool = True) -> dict:
         """Every present peer trains, compresses and sends; `faults` ({peer: Fault}) act on
-        the payloads; every receiver aggregates what arrived and applies it."""
+        the payloads; every receiver aggregates what arrived and applies it. With
+        `evaluate`, the record's eval_loss is the full model's held-out loss, else None."""
         faults = faults or {}
         cfg, distro = self.config.model, self.config.distro
         lr = self.config.lr_schedule.lr(round_)
@@ -217,7 +224,7 @@ class Network:
         return {
             "round": round_, "lr": lr,
             "loss": sum(losses.values()) / len(losses),
-            "eval_loss": _eval_loss(receivers[0], self.held_out),
+            "eval_loss": self.eval_loss() if evaluate else None,
             "peers": {str(p.id): {"tier": _tier_label(p.tiers), "loss": losses.get(p.id),
                                   "present": p.id not in self.away} for p in self.peers},
             "contributing_peers": contributing[0],
@@ -227,6 +234,16 @@ class Network:
             "faults": dict(sorted(fault_counts.items())),
             "bytes_sent": bytes_sent,
         }
+
+    def eval_loss(self) -> float:
+        """Loss of the full (tier-0) model on the fixed held-out batch: what the network learned.
+        A forward over EVAL_SEQUENCES sequences, the one cost `eval_every` amortizes."""
+        model = self.receivers()[0]
+        tiers = model.layer_tiers
+        with torch.no_grad():
+            loss = model.set_tiers(model.stored_tiers)(self.held_out[:, :-1], self.held_out[:, 1:])[1].item()
+        model.set_tiers(tiers)
+        return loss
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().cpu().clone() for n, t in self.receivers()[0].state_dict().items()}
@@ -239,13 +256,19 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
              faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
              out: str | Path | None = None, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
              shared_weights: bool = False, apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0,
-             device=None, deadline_s: float | None = None,
+             device=None, deadline_s: float | None = None, eval_every: int | None = None,
              on_round: Callable[[dict], None] | None = None) -> RunResult:
     """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training
-    under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05")."""
+    under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05").
+
+    The held-out loss is measured on round 0, every `eval_every`-th round and the last
+    round run (default: about EVAL_POINTS points per run)."""
     rounds = config.total_steps if rounds is None else rounds
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
+    eval_every = max(1, math.ceil(rounds / EVAL_POINTS)) if eval_every is None else eval_every
+    if eval_every < 1:
+        raise ConfigError(f"eval_every {eval_every} is invalid: expected an integer >= 1")
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
                       apply_rule=apply_rule, weight_decay=weight_decay, device=device)
     plan = faults if isinstance(faults, FaultPlan) else plan_faults(
@@ -263,9 +286,14 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
             leaving = plan.leaving(round_)
             for fault in leaving:
                 network.leave(fault.peer)
-            record = network.round(round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"})
+            record = network.round(round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"},
+                                   evaluate=False)
             if leaving:  # churn acts on membership, not on a payload, so round() cannot count it
                 record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
+            stopped_early = (deadline_s is not None and time.perf_counter() - start >= deadline_s
+                             and round_ + 1 < rounds)
+            if round_ % eval_every == 0 or round_ + 1 == rounds or stopped_early:
+                record["eval_loss"] = network.eval_loss()
             records.append(record)
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if out:
@@ -274,8 +302,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
                 metrics_file.flush()
             if on_round:
                 on_round(record)
-            if deadline_s is not None and time.perf_counter() - start >= deadline_s and round_ + 1 < rounds:
-                stopped_early = True
+            if stopped_early:
                 break
     finally:
         network.close()
@@ -291,29 +318,23 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
 def _replica_max_diff(models) -> float:
     """Largest difference between any replica and the first, over every element they share."""
     first = dict(models[0].named_parameters())
-    worst = 0.0
-    with torch.no_grad():
-        for other in models[1:]:
-            for name, param in other.named_parameters():
-                mine = first[name]
-                if mine.shape != param.shape:
-                    narrower = min(mine.shape, param.shape, key=lambda shape: shape.numel())
-                    mine, param = (align_prefix_grad(name, t, narrower) for t in (mine, param))
-                worst = max(worst, (mine - param).abs().max().item())
-    return worst
+    mine, theirs = [], []
+    for other in models[1:]:
+        for name, param in other.named_parameters():
+            a = first[name]
+            if a.shape != param.shape:
+                narrower = min(a.shape, param.shape, key=lambda shape: shape.numel())
+                a, param = (align_prefix_grad(name, t, narrower) for t in (a, param))
+            mine.append(a)
+            theirs.append(param)
+    if not mine:
+        return 0.0
+    with torch.no_grad():  # a single sync, not one .item() per tensor
+        return torch.stack([(a - b).abs_().amax() for a, b in zip(mine, theirs)]).max().item()
 
 
 def _tier_label(tiers: tuple[int, ...]):
     return tiers[0] if len(set(tiers)) == 1 else list(tiers)
-
-
-def _eval_loss(model, tokens) -> float:
-    """Loss of the full (tier-0) model on a fixed held-out batch: what the network learned."""
-    tiers = model.layer_tiers
-    with torch.no_grad():
-        loss = model.set_tiers(model.stored_tiers)(tokens[:, :-1], tokens[:, 1:])[1].item()
-    model.set_tiers(tiers)
-    return loss
 
 
 def _byzantine(payload: Payload, scale: bool) -> Payload:

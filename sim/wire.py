@@ -2,20 +2,30 @@
 
     offset  size  field
     0       4     magic b"MSIM"
-    4       2     format version, little-endian uint16 (this is version 1)
+    4       2     format version, little-endian uint16 (this is version 2)
     6       4     header length H, little-endian uint32
     10      H     header: UTF-8 JSON {"peer", "round", "tiers", "chunk", "quantized",
                   "params": {name: {"shape": [...], "k": int}}}
-    10+H    B     body: safetensors bytes; per parameter "<name>/idx" (int16, or int32 for
-                  blocks of 32767+ coefficients) and "<name>/val" (float32) or, when
-                  quantized, "<name>/sign" (uint8, numpy.packbits of value > 0)
+    10+H    B     body: safetensors bytes with two tensors, every parameter's pairs
+                  concatenated in the header's (sorted) parameter order:
+                  "idx" (int16, or int32 when a block has 32767+ coefficients) and
+                  "val" (float32) or, when quantized, "sign" (uint8, numpy.packbits
+                  of value > 0)
     end-32  32    sha256 of every byte before it
+
+One flat index and one flat value tensor per payload (version 1 had two per
+parameter) so that encoding, validation and decoding are a few vectorized
+operations whatever the number of parameters: the harness overhead budget.
 
 `decode_payload` never raises into a round: every malformed input comes back
 as a `Rejection` with one of `REASONS`, for the receiver to count and log.
 """
+import bisect
+import functools
 import hashlib
+import itertools
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -28,7 +38,7 @@ from sim.distro import ChunkGrid, Sparse
 from sim.errors import SimError
 from sim.model import local_shapes
 
-MAGIC, VERSION = b"MSIM", 1
+MAGIC, VERSION = b"MSIM", 2
 PREFIX = struct.Struct("<4sHI")
 DIGEST = 32
 REASONS = ("truncated", "bad_magic", "bad_checksum", "bad_version", "malformed", "bad_tier",
@@ -52,24 +62,54 @@ class Rejection:
     detail: str
 
 
-def index_dtype(grid: ChunkGrid) -> torch.dtype:
-    return torch.int16 if grid.block_numel + 1 <= torch.iinfo(torch.int16).max else torch.int32
+def index_dtype(grids) -> torch.dtype:
+    """int16 unless some block (plus its absent slot) needs more: one dtype per payload."""
+    widest = max(grid.block_numel for grid in grids)
+    return torch.int16 if widest + 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each parameter's pairs sit in the flat tensors of a payload at some tiers."""
+    grids: dict[str, ChunkGrid]       # sorted by name: the body's order
+    k: dict[str, int]
+    sizes: tuple[int, ...]            # pairs per parameter, in order
+    dtype: torch.dtype
+    absent: torch.Tensor              # per pair: its block's absent slot (= block_numel)
+    row: torch.Tensor                 # per pair: a number unique to its block
+    stride: int                       # above every index: row * stride + index names one coefficient
+
+
+@functools.lru_cache(maxsize=256)
+def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple) -> Layout:
+    """The layout every payload from a peer at `tiers` must have (cached: it is the same every round)."""
+    grids = {name: ChunkGrid.of(shape, distro.compression_chunk)
+             for name, shape in sorted(local_shapes(model, tiers).items())}
+    ks = {name: min(distro.compression_topk, grid.block_numel) for name, grid in grids.items()}
+    blocks = [math.prod(grid.blocks) for grid in grids.values()]
+    absent = [torch.full((b * ks[name],), grid.block_numel, dtype=torch.int32)
+              for b, (name, grid) in zip(blocks, grids.items())]
+    first = [0, *itertools.accumulate(blocks)]
+    rows = [torch.arange(first[i], first[i + 1]).repeat_interleave(ks[name]) for i, name in enumerate(grids)]
+    return Layout(grids, ks, tuple(b * ks[name] for b, name in zip(blocks, grids)), index_dtype(grids.values()),
+                  torch.cat(absent), torch.cat(rows), max(grid.block_numel for grid in grids.values()) + 1)
 
 
 def encode_payload(payload: Payload, chunk: int) -> bytes:
     header = {"peer": payload.peer, "round": payload.round, "tiers": list(payload.tiers), "chunk": chunk,
               "quantized": payload.quantized, "params": {}}
-    tensors = {}
-    for name, sparse in payload.params.items():
+    names = sorted(payload.params)
+    sparses = [payload.params[name] for name in names]
+    for name, sparse in zip(names, sparses):
         header["params"][name] = {"shape": list(sparse.grid.shape), "k": sparse.indices.shape[-1]}
-        # Copies: safetensors refuses tensors that share memory, and a payload must not alias live state.
-        tensors[f"{name}/idx"] = sparse.indices.to(device="cpu", dtype=index_dtype(sparse.grid), copy=True)
-        values = sparse.values.detach().to(device="cpu", dtype=torch.float32, copy=True)
-        if payload.quantized:
-            bits = np.packbits((values > 0).numpy().reshape(-1))
-            tensors[f"{name}/sign"] = torch.from_numpy(bits)
-        else:
-            tensors[f"{name}/val"] = values
+    dtype = index_dtype(s.grid for s in sparses)
+    # torch.cat copies: a payload never aliases live state.
+    tensors = {"idx": torch.cat([s.indices.reshape(-1).to(device="cpu", dtype=dtype) for s in sparses])}
+    values = torch.cat([s.values.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for s in sparses])
+    if payload.quantized:
+        tensors["sign"] = torch.from_numpy(np.packbits((values > 0).numpy()))
+    else:
+        tensors["val"] = values
     return frame(header, tensors)
 
 
@@ -121,54 +161,70 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
     _expect(chunk == distro.compression_chunk, "malformed", f"chunk {chunk} is not the run's {distro.compression_chunk}")
     _expect(quantized == distro.quantize_1bit, "malformed", f"quantized={quantized} disagrees with the run's quantize_1bit")
     try:
-        expected_shapes = local_shapes(model, tiers)
+        expected = layout(model, distro, tiers)
     except (SimError, TypeError) as err:
         raise _Reject("bad_tier", f"tiers {list(tiers)}: {err}") from None
 
-    unknown, missing = set(params) - set(expected_shapes), set(expected_shapes) - set(params)
+    unknown, missing = set(params) - set(expected.grids), set(expected.grids) - set(params)
     _expect(not unknown, "unknown_parameter", f"parameters {sorted(unknown)[:3]} are not in the model")
     _expect(not missing, "missing_parameter", f"parameters {sorted(missing)[:3]} are missing")
-    decoded = {}
-    for name, meta in params.items():
-        decoded[name] = _decode_param(name, meta, tensors, expected_shapes[name], distro, quantized)
-    return Payload(peer, rnd, tiers, decoded, quantized)
-
-
-def _decode_param(name, meta, tensors, expected_shape, distro: DistroConfig, quantized: bool) -> Sparse:
-    shape = tuple(meta.get("shape", ())) if isinstance(meta, dict) else ()
-    _expect(shape == expected_shape, "bad_shape", f"{name}: shape {list(shape)} is not {list(expected_shape)} "
+    for name, grid in expected.grids.items():
+        meta = params[name]
+        shape = tuple(meta.get("shape", ())) if isinstance(meta, dict) else ()
+        _expect(shape == grid.shape, "bad_shape", f"{name}: shape {list(shape)} is not {list(grid.shape)} "
                                                   f"for the sender's tiers")
-    grid = ChunkGrid.of(shape, distro.compression_chunk)
-    k = min(distro.compression_topk, grid.block_numel)
-    _expect(meta.get("k") == k, "bad_shape", f"{name}: k {meta.get('k')} is not {k}")
-    indices = tensors.get(f"{name}/idx")
-    _expect(indices is not None, "malformed", f"{name}: no index tensor")
-    _expect(indices.dtype == index_dtype(grid), "bad_dtype", f"{name}: indices are {indices.dtype}, "
-                                                             f"expected {index_dtype(grid)}")
-    _expect(tuple(indices.shape) == (*grid.blocks, k), "bad_shape",
-            f"{name}: indices of shape {list(indices.shape)}, expected {[*grid.blocks, k]}")
+        _expect(meta.get("k") == expected.k[name], "bad_shape", f"{name}: k {meta.get('k')} is not {expected.k[name]}")
+    indices, values = _pairs_of(tensors, expected, quantized)
+    return Payload(peer, rnd, tiers, _split(expected, indices, values), quantized)
+
+
+def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat (indices, values), validated against the layout with a few whole-payload operations."""
+    count = expected.absent.numel()
+    indices = tensors.get("idx")
+    _expect(indices is not None, "malformed", "no index tensor")
+    _expect(indices.dtype == expected.dtype, "bad_dtype", f"indices are {indices.dtype}, expected {expected.dtype}")
+    _expect(tuple(indices.shape) == (count,), "bad_shape", f"{list(indices.shape)} indices, expected [{count}]")
     indices = indices.long()
-    _expect(bool(((indices >= 0) & (indices <= grid.block_numel)).all()), "index_out_of_range",
-            f"{name}: an index is outside [0, {grid.block_numel}]")
-    ordered = indices.sort(dim=-1).values
-    repeats = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != grid.block_numel)
-    _expect(not bool(repeats.any()), "duplicate_index", f"{name}: a block names one coefficient twice")
-    count = indices.numel()
+    in_range = (indices >= 0) & (indices <= expected.absent)
+    if not bool(in_range.all()):
+        at = int((~in_range).nonzero()[0])
+        raise _Reject("index_out_of_range", f"{_owner(expected, at)}: index {int(indices[at])} is outside "
+                                            f"[0, {int(expected.absent[at])}]")
+    absent = indices == expected.absent
+    # A pair is (block, index): sorted, a repeat is two equal neighbours. Absent slots may repeat,
+    # so each gets a distinct negative key.
+    keys = torch.where(absent, -1 - torch.arange(count), expected.row * expected.stride + indices)
+    ordered = keys.sort().values
+    _expect(not bool((ordered[1:] == ordered[:-1]).any()), "duplicate_index", "a block names one coefficient twice")
     if quantized:
-        bits = tensors.get(f"{name}/sign")
-        _expect(bits is not None, "malformed", f"{name}: no sign tensor")
-        _expect(bits.dtype == torch.uint8, "bad_dtype", f"{name}: signs are {bits.dtype}, expected uint8")
-        _expect(bits.numel() == (count + 7) // 8, "bad_shape", f"{name}: {bits.numel()} sign bytes for {count} values")
-        signs = np.unpackbits(bits.numpy(), count=count).astype(np.float32) * 2 - 1
-        values = torch.from_numpy(signs).reshape(indices.shape)
-        values = torch.where(indices == grid.block_numel, 0.0, values)
+        bits = tensors.get("sign")
+        _expect(bits is not None, "malformed", "no sign tensor")
+        _expect(bits.dtype == torch.uint8, "bad_dtype", f"signs are {bits.dtype}, expected uint8")
+        _expect(bits.numel() == (count + 7) // 8, "bad_shape", f"{bits.numel()} sign bytes for {count} values")
+        signs = torch.from_numpy(np.unpackbits(bits.numpy(), count=count).astype(np.float32) * 2 - 1)
+        values = torch.where(absent, 0.0, signs)
     else:
-        values = tensors.get(f"{name}/val")
-        _expect(values is not None, "malformed", f"{name}: no value tensor")
-        _expect(values.dtype == torch.float32, "bad_dtype", f"{name}: values are {values.dtype}, expected float32")
-        _expect(values.shape == indices.shape, "bad_shape", f"{name}: values and indices differ in shape")
-        _expect(bool(torch.isfinite(values).all()), "non_finite", f"{name}: a value is NaN or infinite")
-    return Sparse(grid, indices, values)
+        values = tensors.get("val")
+        _expect(values is not None, "malformed", "no value tensor")
+        _expect(values.dtype == torch.float32, "bad_dtype", f"values are {values.dtype}, expected float32")
+        _expect(tuple(values.shape) == (count,), "bad_shape", f"{list(values.shape)} values for {count} indices")
+        _expect(bool(torch.isfinite(values).all()), "non_finite", "a value is NaN or infinite")
+    return indices, values
+
+
+def _owner(expected: Layout, at: int) -> str:
+    """The parameter whose pairs include flat position `at`."""
+    return list(expected.grids)[bisect.bisect_right(list(itertools.accumulate(expected.sizes)), at)]
+
+
+def _split(expected: Layout, indices: torch.Tensor, values: torch.Tensor) -> dict[str, Sparse]:
+    params = {}
+    for (name, grid), idx, val in zip(expected.grids.items(), indices.split(expected.sizes),
+                                      values.split(expected.sizes)):
+        shape = (*grid.blocks, expected.k[name])
+        params[name] = Sparse(grid, idx.view(shape), val.view(shape))
+    return params
 
 
 def payload_size(model: ModelConfig, distro: DistroConfig, tiers) -> int:
