@@ -29,6 +29,16 @@ def test_shared_weights_mode_equals_replica_mode_exactly(tiers):
     assert all(torch.equal(shared.final_weights[n], t) for n, t in replicas.final_weights.items())
 
 
+def test_held_out_loss_is_measured_on_round_0_every_eval_every_rounds_and_the_last():
+    every = simulate(TINY, [0, 1], seed=2, rounds=4, eval_every=1, device="cpu")
+    sparse = simulate(TINY, [0, 1], seed=2, rounds=4, eval_every=3, device="cpu")
+    assert every.eval_rounds == [0, 1, 2, 3] and sparse.eval_rounds == [0, 3]
+    # Evaluating is a pure measurement: it changes no weight and no other number.
+    assert sparse.eval_losses == [every.eval_losses[0], every.eval_losses[3]]
+    assert all(torch.equal(sparse.final_weights[n], t) for n, t in every.final_weights.items())
+    assert simulate(TINY, [0], seed=2, rounds=120, device="cpu").eval_rounds == [*range(0, 120, 3), 119]
+
+
 def matsim(*argv, timeout=300):
     return subprocess.run([sys.executable, "-m", "sim", *argv], capture_output=True, text=True, timeout=timeout)
 
@@ -39,6 +49,7 @@ def matsim(*argv, timeout=300):
     (["--client-matformer-helper-fractions", "0,0"], "got 2 helper fractions for 3 peers"),
     (["--faults", "meteor=0.1"], "fault kind 'meteor' is unknown"),
     (["--config-path", "configs/missing"], "does not exist"),
+    (["--eval-every", "0"], "--eval-every 0 is invalid"),
 ])
 def test_testnet_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, fragment):
     result = matsim("testnet", "start", "--client-matformer-tiers", "0,1,1", "--out", str(tmp_path / "out"), *argv)
@@ -54,6 +65,7 @@ def test_headless_exit_after_secs_ends_at_a_round_boundary_with_the_summary_writ
     summary = json.loads((tmp_path / "summary.json").read_text())
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert summary["stopped_early"] and summary["rounds"] == len(lines) < 50
+    assert json.loads(lines[-1])["eval_loss"] == summary["final_eval_loss"]  # the stop is evaluated
     assert "loss=" in (tmp_path / "run.log").read_text()
 
 
