@@ -9,6 +9,13 @@ Three mean semantics (DESIGN.md):
 - REGION_MEAN: HeteroFL's: like PEER_MEAN, but every element is divided by the
   number of contributors whose width covers it.
 
+Helper slabs (helper mode) are decoded densely and placed at their neurons with
+`align_sparse_grad`; they join each element's mean as extra contributors:
+REGION_MEAN counts them in the element's coverage, PEER_MEAN adds them to the
+sum over contributing peers, and COEFF_MEAN merges them with the coefficient
+mean U of the C payloads whose width covers the element: (C*U + sum) / (C + h).
+Without helpers every semantics is exactly as above.
+
 A payload that fails to decode or align is rejected as a whole: counted by
 reason and logged, never silently skipped, never raised into the round.
 """
@@ -20,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sim.align import align_prefix_grad, prefix_dim
+from sim.align import align_prefix_grad, align_sparse_grad, prefix_dim
 from sim.config import DistroConfig, ModelConfig
-from sim.distro import ChunkGrid, Sparse, batch_decompress, coefficient_mean, coefficient_sum
-from sim.errors import ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
+from sim.distro import ChunkGrid, Sparse, batch_decompress, coefficient_mean, coefficient_sum, decompress
+from sim.errors import AlignmentError, ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
+from sim.model import mlp_layer
 from sim.wire import Payload, Rejection, decode_payload
 
 log = logging.getLogger(__name__)
@@ -77,6 +85,35 @@ def _coverage(name: str, sent: tuple[int, ...], shape: tuple[int, ...]) -> torch
     return ones if sent == tuple(shape) else align_prefix_grad(name, ones, shape)
 
 
+def _coverage_count(name: str, payloads: Sequence[Payload], shape) -> torch.Tensor:
+    """How many payloads' widths cover each element of the receiver's `shape`."""
+    senders = Counter(p.params[name].grid.shape for p in payloads)
+    return sum((count * _coverage(name, sent, shape) for sent, count in senders.items()), torch.zeros(shape))
+
+
+def _helper_sums(payloads: Sequence[Payload], receiver_shapes: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per MLP tensor some helper reached: the sum of the helper slabs placed at their neurons
+    in the receiver's shape, and how many slabs cover each element. Neurons past a (sliced)
+    receiver's width are not its to hold and are dropped."""
+    sums = {}
+    for payload in payloads:
+        for name, sparse in payload.helper_params.items():
+            shape, dim = receiver_shapes[name], prefix_dim(name)
+            neurons, dense = payload.helper_neurons[mlp_layer(name)].long(), decompress(sparse)
+            keep = neurons < shape[dim]
+            if not bool(keep.all()):
+                neurons, dense = neurons[keep], dense.index_select(dim, keep.nonzero().view(-1))
+            total, count = sums.setdefault(name, (torch.zeros(shape), torch.zeros(shape)))
+            total += align_sparse_grad(name, dense, neurons, shape)
+            count += align_sparse_grad(name, torch.ones_like(dense), neurons, shape)
+    return sums
+
+
+def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count where something contributed, zero elsewhere."""
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
+
+
 def _dense_sum(name: str, payloads: Sequence[Payload], shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the payloads' decoded updates aligned to `shape`, and how many cover each element.
 
@@ -86,7 +123,7 @@ def _dense_sum(name: str, payloads: Sequence[Payload], shape) -> tuple[torch.Ten
     for payload in payloads:
         sparse = payload.params[name]
         groups.setdefault(sparse.grid, []).append(sparse)
-    total, covered = torch.zeros(shape), torch.zeros(shape)
+    total = torch.zeros(shape)
     for grid, members in groups.items():
         indices = torch.cat([m.indices for m in members], dim=-1)
         values = torch.cat([m.values for m in members], dim=-1)
@@ -94,8 +131,7 @@ def _dense_sum(name: str, payloads: Sequence[Payload], shape) -> tuple[torch.Ten
         if grid.shape != tuple(shape):
             dense = align_prefix_grad(name, dense, shape)
         total += dense
-        covered += len(members) * _coverage(name, grid.shape, shape)
-    return total, covered
+    return total, _coverage_count(name, payloads, shape)
 
 
 def _check(payload: Payload, grids: dict[str, ChunkGrid], semantics: MeanSemantics) -> dict:
@@ -109,6 +145,16 @@ def _check(payload: Payload, grids: dict[str, ChunkGrid], semantics: MeanSemanti
             aligned[name] = align_blocks(name, sparse, grid)
         elif sparse.grid.shape != grid.shape:
             align_prefix_grad(name, torch.empty(sparse.grid.shape, device="meta"), grid.shape)
+    for name, slab in payload.helper_params.items():
+        dim, shape = prefix_dim(name), list(grids[name].shape)
+        neurons = payload.helper_neurons[mlp_layer(name)]
+        if neurons.numel() and (int(neurons.min()) < payload.params[name].grid.shape[dim]
+                                or not bool((neurons[1:] > neurons[:-1]).all())):
+            raise AlignmentError(f"{name}: helper neurons must be sorted, unique and past the sender's own width")
+        shape[dim] = neurons.numel()
+        if tuple(shape) != slab.grid.shape:
+            raise ShapeMismatch(f"{name}: helper slab {list(slab.grid.shape)} does not fit {shape[dim]} neurons "
+                                f"of the receiver's {list(grids[name].shape)}")
     return aligned
 
 
@@ -124,22 +170,27 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
             accepted.append(payload)
         except ChunkGridMismatch as err:
             _reject(rejected, payload.peer, Rejection("chunk_grid_mismatch", str(err)))
-        except (ShapeMismatch, UnsupportedParameter, KeyError) as err:
+        except (ShapeMismatch, UnsupportedParameter, AlignmentError, KeyError) as err:
             _reject(rejected, payload.peer, Rejection("bad_shape", f"{type(err).__name__}: {err}"))
 
     n = len(accepted)
-    if n and semantics is MeanSemantics.COEFF_MEAN:
-        return Aggregate(_coefficient_means(grids, parts), n, rejected, _dilution(accepted))
+    if n == 0:
+        return Aggregate({name: torch.zeros(shape) for name, shape in receiver_shapes.items()}, 0, rejected)
+    helpers = _helper_sums(accepted, receiver_shapes)
+    if semantics is MeanSemantics.COEFF_MEAN:
+        updates = _coefficient_means(grids, parts)
+        for name, (extra, extra_count) in helpers.items():
+            covered = _coverage_count(name, accepted, receiver_shapes[name])
+            updates[name] = _mean(covered * updates[name] + extra, covered + extra_count)
+        return Aggregate(updates, n, rejected, _dilution(accepted))
     updates = {}
     for name, shape in receiver_shapes.items():
-        if n == 0:
-            updates[name] = torch.zeros(shape)
+        total, covered = _dense_sum(name, accepted, shape)
+        extra, extra_count = helpers.get(name, (0.0, 0.0))
+        if semantics is MeanSemantics.PEER_MEAN:
+            updates[name] = (total + extra) / n
         else:
-            total, covered = _dense_sum(name, accepted, shape)
-            if semantics is MeanSemantics.PEER_MEAN:
-                updates[name] = total / n
-            else:
-                updates[name] = torch.where(covered > 0, total / covered.clamp(min=1), 0.0)
+            updates[name] = _mean(total + extra, covered + extra_count)
     return Aggregate(updates, n, rejected, _dilution(accepted))
 
 

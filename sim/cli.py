@@ -22,7 +22,7 @@ from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
 from sim.run import simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
-from sim.tiers import parse_int_list, tier_width
+from sim.tiers import parse_client_tiers, parse_int_list, tier_width
 
 
 def console() -> Console:
@@ -164,12 +164,15 @@ def cmd_memory(args) -> None:
 
 def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
                  oracle: str | None, seed: int, rounds: int | None, faults: str | None,
-                 exit_after: float | None = None, eval_every: int | None = None, echo: bool = True) -> dict:
+                 exit_after: float | None = None, eval_every: int | None = None, rotation_interval: int | None = None,
+                 echo: bool = True) -> dict:
     """One testnet run: validated first, then metrics, summary, scenario.json and a log
     whose lines carry `loss=` (the chapter's grep reads them) under `out`."""
     run = load_config(config_path)
-    tiers = parse_int_list(tiers_text, "--client-matformer-tiers")
+    tiers = parse_client_tiers(tiers_text)
     helpers = parse_fractions(helper_text)
+    if rotation_interval is not None:
+        run = run.replace(helper_rotation_interval=rotation_interval)
     rounds = rounds or run.total_steps
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "run.log", "w")
@@ -222,7 +225,7 @@ def parse_fractions(text: str | None) -> list[float] | None:
 def _validate_testnet(args) -> None:
     """Everything that can be wrong with the flags, before anything is written."""
     run = load_config(args.config_path)
-    tiers = parse_int_list(args.client_matformer_tiers, "--client-matformer-tiers")
+    tiers = parse_client_tiers(args.client_matformer_tiers)
     if args.num_clients is not None and len(tiers) != args.num_clients:
         raise ConfigError(f"--client-matformer-tiers {args.client_matformer_tiers} names {len(tiers)} clients but "
                           f"--num-clients is {args.num_clients}: give one tier per client")
@@ -230,6 +233,10 @@ def _validate_testnet(args) -> None:
     parse_fault_spec(args.faults)
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds {args.rounds} is invalid: expected an integer >= 1")
+    interval = args.matformer_helper_rotation_interval
+    if interval is not None and interval < 1:
+        raise ConfigError(f"--matformer-helper-rotation-interval {interval} is invalid: expected an integer >= 1 "
+                          f"(rounds per helper rotation epoch)")
     if args.eval_every is not None and args.eval_every < 1:
         raise ConfigError(f"--eval-every {args.eval_every} is invalid: expected an integer >= 1")
 
@@ -242,7 +249,8 @@ def cmd_testnet(args) -> None:
     kind = "baseline" if set(tiers.split(",")) == {"0"} else "heterogeneous"
     meta = run_scenario(args.config_path, tiers, args.client_matformer_helper_fractions, out, name="testnet",
                         kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
-                        exit_after=args.headless_exit_after_secs, eval_every=args.eval_every)
+                        exit_after=args.headless_exit_after_secs, eval_every=args.eval_every,
+                        rotation_interval=args.matformer_helper_rotation_interval)
     summary = json.loads((out / "summary.json").read_text())
     console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
                     f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
@@ -333,7 +341,9 @@ def build_parser() -> Parser:
     start.add_argument("--num-clients", type=int)
     start.add_argument("--config-path", default="test-nanogpt-small")
     start.add_argument("--client-matformer-tiers", default="0,1,1")
-    start.add_argument("--client-matformer-helper-fractions")
+    start.add_argument("--client-matformer-helper-fractions", help="one fraction in [0, 1] per client (helper mode)")
+    start.add_argument("--matformer-helper-rotation-interval", type=int,
+                       help="rounds per helper rotation epoch (default: the config's, else 4)")
     start.add_argument("--tui", default="false", choices=["true", "false"], help="accepted for Psyche parity")
     start.add_argument("--seed", type=int, default=0)
     start.add_argument("--rounds", type=int, help="default: the config's total_steps")

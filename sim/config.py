@@ -177,10 +177,11 @@ class RunConfig:
     data: str = "Dummy"
     lr_schedule: CosineSchedule = field(default_factory=CosineSchedule)
     distro: DistroConfig = field(default_factory=DistroConfig)
+    helper_rotation_interval: int = 4   # rounds per helper-mode rotation epoch (sim/helper.py)
     path: Path | None = None
 
     def __post_init__(self):
-        for name in ("seq_len", "global_batch_size", "total_steps", "min_clients"):
+        for name in ("seq_len", "global_batch_size", "total_steps", "min_clients", "helper_rotation_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} {value!r} is invalid: expected an integer >= 1")
@@ -286,6 +287,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> RunConfig:
         total_steps=run["total_steps"],
         min_clients=run.get("min_clients", 1),
         max_round_train_time=run.get("max_round_train_time", 30.0),
+        helper_rotation_interval=run.get("matformer_helper_rotation_interval", 4),
         data=_data_location(llm.get("data_location", "Dummy"), str(state_path)),
         lr_schedule=_build(CosineSchedule, schedule[1], f"{state_path} [lr_schedule.Cosine]") if schedule else CosineSchedule(),
         distro=_build(DistroConfig, optimizer[1], f"{state_path} [optimizer.Distro]") if optimizer else DistroConfig(),

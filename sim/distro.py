@@ -13,7 +13,7 @@ mean. Decoders scatter into one extra slot per block and drop it.
 """
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -147,18 +147,24 @@ class DistroState:
     """One peer's DisTrO state: the momentum/residual `delta` per parameter (local shape)."""
     config: DistroConfig
     delta: dict[str, torch.Tensor]
+    anchors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def fresh(cls, config: DistroConfig) -> "DistroState":
         return cls(config, {})
 
-    def step(self, name: str, grad: torch.Tensor, lr: float) -> tuple[Sparse, torch.Tensor]:
+    def step(self, name: str, grad: torch.Tensor, lr: float, anchor: torch.Tensor | None = None
+             ) -> tuple[Sparse, torch.Tensor]:
         """delta = decay * delta + lr * grad; send top-k of DCT(delta); keep the rest.
 
         Returns what goes on the wire (signs when quantize_1bit) and the decoded
-        full-precision transmitted part, which error feedback removed from delta."""
+        full-precision transmitted part, which error feedback removed from delta.
+        `anchor` names what the rows of `grad` are (helper neurons): when it changes,
+        the residual restarts, since its rows would now land on other neurons."""
         cfg = self.config
         delta = self.delta.get(name)
+        if anchor is not None and (name not in self.anchors or not torch.equal(self.anchors[name], anchor)):
+            self.anchors[name], delta = anchor, None
         if delta is None:
             delta = self.delta[name] = torch.zeros_like(grad)
         delta.mul_(cfg.compression_decay).add_(grad, alpha=lr)

@@ -78,7 +78,8 @@ class Attention(nn.Module):
 
 
 class MatFormerMLP(nn.Module):
-    """SwiGLU (llama) or relu² (nanogpt) FFN that runs on the first `width` neurons."""
+    """SwiGLU (llama) or relu² (nanogpt) FFN that runs on the first `width` neurons,
+    plus, in helper mode, the suffix neurons listed in `helpers` (gathered by index)."""
 
     def __init__(self, cfg: ModelConfig, intermediate_size: int):
         super().__init__()
@@ -89,20 +90,24 @@ class MatFormerMLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
         self.width = I
+        self.active = None   # helper mode: prefix then helper neuron indices, else None
 
-    @staticmethod
-    def _prefix(linear: nn.Linear, width: int):
-        bias = linear.bias.narrow(0, 0, width) if linear.bias is not None else None
-        return linear.weight.narrow(0, 0, width), bias
+    def _select(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        # Views for the prefix (gradient flows only into it); a gather with helpers, whose
+        # backward scatters into exactly the active rows.
+        return tensor.narrow(dim, 0, self.width) if self.active is None else tensor.index_select(dim, self.active)
+
+    def _rows(self, linear: nn.Linear):
+        return self._select(linear.weight, 0), None if linear.bias is None else self._select(linear.bias, 0)
 
     def forward(self, x):
-        up = F.linear(x, *self._prefix(self.up_proj, self.width))
+        up = F.linear(x, *self._rows(self.up_proj))
         if self.style == "llama":
-            hidden = F.silu(F.linear(x, *self._prefix(self.gate_proj, self.width))) * up
+            hidden = F.silu(F.linear(x, *self._rows(self.gate_proj))) * up
         else:
             hidden = F.relu(up).square()
         # down's bias lives on the hidden axis, which no tier slices.
-        return F.linear(hidden, self.down_proj.weight.narrow(1, 0, self.width), self.down_proj.bias)
+        return F.linear(hidden, self._select(self.down_proj.weight, 1), self.down_proj.bias)
 
 
 class Block(nn.Module):
@@ -158,8 +163,29 @@ class MatFormerLM(nn.Module):
                 raise ConfigError(f"layer {layer}: tier {tier} needs FFN width {width} but this model stores only "
                                   f"{stored} neurons (a sliced model): valid tiers here are >= {self.stored_tiers[layer]}")
         for block, width in zip(self.model.layers, widths):
-            block.mlp.width = width
+            block.mlp.width, block.mlp.active = width, None
         self._tiers = tiers
+        return self
+
+    @property
+    def helpers(self) -> dict[int, torch.Tensor]:
+        """Layer -> the suffix neurons it trains besides its prefix (helper mode)."""
+        return {i: b.mlp.active[b.mlp.width:] for i, b in enumerate(self.model.layers) if b.mlp.active is not None}
+
+    def set_helpers(self, helpers: dict[int, torch.Tensor]) -> "MatFormerLM":
+        """Also train these suffix neurons per layer (sorted, in [width, stored width)); the
+        next set_tiers clears them. A sliced model stores no suffix: ConfigError."""
+        for layer, neurons in helpers.items():
+            mlp = self.model.layers[layer].mlp
+            if neurons.numel() == 0:
+                mlp.active = None
+                continue
+            stored = self.stored_widths[layer]
+            if int(neurons.min()) < mlp.width or int(neurons.max()) >= stored:
+                raise ConfigError(f"layer {layer}: helper neurons must lie in the suffix [{mlp.width}, {stored}) this "
+                                  f"model stores, got [{int(neurons.min())}, {int(neurons.max())}]")
+            prefix = torch.arange(mlp.width, device=neurons.device)
+            mlp.active = torch.cat([prefix, neurons.to(torch.int64)]).to(mlp.up_proj.weight.device)
         return self
 
     def forward(self, idx, targets=None):
@@ -232,6 +258,25 @@ def local_grads(model: MatFormerLM) -> dict[str, torch.Tensor]:
     shapes = local_shapes(model.cfg, model.layer_tiers)
     return {name: align_prefix_grad(name, p.grad, shapes[name]) if is_mlp_sliced(name) else p.grad
             for name, p in model.named_parameters()}
+
+
+def helper_grads(model: MatFormerLM) -> dict[str, torch.Tensor]:
+    """Helper mode: the gradient of every sliced MLP tensor at its layer's helper neurons
+    (rows of gate/up, columns of down), gathered in the order of `model.helpers`."""
+    helpers = model.helpers
+    return {name: p.grad.index_select(prefix_dim(name), helpers[mlp_layer(name)].to(p.grad.device))
+            for name, p in model.named_parameters() if is_mlp_sliced(name) and mlp_layer(name) in helpers}
+
+
+def helper_shapes(cfg: ModelConfig, counts: dict[int, int]) -> dict[str, tuple[int, ...]]:
+    """Shape of every helper slab a peer sends: `counts[layer]` neurons along the FFN axis."""
+    shapes = {}
+    for name, shape in full_shapes(cfg).items():
+        if is_mlp_sliced(name) and counts.get(mlp_layer(name), 0) > 0:
+            shape = list(shape)
+            shape[prefix_dim(name)] = counts[mlp_layer(name)]
+            shapes[name] = tuple(shape)
+    return shapes
 
 
 def is_mlp_sliced(name: str) -> bool:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from sim.distro import DistroState
-from sim.model import MatFormerLM, local_grads
+from sim.model import MatFormerLM, helper_grads, local_grads, mlp_layer
 from sim.wire import Payload
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ class Peer:
 
 def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Tensor, lr: float,
                        peer: int, round_: int, poison: bool = False) -> tuple[Payload | None, float]:
-    """Forward+backward on `tokens` (next-token targets) at the model's tiers, then one
-    DisTrO step per parameter. Returns (payload, loss).
+    """Forward+backward on `tokens` (next-token targets) at the model's tiers (and helper
+    neurons, when set), then one DisTrO step per parameter and helper slab. Returns (payload, loss).
 
     The guard: a non-finite gradient is never compressed, since it would poison this
     peer's DisTrO state for good (and 1-bit signs would hide it from every receiver);
@@ -37,9 +37,13 @@ def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Ten
         for name, grad in grads.items():
             log.debug("gradient peer=%d round=%d parameter=%s local_shape=%s full_shape=%s",
                       peer, round_, name, list(grad.shape), list(full[name].shape))
+    helpers, slabs = model.helpers, helper_grads(model)
     if poison:
         next(iter(grads.values())).view(-1)[0] = float("nan")
-    if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+    if not all(bool(torch.isfinite(g).all()) for g in [*grads.values(), *slabs.values()]):
         return None, loss.item()
     params = {name: state.step(name, grad, lr)[0] for name, grad in grads.items()}
-    return Payload(peer, round_, model.layer_tiers, params, state.config.quantize_1bit), loss.item()
+    helper_params = {name: state.step("helper:" + name, grad, lr, anchor=helpers[mlp_layer(name)])[0]
+                     for name, grad in slabs.items()}
+    return Payload(peer, round_, model.layer_tiers, params, state.config.quantize_1bit,
+                   {layer: neurons.cpu() for layer, neurons in helpers.items()}, helper_params), loss.item()

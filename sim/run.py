@@ -19,18 +19,20 @@ import torch
 
 from sim.aggregate import ApplyRule, MeanSemantics, apply_update, receive_decoded
 from sim.align import align_prefix_grad
-from sim.checkpoint import load_checkpoint, save_checkpoint
+from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
 from sim.config import RunConfig
 from sim.data import make_source, shard
 from sim.distro import DistroState, Sparse
 from sim.errors import ConfigError
 from sim.faults import FaultPlan, parse_fault_spec, plan_faults
+from sim.helper import helper_indices
 from sim.model import build_model, default_device
 from sim.peer import Peer, train_and_compress
 from sim.tiers import layer_tiers, layer_widths
 from sim.wire import Payload, decode_payload, encode_payload
 
 EVAL_SEQUENCES = 16
+JOIN_VIA = ("current", "checkpoint", "sliced-checkpoint")
 EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of the run's time
 
 
@@ -80,8 +82,6 @@ def validate_assignment(config: RunConfig, tiers: Sequence, helper_fractions: Se
     for f in fractions:
         if not 0.0 <= f <= 1.0:
             raise ConfigError(f"helper fraction {f} is outside [0, 1]")
-    if any(f > 0 for f in fractions):
-        raise ConfigError(f"helper fractions {fractions}: helper mode (> 0) is not implemented yet; use 0")
     return per_peer, fractions
 
 
@@ -111,6 +111,15 @@ class Network:
     def _new_peer(self, peer_id, tiers, fraction, model) -> Peer:
         return Peer(peer_id, tuple(tiers), fraction, DistroState.fresh(self.config.distro), model)
 
+    def helpers(self, peer: Peer, round_: int) -> dict[int, torch.Tensor]:
+        """The suffix neurons `peer` trains this round, per layer (none at fraction 0 or tier 0)."""
+        if peer.helper_fraction == 0:
+            return {}
+        full = self.config.model.intermediate_size
+        widths = layer_widths(full, peer.tiers, self.config.model.num_hidden_layers)
+        return {layer: helper_indices(self.seed, round_, layer, width, full, peer.helper_fraction,
+                                      self.config.helper_rotation_interval) for layer, width in enumerate(widths)}
+
     def present(self) -> list[Peer]:
         return [p for p in self.peers if p.id not in self.away]
 
@@ -125,33 +134,44 @@ class Network:
         self.away.add(peer_id)
 
     def rejoin(self, peer_id: int, via: str = "current", tier: int | None = None) -> None:
-        """Back with the current model (from a checkpoint a present peer writes, or copied
-        in memory), at `tier` if given, with a fresh DisTrO state."""
+        """Back with the current model (see `join` for `via`), at `tier` if given, with a
+        fresh DisTrO state."""
         peer = self.peers[peer_id]
         if tier is not None:
             peer.tiers = layer_tiers(tier, self.config.model.num_hidden_layers)
             validate_assignment(self.config, [peer.tiers], None)
         peer.state = DistroState.fresh(self.config.distro)
         if self.shared is None:  # copy before counting it present: it must not be its own donor
-            peer.model = self._copy_of_current(via, peer.tiers, f"peer{peer_id}")
+            peer.model, peer.helper_fraction = self._copy_of_current(via, peer.tiers, peer.helper_fraction,
+                                                                     f"peer{peer_id}")
         self.away.discard(peer_id)
 
-    def join(self, tiers, via: str = "current") -> int:
-        """A new peer with the current model."""
-        per_peer, _ = validate_assignment(self.config, [tiers], None)
-        model = None if self.shared is not None else self._copy_of_current(via, per_peer[0], f"peer{len(self.peers)}")
-        self.peers.append(self._new_peer(len(self.peers), per_peer[0], 0.0, model))
+    def join(self, tiers, via: str = "current", helper_fraction: float = 0.0) -> int:
+        """A new peer with the current model: copied in memory ("current"), from a full
+        checkpoint a present peer writes ("checkpoint"), or from that checkpoint exported
+        at the new peer's tier ("sliced-checkpoint": it then holds no suffix, and helper
+        mode is auto-disabled with the reason logged)."""
+        per_peer, fractions = validate_assignment(self.config, [tiers], [helper_fraction])
+        model, fraction = None, fractions[0]
+        if self.shared is None:
+            model, fraction = self._copy_of_current(via, per_peer[0], fraction, f"peer{len(self.peers)}")
+        self.peers.append(self._new_peer(len(self.peers), per_peer[0], fraction, model))
         return self.peers[-1].id
 
-    def _copy_of_current(self, via: str, tiers, tag: str):
-        # The donor must be present now; a returning peer is as stale as the one it would help.
-        donor = next(p.model for p in self.present() if p.model is not None)
-        if via == "checkpoint":
-            path = save_checkpoint(donor, Path(self._scratch.name) / tag)
-            model, _ = load_checkpoint(path, max(tiers), "auto", device=self.device)
-        else:
-            model = copy.deepcopy(donor)
-        return model.set_tiers(tiers)
+    def _copy_of_current(self, via: str, tiers, helper_fraction: float, tag: str):
+        """(model, the helper fraction it can serve) for a peer arriving at `tiers`."""
+        if via not in JOIN_VIA:
+            raise ConfigError(f"join via {via!r} is unknown: valid are {', '.join(JOIN_VIA)}")
+        # The donor must be present now (a returning peer is as stale as the one it would help),
+        # and the widest one: a sliced peer cannot hand on neurons it does not hold.
+        donor = max((p.model for p in self.present() if p.model is not None), key=lambda m: sum(m.stored_widths))
+        if via == "current":
+            return copy.deepcopy(donor).set_tiers(tiers), helper_fraction
+        path = save_checkpoint(donor, Path(self._scratch.name) / tag)
+        if via == "sliced-checkpoint":
+            path = export_tiers(path, [max(tiers)], Path(self._scratch.name) / f"{tag}-sliced")[0]
+        model, info = load_checkpoint(path, max(tiers), "auto", helper_fraction, device=self.device)
+        return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 
     def checkpoint(self, path: str | Path) -> Path:
         return save_checkpoint(self.receivers()[0], path)
@@ -178,7 +198,7 @@ class Network:
         losses, outgoing, late, fault_counts, withheld, bytes_sent = {}, [], [], Counter(), Counter(), 0
         for peer in self.present():
             model = self.shared if self.shared is not None else peer.model
-            model.set_tiers(peer.tiers)
+            model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
             fault = faults.get(peer.id)
             kind = fault.kind if fault else None
             tokens = shard(self.source, self.seed, round_, peer.id, self.batch, self.config.seq_len + 1).to(self.device)
@@ -225,7 +245,7 @@ class Network:
             "round": round_, "lr": lr,
             "loss": sum(losses.values()) / len(losses),
             "eval_loss": self.eval_loss() if evaluate else None,
-            "peers": {str(p.id): {"tier": _tier_label(p.tiers), "loss": losses.get(p.id),
+            "peers": {str(p.id): {"tier": _tier_label(p.tiers), "helper": p.helper_fraction, "loss": losses.get(p.id),
                                   "present": p.id not in self.away} for p in self.peers},
             "contributing_peers": contributing[0],
             "receivers_agree": len(set(contributing)) == 1,

@@ -55,6 +55,17 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
         raise ConfigError(f"{what} {text!r} is not a comma-separated list of integers, e.g. 0,1,1") from None
 
 
+def parse_client_tiers(text: str, what: str = "--client-matformer-tiers") -> tuple:
+    """'0,1:2,1' -> (0, (1, 2), 1): one entry per client, a colon-separated entry giving
+    that client one tier per layer (Mix'n'Match)."""
+    try:
+        return tuple(int(part) if ":" not in part else tuple(int(t) for t in part.split(":"))
+                     for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a comma-separated list of tiers, e.g. 0,1,1 (or 0,1:2,1 "
+                          f"for per-layer tiers)") from None
+
+
 def width_tier(intermediate_size: int, width: int) -> int:
     """Inverse of tier_width: the tier whose width is `width`, or ConfigError."""
     deepest = max_tier(intermediate_size)

@@ -5,13 +5,22 @@
     4       2     format version, little-endian uint16 (this is version 2)
     6       4     header length H, little-endian uint32
     10      H     header: UTF-8 JSON {"peer", "round", "tiers", "chunk", "quantized",
-                  "params": {name: {"shape": [...], "k": int}}}
-    10+H    B     body: safetensors bytes with two tensors, every parameter's pairs
-                  concatenated in the header's (sorted) parameter order:
-                  "idx" (int16, or int32 when a block has 32767+ coefficients) and
-                  "val" (float32) or, when quantized, "sign" (uint8, numpy.packbits
-                  of value > 0)
+                  "params": {name: {"shape": [...], "k": int}},
+                  "helper_neurons": [count per layer], "helpers": {name: {"shape", "k"}}}
+    10+H    B     body: safetensors bytes. "idx" (int16, or int32 when a block has
+                  32767+ coefficients) and "val" (float32) or, when quantized, "sign"
+                  (uint8, numpy.packbits of value > 0) hold every parameter's pairs
+                  in sorted name order, then every helper slab's in sorted name order;
+                  "neurons" (int32; only with helpers) the helper neuron indices,
+                  layer by layer, each layer's sorted
     end-32  32    sha256 of every byte before it
+
+Helper mode (sim/helper.py): a helper slab is the DisTrO-compressed gradient of
+an MLP tensor at its layer's helper neurons (rows of gate/up, columns of down),
+a tensor of `count` neurons along the FFN axis; receivers place it at those
+neurons with `align_sparse_grad`. Helper neurons must lie in the sender's suffix
+[width, I) of their layer, sorted and unique, else the payload is rejected as
+"bad_helper".
 
 One flat index and one flat value tensor per payload (version 1 had two per
 parameter) so that encoding, validation and decoding are a few vectorized
@@ -27,7 +36,7 @@ import itertools
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import safetensors.torch
@@ -36,24 +45,28 @@ import torch
 from sim.config import DistroConfig, ModelConfig
 from sim.distro import ChunkGrid, Sparse
 from sim.errors import SimError
-from sim.model import local_shapes
+from sim.model import helper_shapes, local_shapes
+from sim.tiers import layer_widths
 
 MAGIC, VERSION = b"MSIM", 2
 PREFIX = struct.Struct("<4sHI")
 DIGEST = 32
 REASONS = ("truncated", "bad_magic", "bad_checksum", "bad_version", "malformed", "bad_tier",
            "unknown_parameter", "missing_parameter", "bad_shape", "bad_dtype", "index_out_of_range",
-           "duplicate_index", "non_finite", "chunk_grid_mismatch", "stale_round", "duplicate")
+           "duplicate_index", "non_finite", "bad_helper", "chunk_grid_mismatch", "stale_round", "duplicate")
 
 
 @dataclass
 class Payload:
-    """One peer's update for one round: a Sparse per parameter, in the peer's local shapes."""
+    """One peer's update for one round: a Sparse per parameter, in the peer's local shapes,
+    and in helper mode a Sparse per MLP tensor of the helper neurons' slab."""
     peer: int
     round: int
     tiers: tuple[int, ...]
     params: dict[str, Sparse]
     quantized: bool
+    helper_neurons: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> sorted neuron indices
+    helper_params: dict[str, Sparse] = field(default_factory=dict)          # MLP name -> slab [count along FFN axis]
 
 
 @dataclass(frozen=True)
@@ -70,38 +83,60 @@ def index_dtype(grids) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each parameter's pairs sit in the flat tensors of a payload at some tiers."""
-    grids: dict[str, ChunkGrid]       # sorted by name: the body's order
-    k: dict[str, int]
-    sizes: tuple[int, ...]            # pairs per parameter, in order
+    """Where each tensor's pairs sit in the flat tensors of a payload at some tiers and helper counts."""
+    params: dict[str, ChunkGrid]      # sorted by name: the body's order
+    helpers: dict[str, ChunkGrid]     # helper slabs, sorted by name, after the params
+    k: tuple[int, ...]                # per entry (params, then helpers)
+    sizes: tuple[int, ...]            # pairs per entry
     dtype: torch.dtype
     absent: torch.Tensor              # per pair: its block's absent slot (= block_numel)
     row: torch.Tensor                 # per pair: a number unique to its block
     stride: int                       # above every index: row * stride + index names one coefficient
+    neuron_low: torch.Tensor          # per helper neuron: its layer's sender width (the suffix starts there)
+    neuron_first: torch.Tensor        # per helper neuron: True where its layer's list starts
+
+    @property
+    def entries(self) -> list[tuple[str, ChunkGrid]]:
+        return [*self.params.items(), *self.helpers.items()]
 
 
 @functools.lru_cache(maxsize=256)
-def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple) -> Layout:
-    """The layout every payload from a peer at `tiers` must have (cached: it is the same every round)."""
-    grids = {name: ChunkGrid.of(shape, distro.compression_chunk)
-             for name, shape in sorted(local_shapes(model, tiers).items())}
-    ks = {name: min(distro.compression_topk, grid.block_numel) for name, grid in grids.items()}
-    blocks = [math.prod(grid.blocks) for grid in grids.values()]
-    absent = [torch.full((b * ks[name],), grid.block_numel, dtype=torch.int32)
-              for b, (name, grid) in zip(blocks, grids.items())]
+def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple, helper_counts: tuple = ()) -> Layout:
+    """The layout every payload from a peer at `tiers` (with `helper_counts` neurons per layer)
+    must have: cached, since it is the same every round."""
+    counts = dict(enumerate(helper_counts))
+    widths = layer_widths(model.intermediate_size, tiers, model.num_hidden_layers)
+    for layer, count in counts.items():
+        if count > model.intermediate_size - widths[layer]:
+            raise SimError(f"layer {layer}: {count} helper neurons do not fit the suffix of "
+                           f"{model.intermediate_size - widths[layer]}")
+
+    def grids_of(shapes):
+        return {name: ChunkGrid.of(shape, distro.compression_chunk) for name, shape in sorted(shapes.items())}
+    params, helpers = grids_of(local_shapes(model, tiers)), grids_of(helper_shapes(model, counts))
+    grids = [*params.values(), *helpers.values()]
+    ks = [min(distro.compression_topk, grid.block_numel) for grid in grids]
+    blocks = [math.prod(grid.blocks) for grid in grids]
     first = [0, *itertools.accumulate(blocks)]
-    rows = [torch.arange(first[i], first[i + 1]).repeat_interleave(ks[name]) for i, name in enumerate(grids)]
-    return Layout(grids, ks, tuple(b * ks[name] for b, name in zip(blocks, grids)), index_dtype(grids.values()),
-                  torch.cat(absent), torch.cat(rows), max(grid.block_numel for grid in grids.values()) + 1)
+    absent = [torch.full((b * k,), grid.block_numel, dtype=torch.int32) for b, k, grid in zip(blocks, ks, grids)]
+    rows = [torch.arange(first[i], first[i + 1]).repeat_interleave(k) for i, k in enumerate(ks)]
+    neuron_low = torch.cat([torch.full((count,), widths[layer]) for layer, count in counts.items()] or [torch.zeros(0)])
+    neuron_first = torch.cat([torch.arange(count) == 0 for count in counts.values()] or [torch.zeros(0, dtype=torch.bool)])
+    return Layout(params, helpers, tuple(ks), tuple(b * k for b, k in zip(blocks, ks)), index_dtype(grids),
+                  torch.cat(absent), torch.cat(rows), max(grid.block_numel for grid in grids) + 1,
+                  neuron_low.long(), neuron_first)
 
 
 def encode_payload(payload: Payload, chunk: int) -> bytes:
+    layers = len(payload.tiers)
+    counts = [int(payload.helper_neurons[i].numel()) if i in payload.helper_neurons else 0 for i in range(layers)]
     header = {"peer": payload.peer, "round": payload.round, "tiers": list(payload.tiers), "chunk": chunk,
-              "quantized": payload.quantized, "params": {}}
-    names = sorted(payload.params)
-    sparses = [payload.params[name] for name in names]
-    for name, sparse in zip(names, sparses):
-        header["params"][name] = {"shape": list(sparse.grid.shape), "k": sparse.indices.shape[-1]}
+              "quantized": payload.quantized, "params": {}, "helpers": {}, "helper_neurons": counts}
+    sparses = []
+    for part, tensors in (("params", payload.params), ("helpers", payload.helper_params)):
+        for name in sorted(tensors):
+            header[part][name] = {"shape": list(tensors[name].grid.shape), "k": tensors[name].indices.shape[-1]}
+            sparses.append(tensors[name])
     dtype = index_dtype(s.grid for s in sparses)
     # torch.cat copies: a payload never aliases live state.
     tensors = {"idx": torch.cat([s.indices.reshape(-1).to(device="cpu", dtype=dtype) for s in sparses])}
@@ -110,6 +145,9 @@ def encode_payload(payload: Payload, chunk: int) -> bytes:
         tensors["sign"] = torch.from_numpy(np.packbits((values > 0).numpy()))
     else:
         tensors["val"] = values
+    if any(counts):
+        tensors["neurons"] = torch.cat([payload.helper_neurons[i].to(device="cpu", dtype=torch.int32)
+                                        for i in range(layers) if counts[i]])
     return frame(header, tensors)
 
 
@@ -154,28 +192,64 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
         tensors = safetensors.torch.load(data[PREFIX.size + head_len:-DIGEST])
         peer, rnd, tiers = header["peer"], header["round"], tuple(header["tiers"])
         chunk, quantized, params = header["chunk"], header["quantized"], header["params"]
+        helpers, counts = header["helpers"], tuple(header["helper_neurons"])
     except Exception as err:  # untrusted bytes: any parse failure (json, safetensors, keys) is "malformed"
         raise _Reject("malformed", f"header or body does not parse: {type(err).__name__}: {err}") from None
     _expect(all(isinstance(v, int) and not isinstance(v, bool) for v in (peer, rnd, chunk)) and isinstance(quantized, bool)
-            and isinstance(params, dict), "malformed", "peer, round and chunk must be integers, quantized a bool")
+            and isinstance(params, dict) and isinstance(helpers, dict), "malformed",
+            "peer, round and chunk must be integers, quantized a bool, params and helpers objects")
     _expect(chunk == distro.compression_chunk, "malformed", f"chunk {chunk} is not the run's {distro.compression_chunk}")
     _expect(quantized == distro.quantize_1bit, "malformed", f"quantized={quantized} disagrees with the run's quantize_1bit")
     try:
-        expected = layout(model, distro, tiers)
+        layout(model, distro, tiers)
     except (SimError, TypeError) as err:
         raise _Reject("bad_tier", f"tiers {list(tiers)}: {err}") from None
-
-    unknown, missing = set(params) - set(expected.grids), set(expected.grids) - set(params)
-    _expect(not unknown, "unknown_parameter", f"parameters {sorted(unknown)[:3]} are not in the model")
-    _expect(not missing, "missing_parameter", f"parameters {sorted(missing)[:3]} are missing")
-    for name, grid in expected.grids.items():
-        meta = params[name]
-        shape = tuple(meta.get("shape", ())) if isinstance(meta, dict) else ()
-        _expect(shape == grid.shape, "bad_shape", f"{name}: shape {list(shape)} is not {list(grid.shape)} "
-                                                  f"for the sender's tiers")
-        _expect(meta.get("k") == expected.k[name], "bad_shape", f"{name}: k {meta.get('k')} is not {expected.k[name]}")
+    _expect(len(counts) == len(tiers) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts),
+            "bad_helper", f"helper_neurons {list(counts)} must be one count >= 0 per layer")
+    try:
+        expected = layout(model, distro, tiers, counts)
+    except SimError as err:
+        raise _Reject("bad_helper", str(err)) from None
+    _expect_tensors(params, expected.params, "parameters", "for the sender's tiers")
+    _expect_tensors(helpers, expected.helpers, "helper slabs", "for the sender's helper counts")
+    for meta, (name, _), k in zip([*map(params.get, expected.params), *map(helpers.get, expected.helpers)],
+                                  expected.entries, expected.k):
+        _expect(meta.get("k") == k, "bad_shape", f"{name}: k {meta.get('k')} is not {k}")
     indices, values = _pairs_of(tensors, expected, quantized)
-    return Payload(peer, rnd, tiers, _split(expected, indices, values), quantized)
+    neurons = _neurons_of(tensors, expected, model.intermediate_size)
+    sparses = _split(expected, indices, values)
+    layers = [layer for layer, count in enumerate(counts) if count]
+    return Payload(peer, rnd, tiers, {name: sparses[name] for name in expected.params}, quantized,
+                   dict(zip(layers, neurons.split([counts[layer] for layer in layers]))),
+                   {name: sparses["helper:" + name] for name in expected.helpers})
+
+
+def _expect_tensors(declared: dict, grids: dict[str, ChunkGrid], what: str, why: str) -> None:
+    unknown, missing = set(declared) - set(grids), set(grids) - set(declared)
+    _expect(not unknown, "unknown_parameter", f"{what} {sorted(unknown)[:3]} are not in the model {why}")
+    _expect(not missing, "missing_parameter", f"{what} {sorted(missing)[:3]} are missing")
+    for name, grid in grids.items():
+        meta = declared[name]
+        shape = tuple(meta.get("shape", ())) if isinstance(meta, dict) else ()
+        _expect(shape == grid.shape, "bad_shape", f"{name}: shape {list(shape)} is not {list(grid.shape)} {why}")
+
+
+def _neurons_of(tensors: dict, expected: Layout, full: int) -> torch.Tensor:
+    """Helper neuron indices: int32, each in its layer's suffix [width, I), increasing within a layer."""
+    count = expected.neuron_low.numel()
+    neurons = tensors.get("neurons")
+    if count == 0:
+        _expect(neurons is None, "bad_helper", "neuron indices sent without helper counts")
+        return torch.zeros(0, dtype=torch.int64)
+    _expect(neurons is not None, "bad_helper", "no neuron index tensor")
+    _expect(neurons.dtype == torch.int32 and tuple(neurons.shape) == (count,), "bad_helper",
+            f"neurons are {neurons.dtype} {list(neurons.shape)}, expected int32 [{count}]")
+    neurons = neurons.long()
+    _expect(bool(((neurons >= expected.neuron_low) & (neurons < full)).all()), "bad_helper",
+            "a helper neuron lies outside its layer's suffix [width, I)")
+    increasing = expected.neuron_first[1:] | (neurons[1:] > neurons[:-1])
+    _expect(bool(increasing.all()), "bad_helper", "a layer's helper neurons are not sorted and unique")
+    return neurons
 
 
 def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,17 +288,21 @@ def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.T
 
 
 def _owner(expected: Layout, at: int) -> str:
-    """The parameter whose pairs include flat position `at`."""
-    return list(expected.grids)[bisect.bisect_right(list(itertools.accumulate(expected.sizes)), at)]
+    """The tensor whose pairs include flat position `at`."""
+    return _keys(expected)[bisect.bisect_right(list(itertools.accumulate(expected.sizes)), at)]
+
+
+def _keys(expected: Layout) -> list[str]:
+    return [*expected.params, *("helper:" + name for name in expected.helpers)]
 
 
 def _split(expected: Layout, indices: torch.Tensor, values: torch.Tensor) -> dict[str, Sparse]:
-    params = {}
-    for (name, grid), idx, val in zip(expected.grids.items(), indices.split(expected.sizes),
-                                      values.split(expected.sizes)):
-        shape = (*grid.blocks, expected.k[name])
-        params[name] = Sparse(grid, idx.view(shape), val.view(shape))
-    return params
+    """Per entry Sparse, keyed by name (params) and "helper:" + name (helper slabs)."""
+    sparses = {}
+    for key, (_, grid), k, idx, val in zip(_keys(expected), expected.entries, expected.k,
+                                           indices.split(expected.sizes), values.split(expected.sizes)):
+        sparses[key] = Sparse(grid, idx.view(*grid.blocks, k), val.view(*grid.blocks, k))
+    return sparses
 
 
 def payload_size(model: ModelConfig, distro: DistroConfig, tiers) -> int:
