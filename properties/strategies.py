@@ -157,3 +157,24 @@ def aggregation_cases(draw, min_peers: int = 1, max_peers: int = 6, max_tier_use
     seed = draw(st.integers(0, 2**20))
     payloads = [random_payload(model, distro, t, peer=i, seed=seed + i) for i, t in enumerate(peer_tiers)]
     return model, distro, payloads, draw(tiers)
+
+
+@st.composite
+def helper_cases(draw, max_peers: int = 5):
+    """`aggregation_cases` whose peers also send helper slabs: per layer a random sorted
+    subset of their suffix [width, I) (possibly empty) and a random Sparse per MLP tensor."""
+    from sim.model import helper_shapes
+    from sim.tiers import layer_widths
+    model, distro, payloads, receiver_tiers = draw(aggregation_cases(min_peers=1, max_peers=max_peers))
+    for payload in payloads:
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**20)))
+        widths = layer_widths(model.intermediate_size, payload.tiers, model.num_hidden_layers)
+        for layer, width in enumerate(widths):
+            suffix = list(range(width, model.intermediate_size))
+            chosen = draw(st.lists(st.sampled_from(suffix), unique=True)) if suffix else []
+            if chosen:
+                payload.helper_neurons[layer] = torch.tensor(sorted(chosen))
+        counts = {layer: n.numel() for layer, n in payload.helper_neurons.items()}
+        payload.helper_params.update({name: random_sparse(shape, distro, gen)
+                                      for name, shape in helper_shapes(model, counts).items()})
+    return model, distro, payloads, receiver_tiers

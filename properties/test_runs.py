@@ -23,30 +23,37 @@ from properties.profiles import scaled
 from sim.config import load_config
 from sim.faults import KINDS, Fault
 from sim.oracle import run_oracle
-from sim.run import Network, simulate
+from sim.run import JOIN_VIA, Network, simulate
 
 TINY = load_config("tiny")
 ROUNDS = 6
 TOLERANCE = 8 * 0.009
 
 
+# A peer's tier: one for every layer, or one per layer (Mix'n'Match).
+peer_tiers = st.integers(0, 2) | st.tuples(st.integers(0, 2), st.integers(0, 2))
+helper_fractions = st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0])
+
+
 @st.composite
 def runs(draw):
     peers = draw(st.integers(1, 8))
-    tiers = [0] + draw(st.lists(st.integers(0, 2), min_size=peers - 1, max_size=peers - 1))
+    tiers = [0] + draw(st.lists(peer_tiers, min_size=peers - 1, max_size=peers - 1))
     kinds = draw(st.lists(st.sampled_from(KINDS), unique=True, max_size=4))
     spec = ",".join(f"{k}={draw(st.sampled_from([0.05, 0.1, 0.15]))}" for k in kinds)
-    return tiers, spec, draw(st.integers(0, 2**16))
+    fractions = draw(st.lists(helper_fractions, min_size=peers, max_size=peers))
+    return tiers, fractions, spec, draw(st.integers(0, 2**16))
 
 
 @pytest.mark.slow
 @scaled(0.05)
 @given(runs())
 def test_random_tiers_and_faults_train_finitely_complete_and_track_the_oracle(case):
-    """Catches: NaN reaching weights, a peer silently skipped, a fault that stalls training,
-    heterogeneous normalization far off the homogeneous run."""
-    tiers, spec, seed = case
-    result = simulate(TINY, tiers, faults=spec, seed=seed, rounds=ROUNDS, device="cpu")
+    """Random (per-layer) tiers, helper fractions and fault plans. Catches: NaN reaching
+    weights, a peer silently skipped, a fault that stalls training, heterogeneous
+    normalization (or helper merging) far off the homogeneous run."""
+    tiers, fractions, spec, seed = case
+    result = simulate(TINY, tiers, fractions, faults=spec, seed=seed, rounds=ROUNDS, device="cpu")
     oracle = run_oracle(TINY, len(tiers), seed=seed, rounds=ROUNDS, device="cpu")
     for record in result.records:
         assert math.isfinite(record["eval_loss"]) and record["replica_max_diff"] == 0.0
@@ -62,7 +69,7 @@ class WholeRun(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.network = Network(TINY, [0, 1], seed=0, device="cpu")
+        self.network = Network(TINY, [0, 1], [0.0, 0.5], seed=0, device="cpu")
         self.round, self.pending, self.last = 0, {}, None
         self.saved = Path(tempfile.mkdtemp(prefix="matsim-sm-")) / "ckpt"
         self.has_checkpoint = False
@@ -70,17 +77,18 @@ class WholeRun(RuleBasedStateMachine):
     def teardown(self):
         self.network.close()
 
-    @rule(tier=st.integers(0, 2))
-    def join(self, tier):
-        self.network.join(tier, via="checkpoint")
+    @rule(tier=peer_tiers, fraction=helper_fractions, via=st.sampled_from(JOIN_VIA))
+    def join(self, tier, fraction, via):
+        self.network.join(tier, via, fraction)
 
-    @precondition(lambda self: len(self.network.present()) > 1)
+    @precondition(lambda self: any(self.network.may_leave(p.id) for p in self.network.present()))
     @rule(data=st.data())
     def leave(self, data):
-        self.network.leave(data.draw(st.sampled_from([p.id for p in self.network.present()])))
+        self.network.leave(data.draw(st.sampled_from([p.id for p in self.network.present()
+                                                      if self.network.may_leave(p.id)])))
 
     @precondition(lambda self: self.network.away)
-    @rule(data=st.data(), tier=st.integers(0, 2), via=st.sampled_from(["checkpoint", "current"]))
+    @rule(data=st.data(), tier=st.integers(0, 2), via=st.sampled_from(JOIN_VIA))
     def rejoin(self, data, tier, via):
         self.network.rejoin(data.draw(st.sampled_from(sorted(self.network.away))), via, tier)
 

@@ -32,7 +32,7 @@ class Fault:
     peer: int
     kind: str
     away: int = 0                 # churn: rounds away
-    rejoin_from: str = ""         # churn: a Network.join `via` ("current", "checkpoint", "sliced-checkpoint")
+    rejoin_from: str = ""         # churn: "checkpoint" or "current"
     rejoin_tier: int | None = None  # churn: tier after rejoining (None: unchanged)
     byte: int = 0                 # corrupt: which byte (mod payload length); also byzantine's mode
 
@@ -109,7 +109,7 @@ def plan_faults(rates: dict[str, float], num_peers: int, rounds: int, seed: int,
             fault = Fault(round_, peer, kind, byte=extra[0])
             if kind == "churn":
                 fault = Fault(round_, peer, kind, away=1 + extra[1] % 3,
-                              rejoin_from=("checkpoint", "current", "sliced-checkpoint")[extra[2] % 3],
+                              rejoin_from=("checkpoint", "current")[extra[2] % 2],
                               rejoin_tier=extra[3] % (max_tier + 1), byte=extra[0])
             chosen[peer] = fault
         # Spare peers (lowest first) until someone's payload of this round counts. Churns

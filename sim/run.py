@@ -128,9 +128,16 @@ class Network:
 
     # --- membership -------------------------------------------------------
 
+    def may_leave(self, peer_id: int) -> bool:
+        """A round needs one present peer, and the network one present replica of the full
+        weights: peers from sliced checkpoints hold no suffix to hand on to a wider newcomer."""
+        others = [p for p in self.present() if p.id != peer_id]
+        return bool(others) and (self.shared is not None or any(_holds_full(p.model) for p in others))
+
     def leave(self, peer_id: int) -> None:
-        if len(self.present()) <= 1:
-            raise ConfigError("the last present peer cannot leave: a round needs at least one")
+        if not self.may_leave(peer_id):
+            raise ConfigError(f"peer {peer_id} cannot leave: it is the last present peer, or the last one "
+                              f"holding the full weights (the others joined from sliced checkpoints)")
         self.away.add(peer_id)
 
     def rejoin(self, peer_id: int, via: str = "current", tier: int | None = None) -> None:
@@ -163,18 +170,21 @@ class Network:
         if via not in JOIN_VIA:
             raise ConfigError(f"join via {via!r} is unknown: valid are {', '.join(JOIN_VIA)}")
         # The donor must be present now (a returning peer is as stale as the one it would help),
-        # and the widest one: a sliced peer cannot hand on neurons it does not hold.
-        donor = max((p.model for p in self.present() if p.model is not None), key=lambda m: sum(m.stored_widths))
+        # and hold the full weights (`may_leave` keeps one present).
+        donor = self._full_replica()
         if via == "current":
             return copy.deepcopy(donor).set_tiers(tiers), helper_fraction
         path = save_checkpoint(donor, Path(self._scratch.name) / tag)
-        if via == "sliced-checkpoint":
-            path = export_tiers(path, [max(tiers)], Path(self._scratch.name) / f"{tag}-sliced")[0]
-        model, info = load_checkpoint(path, max(tiers), "auto", helper_fraction, device=self.device)
+        if via == "sliced-checkpoint":  # sliced to the widest layer the peer runs: every layer fits
+            path = export_tiers(path, [min(tiers)], Path(self._scratch.name) / f"{tag}-sliced")[0]
+        model, info = load_checkpoint(path, min(tiers), "auto", helper_fraction, device=self.device)
         return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 
+    def _full_replica(self):
+        return self.shared if self.shared is not None else next(p.model for p in self.present() if _holds_full(p.model))
+
     def checkpoint(self, path: str | Path) -> Path:
-        return save_checkpoint(self.receivers()[0], path)
+        return save_checkpoint(self._full_replica(), path)
 
     def restore(self, path: str | Path) -> None:
         """Every replica loads the checkpoint; DisTrO states restart (they belong to the old timeline)."""
@@ -258,7 +268,7 @@ class Network:
     def eval_loss(self) -> float:
         """Loss of the full (tier-0) model on the fixed held-out batch: what the network learned.
         A forward over EVAL_SEQUENCES sequences, the one cost `eval_every` amortizes."""
-        model = self.receivers()[0]
+        model = self._full_replica()
         tiers = model.layer_tiers
         with torch.no_grad():
             loss = model.set_tiers(model.stored_tiers)(self.held_out[:, :-1], self.held_out[:, 1:])[1].item()
@@ -266,7 +276,7 @@ class Network:
         return loss
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach().cpu().clone() for n, t in self.receivers()[0].state_dict().items()}
+        return {n: t.detach().cpu().clone() for n, t in self._full_replica().state_dict().items()}
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -351,6 +361,10 @@ def _replica_max_diff(models) -> float:
         return 0.0
     with torch.no_grad():  # a single sync, not one .item() per tensor
         return torch.stack([(a - b).abs_().amax() for a, b in zip(mine, theirs)]).max().item()
+
+
+def _holds_full(model) -> bool:
+    return all(width == model.cfg.intermediate_size for width in model.stored_widths)
 
 
 def _tier_label(tiers: tuple[int, ...]):

@@ -14,7 +14,8 @@ TINY = load_config("tiny")
 
 def test_same_seed_same_config_gives_byte_identical_metrics_on_cpu(tmp_path):
     for name in ("a", "b"):
-        simulate(TINY, [0, 1, 2], faults="drop=0.1,corrupt=0.1,churn=0.1", seed=7, rounds=5, out=tmp_path / name, device="cpu")
+        simulate(TINY, [0, 1, 2], [0, 0.5, 0.25], faults="drop=0.1,corrupt=0.1,churn=0.1", seed=7, rounds=5,
+                 out=tmp_path / name, device="cpu")
     a, b = (tmp_path / n / "metrics.jsonl" for n in ("a", "b"))
     assert a.read_bytes() == b.read_bytes() and len(a.read_text().splitlines()) == 5
     other = simulate(TINY, [0, 1, 2], faults="drop=0.1,corrupt=0.1,churn=0.1", seed=8, rounds=5, device="cpu")
@@ -50,6 +51,9 @@ def matsim(*argv, timeout=300):
     (["--faults", "meteor=0.1"], "fault kind 'meteor' is unknown"),
     (["--config-path", "configs/missing"], "does not exist"),
     (["--eval-every", "0"], "--eval-every 0 is invalid"),
+    (["--matformer-helper-rotation-interval", "0"], "--matformer-helper-rotation-interval 0 is invalid"),
+    (["--client-matformer-helper-fractions", "0,-0.25,0"], "helper fraction -0.25 is outside [0, 1]"),
+    (["--client-matformer-tiers", "0,1:x,1"], "is not a comma-separated list of tiers"),
 ])
 def test_testnet_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, fragment):
     result = matsim("testnet", "start", "--client-matformer-tiers", "0,1,1", "--out", str(tmp_path / "out"), *argv)
