@@ -154,10 +154,11 @@ def test_elements_outside_every_contributors_width_get_a_zero_update(case, seman
             assert torch.count_nonzero(result.updates[name].narrow(dim, reach, shape[dim] - reach)) == 0
 
 
-FLAWS = ["flipped_byte", "truncated", "nan", "wrong_shape", "non_mlp_narrowed", "unknown_parameter", "bad_tier"]
+FLAWS = ["flipped_byte", "truncated", "nan", "wrong_shape", "non_mlp_narrowed", "unknown_parameter", "bad_tier",
+         "duplicate"]
 EXPECTED_REASON = {"flipped_byte": {"bad_checksum", "bad_magic"}, "truncated": {"bad_checksum", "truncated"},
                    "nan": {"non_finite"}, "wrong_shape": {"bad_shape"}, "non_mlp_narrowed": {"bad_shape"},
-                   "unknown_parameter": {"unknown_parameter"}, "bad_tier": {"bad_tier"}}
+                   "unknown_parameter": {"unknown_parameter"}, "bad_tier": {"bad_tier"}, "duplicate": {"duplicate"}}
 
 
 def malformed(flaw, model, distro, good, rng):
@@ -188,19 +189,24 @@ def malformed(flaw, model, distro, good, rng):
 @scaled(0.5)
 @given(aggregation_cases(), st.sampled_from(FLAWS), st.sampled_from(SEMANTICS), st.randoms(use_true_random=False))
 def test_a_rejected_payload_changes_the_counts_and_nothing_else(case, flaw, semantics, rng):
-    """contributing_peers counts only payloads that validated and aligned.
-    Catches: counting rejected payloads, NaN reaching the aggregate, a malformed payload
-    crashing the round or being silently dropped without a count."""
+    """contributing_peers counts only payloads that validated and aligned, a peer's second
+    payload in a round is a duplicate. Catches: counting rejected payloads, a duplicate applied
+    twice, a peer silently skipped, NaN reaching the aggregate, a malformed payload crashing
+    the round or being silently dropped without a count."""
     model, distro, payloads, receiver = case
     if flaw == "nan" and distro.quantize_1bit:
         flaw = "flipped_byte"  # 1-bit values cannot carry NaN; the wire has nothing to validate there
-    if flaw == "non_mlp_narrowed" and not payloads:
+    if flaw in ("non_mlp_narrowed", "duplicate") and not payloads:
         return
     raw = [encode_payload(p, distro.compression_chunk) for p in payloads]
     shapes = local_shapes(model, receiver)
     clean = receive(raw, model, distro, shapes, semantics)
-    bad = malformed(flaw, model, distro, payloads[0] if payloads else random_payload(model, distro, receiver, 0, 0), rng)
-    position = rng.randrange(len(raw) + 1)
+    if flaw == "duplicate":  # a copy arriving after the original (first come, first counted)
+        original = rng.randrange(len(raw))
+        bad, position = raw[original], rng.randrange(original + 1, len(raw) + 1)
+    else:
+        bad = malformed(flaw, model, distro, payloads[0] if payloads else random_payload(model, distro, receiver, 0, 0), rng)
+        position = rng.randrange(len(raw) + 1)
     dirty = receive(raw[:position] + [bad] + raw[position:], model, distro, shapes, semantics)
     assert dirty.contributing_peers == clean.contributing_peers == len(payloads)
     assert sum(dirty.rejected.values()) == 1 and set(dirty.rejected) <= EXPECTED_REASON[flaw], dirty.rejected

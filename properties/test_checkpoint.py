@@ -3,6 +3,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from properties.profiles import scaled
 from properties.strategies import model_configs
 from sim.checkpoint import LOAD_STRATEGIES, export_tiers, load_checkpoint, save_checkpoint
-from sim.errors import ConfigError
+from sim.errors import ConfigError, DoubleSlicingError
 from sim.model import MatFormerLM, build_model, load_prefix
 from sim.schema import checkpoint_schema_hash, schema_hash
 
@@ -96,3 +97,23 @@ def test_schema_hash_changes_with_every_architecture_field(cfg, field, data):
     except ConfigError:
         assume(False)
     assert schema_hash(changed) != schema_hash(cfg)
+
+
+@scaled(0.5)
+@given(saved_models().filter(lambda case: case[0].max_tier >= 1), st.data())
+def test_universal_on_a_sliced_checkpoint_raises_double_slicing(case, data):
+    """A checkpoint exported at tier s > 0, loaded `universal` at any tier t > 0, would be
+    sliced a second time: DoubleSlicingError. `auto` and `sliced` hold the stored widths.
+    Catches: metadata ignored (the stored width read as the base width), the check skipped."""
+    cfg, _, seed = case
+    stored = data.draw(st.integers(1, cfg.max_tier))
+    tier = data.draw(st.integers(1, cfg.max_tier))
+    full = build_model(cfg, 0, seed=seed, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(full, Path(tmp) / "full")
+        (exported,) = export_tiers(Path(tmp) / "full", [stored], Path(tmp) / "out")
+        with pytest.raises(DoubleSlicingError, match=f"already sliced to tier {stored}"):
+            load_checkpoint(exported, tier, "universal", device="cpu")
+        loaded, info = load_checkpoint(exported, max(tier, stored), "auto", device="cpu")
+    assert info.sliced and info.stored_tier == stored
+    assert loaded.stored_widths == (cfg.intermediate_size >> stored,) * cfg.num_hidden_layers

@@ -14,13 +14,16 @@ from sim import oracle as criteria
 from sim.errors import ConfigError
 from sim.run import RunResult
 
-# The chapter's matrix: name, tiers, kind, oracle scenario.
+# The chapter's matrix, then the helper-mode experiment (does helping with suffix neurons
+# close 0,1,1's gap to the homogeneous run?): name, tiers, helper fractions, kind, oracle.
 MATRIX = [
-    ("homogeneous", "0,0,0", "baseline", None),
-    ("heterogeneous_1to2", "0,1,1", "heterogeneous", "homogeneous"),
-    ("heterogeneous_2to1", "0,0,1", "heterogeneous", "homogeneous"),
-    ("extreme_1to3", "0,1,1,1", "extreme", "oracle_4"),
-    ("oracle_4", "0,0,0,0", "baseline", None),
+    ("homogeneous", "0,0,0", None, "baseline", None),
+    ("heterogeneous_1to2", "0,1,1", None, "heterogeneous", "homogeneous"),
+    ("heterogeneous_2to1", "0,0,1", None, "heterogeneous", "homogeneous"),
+    ("extreme_1to3", "0,1,1,1", None, "extreme", "oracle_4"),
+    ("oracle_4", "0,0,0,0", None, "baseline", None),
+    ("helper_0.25", "0,1,1", "0,0.25,0.25", "heterogeneous", "homogeneous"),
+    ("helper_0.5", "0,1,1", "0,0.5,0.5", "heterogeneous", "homogeneous"),
 ]
 
 
@@ -63,7 +66,8 @@ def analyze(directory: str | Path) -> list[dict]:
         oracle = scenarios.get(info.get("oracle"), (None, None))[1]
         judged = judge(info["kind"], result, oracle, info["rounds"])
         rows.append({
-            "scenario": name, "tiers": info["tiers"], "final_loss": result.final_eval_loss,
+            "scenario": name, "tiers": info["tiers"], "helpers": info.get("helpers") or "0",
+            "final_loss": result.final_eval_loss,
             "vs_oracle": criteria.relative_gap(result, oracle) if oracle else None,
             "errors": sum(result.rejected().values()), "nan": result.non_finite_losses(), "criteria": judged,
             "passed": all(judged.values()),
@@ -71,7 +75,8 @@ def analyze(directory: str | Path) -> list[dict]:
     return rows
 
 
-def plot(directory: str | Path, path: str | Path) -> None:
+def plot(directory: str | Path, path: str | Path, scenarios: set[str] | None = None) -> None:
+    """Loss curves of every scenario under `directory` (or only `scenarios`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,10 +85,13 @@ def plot(directory: str | Path, path: str | Path) -> None:
     floor = None
     for meta in sorted(directory.glob("*/scenario.json")):
         info = json.loads(meta.read_text())
+        if scenarios is not None and info["name"] not in scenarios:
+            continue
         result = load_result(meta.parent)
         floor = result.loss_floor
         style = "--" if info["kind"] == "baseline" else "-"
-        ax.plot(result.eval_rounds, result.eval_losses, style, label=f"{info['name']} ({info['tiers']})")
+        ax.plot(result.eval_rounds, result.eval_losses, style, label=f"{info['name']} ({info['tiers']}"
+                + (f"; helpers {info['helpers']})" if info.get("helpers") else ")"))
     if floor is not None:
         ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"entropy floor {floor:.2f}")
     ax.set_xlabel("round")

@@ -206,7 +206,8 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
         if bar:
             bar.stop()
         logfile.close()
-    meta = {"name": name, "tiers": tiers_text, "kind": kind, "oracle": oracle, "rounds": len(result.records),
+    meta = {"name": name, "tiers": tiers_text, "helpers": helper_text, "kind": kind, "oracle": oracle,
+            "rounds": len(result.records),
             "config": run.name, "seed": seed, "faults": faults or "none"}
     (out / "scenario.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -260,16 +261,20 @@ def cmd_testnet(args) -> None:
 def cmd_analyze(args) -> int:
     rows = analysis.analyze(args.results)
     out = console()
-    table = Table("scenario", "tiers", "final loss", "vs oracle", "errors", "NaN", "criteria", "verdict",
+    table = Table("scenario", "tiers", "helpers", "final loss", "vs oracle", "errors", "NaN", "criteria", "verdict",
                   title=f"MatFormer scenario matrix: {args.results}")
     for row in rows:
         gap = "-" if row["vs_oracle"] is None else f"{row['vs_oracle']:+.1%}"
         judged = "; ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in row["criteria"].items())
-        table.add_row(row["scenario"], row["tiers"], f"{row['final_loss']:.4f}", gap, str(row["errors"]),
+        table.add_row(row["scenario"], row["tiers"], row["helpers"], f"{row['final_loss']:.4f}", gap, str(row["errors"]),
                       str(row["nan"]), judged, "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]")
     out.print(table)
     png = Path(args.results) / "loss_curves.png"
     analysis.plot(args.results, png)
+    helped = {row["scenario"] for row in rows if row["helpers"] != "0"}
+    if helped:  # the helper-mode experiment on its own: 0,1,1 with and without helpers, and its oracle
+        same = {row["scenario"] for row in rows if row["tiers"] in {r["tiers"] for r in rows if r["scenario"] in helped}}
+        analysis.plot(args.results, Path(args.results) / "helper_mode.png", same | {"homogeneous"})
     (Path(args.results) / "analysis.json").write_text(json.dumps(rows, indent=2))
     verdict = all(row["passed"] for row in rows)
     out.print(f"verdict: {'PASS' if verdict else 'FAIL'} ({sum(r['passed'] for r in rows)}/{len(rows)} scenarios); "
@@ -290,9 +295,9 @@ def cmd_matrix(args) -> int:
         console().print(unit.stdout.strip().splitlines()[-1] if unit.stdout.strip() else unit.stderr, highlight=False)
         if unit.returncode:
             raise SimError(f"the chapter's unit tests failed: see {out / 'unit_tests.log'}")
-    for name, tiers, kind, oracle in analysis.MATRIX:
-        console().print(f"=== {name} ({tiers}) ===")
-        run_scenario(args.config_path, tiers, None, out / name, name=name, kind=kind, oracle=oracle,
+    for name, tiers, helpers, kind, oracle in analysis.MATRIX:
+        console().print(f"=== {name} ({tiers}{f'; helpers {helpers}' if helpers else ''}) ===")
+        run_scenario(args.config_path, tiers, helpers, out / name, name=name, kind=kind, oracle=oracle,
                      seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose)
     console().print("=== Analysis ===")
     return cmd_analyze(argparse.Namespace(results=str(out)))
