@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_DB = REPO_ROOT / ".hypothesis" / "examples"
+EXAMPLE_DB = Path(os.environ.get("MATSIM_EXAMPLES_DB", REPO_ROOT / ".hypothesis" / "examples"))
 CI_EXAMPLES = 200
 PROFILES = {
     "dev": dict(max_examples=50),

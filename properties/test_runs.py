@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from properties.profiles import scaled
+from properties.records import describe
 from sim.config import load_config
 from sim.faults import KINDS, Fault
 from sim.oracle import run_oracle
@@ -53,6 +54,8 @@ def test_random_tiers_and_faults_train_finitely_complete_and_track_the_oracle(ca
     weights, a peer silently skipped, a fault that stalls training, heterogeneous
     normalization (or helper merging) far off the homogeneous run."""
     tiers, fractions, spec, seed = case
+    describe(tiers=[list(t) if isinstance(t, tuple) else t for t in tiers], helper_fractions=fractions,
+             faults=spec, seed=seed, rounds=ROUNDS, config="tiny")
     result = simulate(TINY, tiers, fractions, faults=spec, seed=seed, rounds=ROUNDS, device="cpu")
     oracle = run_oracle(TINY, len(tiers), seed=seed, rounds=ROUNDS, device="cpu")
     for record in result.records:

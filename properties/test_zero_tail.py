@@ -1,10 +1,13 @@
 """Zero-tail gradients over random models of both styles and every valid
 (per-layer) tier: the chapter's matformer_mlp_has_zero_tail_grads, generalized."""
+import dataclasses
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.profiles import scaled
+from properties.records import describe
 from properties.strategies import layer_tier_maps, model_configs
 from sim.model import MatFormerLM, build_model, is_mlp_sliced, load_prefix, local_shapes, mlp_layer, param_count
 from sim.align import prefix_dim
@@ -35,6 +38,7 @@ def test_tier_grads_are_zero_outside_the_prefix_and_equal_an_independent_tier_mo
     Catches: a copy instead of a view (no prefix grads), masking activations instead of slicing
     (0 * NaN reaches the loss), scaling by width, any leakage into the suffix."""
     cfg, tiers, seed, batch, seq = case
+    describe(tiers=list(tiers), seed=seed, model=dataclasses.asdict(cfg))
     full = build_model(cfg, tiers, seed=seed, device="cpu", dtype=torch.float64)
     widths = layer_widths(cfg.intermediate_size, tiers, cfg.num_hidden_layers)
     independent = load_prefix(MatFormerLM(cfg, stored_widths=widths).double(), full.state_dict())

@@ -22,6 +22,7 @@ from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
 from sim.run import simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
+from sim.reproduce import reproduce
 from sim.tiers import parse_client_tiers, parse_int_list, tier_width
 
 
@@ -371,6 +372,9 @@ def build_parser() -> Parser:
     matrix.add_argument("--skip-unit-tests", action="store_true")
     matrix.add_argument("--verbose", action="store_true", help="print every round's log line")
     matrix.set_defaults(run=cmd_matrix)
+    replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")
+    replay.add_argument("record")
+    replay.set_defaults(run=lambda args: reproduce(args.record))
     return parser
 
 
