@@ -4,15 +4,25 @@
 - ci: every push; random seeds, so each push fuzzes new inputs.
 - nightly: 100x the ci examples, no deadline.
 HYPOTHESIS_PROFILE picks one; otherwise `ci` when CI=true, else `dev`.
-Examples persist in one directory database under .hypothesis/ at the repo
-root, shared by every pytest-xdist worker, so a failure found in any worker
-is replayed first on the next run.
+
+The example database and pytest-xdist: every worker process opens the same
+directory database (.hypothesis/examples at the repo root, or
+$MATSIM_EXAMPLES_DB). Writes are one file per example, so workers never clash.
+A failure found in a worker is shrunk in that worker, reported through the
+controller like any failure, saved to the database (and recorded under
+results/failures/, see properties/records.py), and replayed first by whichever
+worker runs that test next time, before any new example is generated.
+
+MATSIM_SHARED_DB=owner/repo adds, read-only, the database the nightly job
+uploads as the artifact `hypothesis-example-db` (needs GITHUB_TOKEN): a
+developer's run then replays what the nightly fuzzing found.
 """
 import os
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
-from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.database import (DirectoryBasedExampleDatabase, GitHubArtifactDatabase, MultiplexedDatabase,
+                                 ReadOnlyDatabase)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_DB = Path(os.environ.get("MATSIM_EXAMPLES_DB", REPO_ROOT / ".hypothesis" / "examples"))
@@ -24,8 +34,19 @@ PROFILES = {
 }
 
 
+def example_database():
+    local = DirectoryBasedExampleDatabase(str(EXAMPLE_DB))
+    shared = os.environ.get("MATSIM_SHARED_DB")
+    if not shared:
+        return local
+    owner, _, repo = shared.partition("/")
+    if not owner or not repo:
+        raise SystemExit(f"MATSIM_SHARED_DB {shared!r} is not owner/repo")
+    return MultiplexedDatabase(local, ReadOnlyDatabase(GitHubArtifactDatabase(owner, repo, "hypothesis-example-db")))
+
+
 def register_profiles() -> str:
-    database = DirectoryBasedExampleDatabase(str(EXAMPLE_DB))
+    database = example_database()
     for name, options in PROFILES.items():
         settings.register_profile(
             name, database=database, deadline=None, print_blob=True,

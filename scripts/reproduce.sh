@@ -1,0 +1,6 @@
+#!/bin/sh
+# Replay a property failure from its record: scripts/reproduce.sh results/failures/<test>.json
+set -e
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/matsim ] || make .venv/.installed
+exec .venv/bin/matsim reproduce "$@"
