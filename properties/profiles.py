@@ -3,6 +3,8 @@
 - dev: quick local iteration.
 - ci: every push; random seeds, so each push fuzzes new inputs.
 - nightly: 100x the ci examples, no deadline.
+- mutation: dev's examples, no shrinking and no database (scripts/mutation_score.sh):
+  a mutant only has to make a property fail, and each of ~1800 mutants runs the suites.
 HYPOTHESIS_PROFILE picks one; otherwise `ci` when CI=true, else `dev`.
 
 The example database and pytest-xdist: every worker process opens the same
@@ -20,7 +22,7 @@ developer's run then replays what the nightly fuzzing found.
 import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import (DirectoryBasedExampleDatabase, GitHubArtifactDatabase, MultiplexedDatabase,
                                  ReadOnlyDatabase)
 
@@ -31,6 +33,7 @@ PROFILES = {
     "dev": dict(max_examples=50),
     "ci": dict(max_examples=CI_EXAMPLES),
     "nightly": dict(max_examples=100 * CI_EXAMPLES),
+    "mutation": dict(max_examples=50, phases=(Phase.explicit, Phase.generate)),
 }
 
 
@@ -49,7 +52,7 @@ def register_profiles() -> str:
     database = example_database()
     for name, options in PROFILES.items():
         settings.register_profile(
-            name, database=database, deadline=None, print_blob=True,
+            name, database=None if name == "mutation" else database, deadline=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow], **options)
     default = "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
     chosen = os.environ.get("HYPOTHESIS_PROFILE", default)

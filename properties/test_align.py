@@ -1,5 +1,7 @@
 """Alignment laws (sim/align.py), generalizing the chapter's unit tests over
 every valid tier, width and MLP name."""
+import re
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -78,13 +80,14 @@ def test_equal_shape_returns_the_same_tensor(case):
 
 @given(mlp_grad_cases(), st.integers(1, 5))
 def test_a_mismatch_on_the_other_axis_raises_shape_mismatch(case, extra):
-    """Catches: silently truncating or padding the hidden axis."""
+    """Catches: silently truncating or padding the hidden axis, and an error that does not name
+    the parameter and both shapes (house rule: bad input is named)."""
     name, full, _, dim = case
     wrong = list(full)
     wrong[1 - dim] += extra
-    with pytest.raises(ShapeMismatch):
+    with pytest.raises(ShapeMismatch, match=re.escape(f"{name}: cannot align shape {wrong} to {list(full)}")):
         align_prefix_grad(name, torch.zeros(wrong), full)
-    with pytest.raises(ShapeMismatch):
+    with pytest.raises(ShapeMismatch, match=re.escape(name)):
         align_prefix_grad(name, torch.zeros(*full, 1), full)
 
 
@@ -109,16 +112,43 @@ def test_sparse_grad_places_each_neuron_at_its_index_and_zeros_elsewhere(case, d
     assert torch.equal(placed, torch.where(mask.view(shape), dense, torch.zeros(())))
 
 
-@given(sparse_cases(), st.sampled_from(["out_of_range", "negative", "duplicate", "float"]))
+@given(sparse_cases(), st.sampled_from(["out_of_range", "negative", "duplicate", "float", "list", "2-d"]))
 def test_bad_sparse_indices_raise_alignment_error_never_write(case, flaw):
-    """Catches: index_copy_ crashing (or wrapping around) on bad peer input."""
+    """Catches: index_copy_ crashing (or wrapping around) on bad peer input, and an error
+    that does not say which parameter and what is wrong with its indices."""
     name, full, dim, indices = case
     size = full[dim]
     bad = {"out_of_range": torch.cat([indices, torch.tensor([size])]),
            "negative": torch.cat([indices, torch.tensor([-1])]),
            "duplicate": torch.cat([indices, indices[:1]]) if indices.numel() else torch.tensor([0, 0]),
-           "float": indices.float()}[flaw]
+           "float": indices.float(), "list": indices.tolist(), "2-d": indices.view(1, -1)}[flaw]
     values_shape = list(full)
-    values_shape[dim] = bad.numel()
-    with pytest.raises(AlignmentError):
+    values_shape[dim] = len(bad) if isinstance(bad, list) else bad.numel()
+    kind = "must be a 1-D int32/int64 tensor, got"
+    says = {"out_of_range": f"is outside [0, {size - 1}]", "negative": f"is outside [0, {size - 1}]",
+            "duplicate": "contain duplicates", "float": f"{kind} torch.float32 of shape [{indices.numel()}]",
+            "list": f"{kind} list of shape []", "2-d": f"{kind} torch.int64 of shape [1, {indices.numel()}]"}[flaw]
+    with pytest.raises(AlignmentError, match=re.escape(name) + ".*" + re.escape(says)):
         align_sparse_grad(name, torch.ones(values_shape), bad, full)
+
+
+@given(sparse_cases(), st.integers(1, 3))
+def test_sparse_values_that_do_not_fit_their_indices_raise_shape_mismatch(case, extra):
+    """Catches: values of the wrong width broadcast or truncated into the target."""
+    name, full, dim, indices = case
+    values_shape = list(full)
+    values_shape[dim] = indices.numel() + extra
+    with pytest.raises(ShapeMismatch, match=re.escape(f"{name}: helper values of shape {values_shape}")):
+        align_sparse_grad(name, torch.ones(values_shape), indices, full)
+
+
+@given(mlp_grad_cases(), st.sampled_from(["zero", "negative", "no_ffn_axis"]))
+def test_an_invalid_target_shape_raises_shape_mismatch_naming_the_parameter(case, flaw):
+    """Catches: a target without the FFN axis (a 1-D shape for down_proj's columns) indexed
+    anyway, and errors that do not say which parameter asked."""
+    name, full, _, dim = case
+    if flaw == "no_ffn_axis" and dim == 0:
+        return  # every non-empty shape has an axis 0
+    target = {"zero": (0, full[1]), "negative": (full[0], -1), "no_ffn_axis": (full[0],)}[flaw]
+    with pytest.raises(ShapeMismatch, match=re.escape(name)):
+        align_sparse_grad(name, torch.ones(1, 1), torch.arange(1), target)

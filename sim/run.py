@@ -37,6 +37,18 @@ EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of
 
 
 @dataclass
+class Sent:
+    """What one peer's send half produced in a round."""
+    peer: int
+    loss: float
+    fault: str | None
+    withheld: bool = False                               # the sender's NaN guard kept it back
+    bytes_sent: int = 0
+    outgoing: list[bytes] = field(default_factory=list)  # arrives this round
+    late: list[bytes] = field(default_factory=list)      # arrives next round
+
+
+@dataclass
 class RunResult:
     records: list[dict]                   # one per round, as in metrics.jsonl
     timings: list[dict]                   # one per round, as in timing.jsonl
@@ -202,67 +214,76 @@ class Network:
         """Every present peer trains, compresses and sends; `faults` ({peer: Fault}) act on
         the payloads; every receiver aggregates what arrived and applies it. With
         `evaluate`, the record's eval_loss is the full model's held-out loss, else None."""
-        faults = faults or {}
+        sent = [self.send(peer, round_, (faults or {}).get(peer.id)) for peer in self.present()]
+        arrived = self.carried + [data for s in sent for data in s.outgoing]
+        self.carried = [data for s in sent for data in s.late]
+        received = self.deliver(round_, arrived, self.receivers())
+        return self.record(round_, sent, received, _replica_max_diff(self.receivers()), evaluate)
+
+    def send(self, peer: Peer, round_: int, fault=None) -> "Sent":
+        """One peer's half of a round: train at its tiers (and helper neurons), compress,
+        encode, and let `fault` act on what leaves it."""
+        distro, kind = self.config.distro, fault.kind if fault else None
+        model = self.shared if self.shared is not None else peer.model
+        model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
+        tokens = shard(self.source, self.seed, round_, peer.id, self.batch, self.config.seq_len + 1).to(self.device)
+        payload, loss = train_and_compress(model, peer.state, tokens, self.config.lr_schedule.lr(round_), peer.id,
+                                           round_, poison=kind == "nan" and distro.quantize_1bit)
+        if payload is None:
+            return Sent(peer.id, loss, kind, withheld=True)
+        if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
+            next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
+        elif kind == "byzantine":
+            payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
+        data = encode_payload(payload, distro.compression_chunk)
+        sent = Sent(peer.id, loss, kind, bytes_sent=len(data))
+        if kind == "corrupt":
+            flipped = bytearray(data)
+            flipped[fault.byte % len(flipped)] ^= 0xFF
+            data = bytes(flipped)
+        if kind == "late":
+            sent.late = [data]
+        elif kind != "drop":
+            sent.outgoing = [data, data] if kind == "duplicate" else [data]
+        return sent
+
+    def deliver(self, round_: int, arrived: Sequence[bytes], receivers) -> list:
+        """Every receiver's half: decode what arrived, aggregate, apply. Decoding is a pure
+        function of the bytes and aggregation of (payloads, receiver shapes), so each is done
+        once per round and per distinct shape, then applied to every replica. Returns each
+        receiver's Aggregate."""
         cfg, distro = self.config.model, self.config.distro
         lr = self.config.lr_schedule.lr(round_)
-        losses, outgoing, late, fault_counts, withheld, bytes_sent = {}, [], [], Counter(), Counter(), 0
-        for peer in self.present():
-            model = self.shared if self.shared is not None else peer.model
-            model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
-            fault = faults.get(peer.id)
-            kind = fault.kind if fault else None
-            tokens = shard(self.source, self.seed, round_, peer.id, self.batch, self.config.seq_len + 1).to(self.device)
-            payload, losses[peer.id] = train_and_compress(
-                model, peer.state, tokens, lr, peer.id, round_, poison=kind == "nan" and distro.quantize_1bit)
-            if kind:
-                fault_counts[kind] += 1
-            if payload is None:
-                withheld["non_finite"] += 1
-                continue
-            if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
-                next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
-            elif kind == "byzantine":
-                payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
-            data = encode_payload(payload, distro.compression_chunk)
-            bytes_sent += len(data)
-            if kind == "corrupt":
-                flipped = bytearray(data)
-                flipped[fault.byte % len(flipped)] ^= 0xFF
-                data = bytes(flipped)
-            if kind == "late":
-                late.append(data)
-            elif kind != "drop":
-                outgoing += [data, data] if kind == "duplicate" else [data]
-        incoming, self.carried = self.carried + outgoing, late
-
-        # Decoding is a pure function of the bytes, and aggregation of (payloads, receiver
-        # shapes): each is done once per round and per distinct shape, then every receiver
-        # applies the result to its own replica.
-        decoded = [decode_payload(data, cfg, distro) for data in incoming]
-        receivers, aggregates = self.receivers(), {}
-        contributing, rejected = [], Counter()
+        decoded = [decode_payload(data, cfg, distro) for data in arrived]
+        aggregates, results = {}, []
         for model in receivers:
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             key = tuple(shapes.items())
             if key not in aggregates:
                 aggregates[key] = receive_decoded(decoded, shapes, distro, self.semantics, round_=round_)
-            result = aggregates[key]
-            apply_update(dict(model.named_parameters()), result.updates, lr, self.apply_rule, self.weight_decay)
-            contributing.append(result.contributing_peers)
-            rejected = Counter(result.rejected)
-        rejected.update(withheld)
+            apply_update(dict(model.named_parameters()), aggregates[key].updates, lr, self.apply_rule, self.weight_decay)
+            results.append(aggregates[key])
+        return results
+
+    def record(self, round_: int, sent: Sequence["Sent"], received: Sequence, replica_max_diff: float,
+               evaluate: bool) -> dict:
+        """The round's metrics line, from every sender's and receiver's half."""
+        losses = {s.peer: s.loss for s in sent}
+        rejected = Counter(received[0].rejected)
+        rejected["non_finite"] += sum(s.withheld for s in sent)
+        contributing = [r.contributing_peers for r in received]
         return {
-            "round": round_, "lr": lr,
+            "round": round_, "lr": self.config.lr_schedule.lr(round_),
             "loss": sum(losses.values()) / len(losses),
             "eval_loss": self.eval_loss() if evaluate else None,
             "peers": {str(p.id): {"tier": _tier_label(p.tiers), "helper": p.helper_fraction, "loss": losses.get(p.id),
                                   "present": p.id not in self.away} for p in self.peers},
             "contributing_peers": contributing[0],
             "receivers_agree": len(set(contributing)) == 1,
-            "replica_max_diff": _replica_max_diff(receivers),
-            "rejected": dict(sorted(rejected.items())),
-            "faults": dict(sorted(fault_counts.items())),
-            "bytes_sent": bytes_sent,
+            "replica_max_diff": replica_max_diff,
+            "rejected": dict(sorted((k, v) for k, v in rejected.items() if v)),
+            "faults": dict(sorted(Counter(s.fault for s in sent if s.fault).items())),
+            "bytes_sent": sum(s.bytes_sent for s in sent),
         }
 
     def eval_loss(self) -> float:
