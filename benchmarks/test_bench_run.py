@@ -67,3 +67,21 @@ def test_bench_memory_of_64_shared_weight_peers_vs_1(benchmark):
     assert one["peers"] == 1 and many["peers"] == 64
     print(f"\npeak RSS: 1 peer {one['peak_rss'] / 2**20:.0f} MiB, 64 peers {many['peak_rss'] / 2**20:.0f} MiB "
           f"({many['peak_rss'] / one['peak_rss']:.2f}x)")
+
+
+@pytest.mark.parametrize("backend", ["in-process-baseline", "distributed"])
+def test_bench_rounds_per_second_of_4_processes_vs_in_process(benchmark, backend):
+    """Rounds per second (median round wall time, process start-up excluded) of tiny with
+    4 peers: one process per peer on torch.distributed's store vs the in-process loop."""
+    from sim.distributed import simulate_distributed
+    from sim.run import simulate
+    benchmark.group = "rounds per second, tiny, 4 peers (0,1,1,2)"
+    run = (lambda: simulate(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=12, device="cpu")) \
+        if backend == "in-process-baseline" else \
+        (lambda: simulate_distributed(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=12))
+    result = benchmark.pedantic(run, rounds=1)
+    walls = sorted(t["wall_s"] for t in result.timings[1:])  # round 0 warms up
+    per_second = 1 / walls[len(walls) // 2]
+    benchmark.extra_info["rounds_per_second"] = per_second
+    print(f"\n{backend}: {per_second:.1f} rounds/s")
+    assert len(result.records) == 12

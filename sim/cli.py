@@ -22,6 +22,7 @@ from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
 from sim.run import simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
+from sim.distributed import simulate_distributed
 from sim.reproduce import reproduce
 from sim.tiers import parse_client_tiers, parse_int_list, tier_width
 
@@ -166,7 +167,7 @@ def cmd_memory(args) -> None:
 def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
                  oracle: str | None, seed: int, rounds: int | None, faults: str | None,
                  exit_after: float | None = None, eval_every: int | None = None, rotation_interval: int | None = None,
-                 echo: bool = True) -> dict:
+                 backend: str = "inprocess", echo: bool = True) -> dict:
     """One testnet run: validated first, then metrics, summary, scenario.json and a log
     whose lines carry `loss=` (the chapter's grep reads them) under `out`."""
     run = load_config(config_path)
@@ -201,8 +202,9 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
     try:
         if bar:
             bar.start()
-        result = simulate(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after,
-                          eval_every=eval_every, on_round=line)
+        runner = simulate_distributed if backend == "distributed" else simulate
+        result = runner(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after,
+                        eval_every=eval_every, on_round=line)
     finally:
         if bar:
             bar.stop()
@@ -252,7 +254,7 @@ def cmd_testnet(args) -> None:
     meta = run_scenario(args.config_path, tiers, args.client_matformer_helper_fractions, out, name="testnet",
                         kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
                         exit_after=args.headless_exit_after_secs, eval_every=args.eval_every,
-                        rotation_interval=args.matformer_helper_rotation_interval)
+                        rotation_interval=args.matformer_helper_rotation_interval, backend=args.backend)
     summary = json.loads((out / "summary.json").read_text())
     console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
                     f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
@@ -357,6 +359,8 @@ def build_parser() -> Parser:
                                                       "(default: about 50 points per run)")
     start.add_argument("--faults", help="e.g. drop=0.1,corrupt=0.05 (kinds: drop late duplicate corrupt nan byzantine churn)")
     start.add_argument("--out", help="results directory (default results/testnet)")
+    start.add_argument("--backend", default="inprocess", choices=["inprocess", "distributed"],
+                       help="distributed: one process per client on torch.distributed's store (CPU); same metrics")
     start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     start.set_defaults(run=cmd_testnet)
 

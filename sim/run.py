@@ -103,7 +103,8 @@ class Network:
 
     def __init__(self, config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
                  seed: int = 0, *, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, shared_weights: bool = False,
-                 apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, device=None):
+                 apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, device=None,
+                 only: int | None = None):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
         self.config, self.seed, self.semantics = config, seed, semantics
         self.apply_rule, self.weight_decay = apply_rule, weight_decay
@@ -114,7 +115,9 @@ class Network:
         self.held_out = shard(self.source, seed, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
                               config.seq_len + 1).to(self.device)
         self.shared = build_model(config.model, 0, seed=seed, device=self.device) if shared_weights else None
-        self.peers = [self._new_peer(i, t, f, None if shared_weights else build_model(config.model, t, seed=seed, device=self.device))
+        # `only`: this process holds that peer's replica alone (sim/distributed.py; -1: none).
+        self.peers = [self._new_peer(i, t, f, None if shared_weights or only not in (None, i)
+                                     else build_model(config.model, t, seed=seed, device=self.device))
                       for i, (t, f) in enumerate(zip(per_peer, fractions))]
         self.away: set[int] = set()
         self.carried: list[bytes] = []   # late payloads: they arrive next round
@@ -136,7 +139,7 @@ class Network:
         return [p for p in self.peers if p.id not in self.away]
 
     def receivers(self) -> list:
-        return [self.shared] if self.shared is not None else [p.model for p in self.present()]
+        return [self.shared] if self.shared is not None else [p.model for p in self.present() if p.model is not None]
 
     # --- membership -------------------------------------------------------
 
@@ -144,7 +147,9 @@ class Network:
         """A round needs one present peer, and the network one present replica of the full
         weights: peers from sliced checkpoints hold no suffix to hand on to a wider newcomer."""
         others = [p for p in self.present() if p.id != peer_id]
-        return bool(others) and (self.shared is not None or any(_holds_full(p.model) for p in others))
+        # A peer whose replica lives in another process (model None) holds the full weights.
+        return bool(others) and (self.shared is not None or any(p.model is None or _holds_full(p.model)
+                                                                for p in others))
 
     def leave(self, peer_id: int) -> None:
         if not self.may_leave(peer_id):
@@ -218,7 +223,8 @@ class Network:
         arrived = self.carried + [data for s in sent for data in s.outgoing]
         self.carried = [data for s in sent for data in s.late]
         received = self.deliver(round_, arrived, self.receivers())
-        return self.record(round_, sent, received, _replica_max_diff(self.receivers()), evaluate)
+        return self.record(round_, sent, received[0].rejected, [r.contributing_peers for r in received],
+                           _replica_max_diff(self.receivers()), evaluate)
 
     def send(self, peer: Peer, round_: int, fault=None) -> "Sent":
         """One peer's half of a round: train at its tiers (and helper neurons), compress,
@@ -265,13 +271,13 @@ class Network:
             results.append(aggregates[key])
         return results
 
-    def record(self, round_: int, sent: Sequence["Sent"], received: Sequence, replica_max_diff: float,
-               evaluate: bool) -> dict:
-        """The round's metrics line, from every sender's and receiver's half."""
+    def record(self, round_: int, sent: Sequence["Sent"], rejected: Counter, contributing: Sequence[int],
+               replica_max_diff: float, evaluate: bool) -> dict:
+        """The round's metrics line, from every sender's half and the receivers' counts
+        (rejections as the first receiver saw them; contributing peers per receiver)."""
         losses = {s.peer: s.loss for s in sent}
-        rejected = Counter(received[0].rejected)
+        rejected = Counter(rejected)
         rejected["non_finite"] += sum(s.withheld for s in sent)
-        contributing = [r.contributing_peers for r in received]
         return {
             "round": round_, "lr": self.config.lr_schedule.lr(round_),
             "loss": sum(losses.values()) / len(losses),

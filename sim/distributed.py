@@ -1,0 +1,274 @@
+"""One process per peer on torch.distributed, with the in-process simulator's numbers.
+
+Each process holds one peer's replica and runs the simulator's own halves of a
+round (`Network.send`, `Network.deliver`, `Network.record`), so for the same
+seed and config the metrics equal `simulate`'s exactly, on CPU.
+
+Exchange goes through torch.distributed's c10d TCPStore (the key-value store
+that process groups rendezvous on), not a collective: an all-gather over a
+fixed process group cannot complete once one member has died, whereas a
+missing store key is just a payload that never arrived. Per round r, every
+present peer p publishes `r/sent/p` (its loss, fault, byte counts, and the
+payload bytes with their lengths); every present peer waits for the others'
+keys, delivers to its own replica what arrived (in peer order, exactly as the
+in-process loop), and publishes `r/recv/p` (contributing count, a digest of its
+weights); the lowest present peer publishes the round's record. The launcher
+(rank -1, the parent) hosts the store, writes metrics.jsonl and enforces the
+timeouts: a peer that never joins, or a run that stops making progress, ends
+with a clear error and every child process killed.
+
+The fault plan is a pure function of the seed, so every process derives the
+same one without communication. Churn: a rejoining peer loads the current
+weights that the lowest present peer publishes (safetensors bytes).
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from sim.config import RunConfig
+from sim.distro import DistroState
+from sim.errors import ConfigError, SimError
+from sim.faults import FaultPlan, parse_fault_spec, plan_faults
+from sim.run import EVAL_POINTS, Network, RunResult, Sent, summary
+from sim.tiers import layer_tiers
+
+JOIN_TIMEOUT_S = 120.0
+
+
+def _pack(sent: Sent) -> bytes:
+    """A Sent as bytes: a JSON line, then its payloads back to back (lengths in the JSON)."""
+    head = {"peer": sent.peer, "loss": sent.loss, "fault": sent.fault, "withheld": sent.withheld,
+            "bytes_sent": sent.bytes_sent, "outgoing": [len(d) for d in sent.outgoing],
+            "late": [len(d) for d in sent.late]}
+    return json.dumps(head).encode() + b"\n" + b"".join(sent.outgoing + sent.late)
+
+
+def _unpack(data: bytes) -> Sent:
+    head, _, body = data.partition(b"\n")
+    meta = json.loads(head)
+    parts, offset = [], 0
+    for length in meta["outgoing"] + meta["late"]:
+        parts.append(body[offset:offset + length])
+        offset += length
+    n = len(meta["outgoing"])
+    return Sent(meta["peer"], meta["loss"], meta["fault"], meta["withheld"], meta["bytes_sent"], parts[:n], parts[n:])
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _get(store, key: str, timeout_s: float) -> bytes | None:
+    try:
+        store.wait([key], timedelta(seconds=timeout_s))
+    except (RuntimeError, dist.DistStoreError):
+        return None
+    return store.get(key)
+
+
+def peer_process(rank: int, port: int, config: RunConfig, tiers, fractions, plan: FaultPlan, seed: int,
+                 rounds: int, eval_every: int, wait_s: float, trouble: dict) -> None:
+    """One peer's process: join, then, round by round in step with the coordinator, run its
+    send half, deliver what the coordinator says arrived to its own replica, and (when it is
+    the lowest peer whose payload arrived) publish the round's record.
+    `trouble` ({"crash": round, "slow": {round: seconds}}) makes this process misbehave."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+    network = Network(config, tiers, fractions, seed, device="cpu", only=rank)
+    me = network.peers[rank]
+    store.set(f"joined/{rank}", b"1")
+    sent_by_me = {}
+    for round_ in range(rounds):
+        go = json.loads(_get(store, f"go/{round_}", wait_s * 4 + JOIN_TIMEOUT_S) or b'{"stop": true}')
+        if go.get("stop"):
+            break
+        network.away.update(go["dead"])
+        _membership(network, plan, round_, store, me, set(go["dead"]))
+        if rank in network.away:
+            continue
+        sent = network.send(me, round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"}.get(rank))
+        if trouble.get("crash") == round_:
+            os._exit(17)  # killed mid-round: trained, never sent
+        time.sleep(trouble.get("slow", {}).get(round_, 0.0))
+        sent_by_me[round_] = sent
+        store.set(f"{round_}/sent/{rank}", _pack(sent))
+        arrival = json.loads(_get(store, f"{round_}/arrived", wait_s * 4 + JOIN_TIMEOUT_S))
+        everyone = [sent_by_me[round_] if p == rank else _unpack(store.get(f"{round_}/sent/{p}"))
+                    for p in arrival["peers"]]
+        # A payload past the deadline arrives with the next round, where it is stale.
+        overdue = [d for r, p in arrival["overdue"] for d in _unpack(store.get(f"{r}/sent/{p}")).outgoing]
+        arrived = network.carried + overdue + [d for s in everyone for d in s.outgoing]
+        network.carried = [d for s in everyone for d in s.late]
+        (received,) = network.deliver(round_, arrived, network.receivers())
+        store.set(f"{round_}/recv/{rank}", json.dumps({"contributing": received.contributing_peers,
+                                                       "digest": _digest(me.model)}).encode())
+        if arrival["peers"] and rank == arrival["peers"][0]:  # the reporter
+            views = [json.loads(_get(store, f"{round_}/recv/{p}", wait_s) or b"null") for p in arrival["peers"]]
+            views = [v for v in views if v is not None]
+            # Replicas live in other processes: compared by digest, a disagreement reads NaN.
+            same = len(views) == len(arrival["peers"]) and len({v["digest"] for v in views}) == 1
+            record = network.record(round_, everyone, received.rejected, [v["contributing"] for v in views],
+                                    0.0 if same else float("nan"), round_ % eval_every == 0 or round_ + 1 == rounds)
+            leaving = plan.leaving(round_)
+            if leaving:  # as simulate counts churn: on membership, not on a payload
+                record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
+            if arrival["missing"]:
+                record["missing"] = arrival["missing"]
+            store.set(f"{round_}/record", json.dumps(record, sort_keys=True).encode())
+
+
+def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead: set) -> None:
+    """The plan's churn for this round, applied identically in every process; a returning
+    peer's own process loads the current weights from the lowest present peer."""
+    for fault in plan.returning(round_):
+        if fault.peer in dead:
+            continue
+        peer = network.peers[fault.peer]
+        if fault.rejoin_tier is not None:
+            peer.tiers = layer_tiers(fault.rejoin_tier, network.config.model.num_hidden_layers)
+        peer.state = DistroState.fresh(network.config.distro)
+        donor = min(p.id for p in network.present())
+        key = f"{round_}/weights/{fault.peer}"
+        if me is not None and me.id == donor:
+            store.set(key, safetensors.torch.save({n: t.contiguous() for n, t in me.model.state_dict().items()}))
+        if me is not None and me.id == fault.peer:
+            me.model.load_state_dict(safetensors.torch.load(_get(store, key, JOIN_TIMEOUT_S)))
+            me.model.set_tiers(peer.tiers)
+        network.away.discard(fault.peer)
+    for fault in plan.leaving(round_):
+        if fault.peer not in network.away:
+            network.leave(fault.peer)
+
+
+def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
+                         faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
+                         out: str | Path | None = None, eval_every: int | None = None,
+                         deadline_s: float | None = None, round_deadline_s: float | None = None,
+                         on_round: Callable[[dict], None] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S,
+                         trouble: dict[int, dict] | None = None) -> RunResult:
+    """`simulate` with every peer in its own process, on CPU: the same records. The
+    coordinator (this process) waits up to `round_deadline_s` (default: the config's
+    max_round_train_time) after a round's first payload for the others; a peer whose payload is not there is
+    left out of that round ("missing" in the record; its payload, if it comes, is delivered
+    next round as stale), and a peer whose process has died is left out for good.
+    `deadline_s` ends the run at a round boundary, like --headless-exit-after-secs.
+    `trouble` ({peer: {"crash": round} | {"slow": {round: seconds}} | {"never_join": True}})
+    makes peers misbehave, for tests of what only a process boundary shows."""
+    rounds = config.total_steps if rounds is None else rounds
+    if rounds < 1:
+        raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
+    eval_every = eval_every or max(1, -(-rounds // EVAL_POINTS))
+    probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
+    plan = faults if isinstance(faults, FaultPlan) else plan_faults(
+        parse_fault_spec(faults), len(probe.peers), rounds, seed, max(max(p.tiers) for p in probe.peers))
+    fractions = [p.helper_fraction for p in probe.peers]
+    wait_s = round_deadline_s or config.max_round_train_time
+    trouble = trouble or {}
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    context = multiprocessing.get_context("spawn")
+    workers = {rank: context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
+                                     args=(rank, store.port, config, list(tiers), fractions, plan, seed, rounds,
+                                           eval_every, wait_s, trouble.get(rank, {})))
+               for rank in range(len(probe.peers))}
+    records, timings, dead, overdue, stopped_early = [], [], set(), [], False
+    try:
+        for rank, worker in workers.items():
+            if not trouble.get(rank, {}).get("never_join"):
+                worker.start()
+        _await_joins(store, workers, join_timeout_s)
+        start = time.perf_counter()
+        for round_ in range(rounds):
+            tick = time.perf_counter()
+            store.set(f"go/{round_}", json.dumps({"dead": sorted(dead)}).encode())
+            _membership(probe, plan, round_, store, None, dead)  # membership only: it holds no replica
+            probe.away.update(dead)
+            present = [p.id for p in probe.present()]
+            arrived = _collect(store, round_, present, workers, wait_s)
+            missing = [p for p in present if p not in arrived]
+            dead.update(p for p in missing if not workers[p].is_alive())
+            store.set(f"{round_}/arrived", json.dumps({"peers": arrived, "missing": missing,
+                                                       "overdue": overdue}).encode())
+            overdue = [[round_, p] for p in missing if p not in dead]
+            if not arrived:
+                raise SimError(f"round {round_}: no peer's payload arrived within {wait_s * 10:g} s")
+            records.append(json.loads(_await(store, f"{round_}/record", workers, time.perf_counter() + wait_s * 4)))
+            timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
+            if on_round:
+                on_round(records[-1])
+            if deadline_s is not None and time.perf_counter() - start >= deadline_s and round_ + 1 < rounds:
+                stopped_early = True
+                store.set(f"go/{round_ + 1}", json.dumps({"stop": True}).encode())
+                break
+    finally:
+        _stop(workers)
+        probe.close()
+    result = RunResult(records, timings, probe.source.entropy_rate, stopped_early, {})
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        (out / "timing.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timings))
+        (out / "summary.json").write_text(json.dumps(summary(result), indent=2, sort_keys=True))
+    return result
+
+
+def _collect(store, round_: int, present: list[int], workers: dict, wait_s: float) -> list[int]:
+    """The present peers whose payload is in the store by the round's deadline, in peer
+    order. The deadline runs from the first payload of the round, so a machine that is
+    slow for everyone (a loaded CI runner, the first round's warm-up) delays the round
+    instead of dropping every peer; waiting for that first payload is bounded too."""
+    first_by = time.perf_counter() + wait_s * 10
+    until, waiting = None, set(present)
+    while waiting:
+        now = time.perf_counter()
+        arrived = {p for p in waiting if store.check([f"{round_}/sent/{p}"])}
+        if arrived and until is None:
+            until = now + wait_s
+        waiting = {p for p in waiting - arrived if workers[p].is_alive()}
+        if not waiting or (until is not None and now >= until) or (until is None and now >= first_by):
+            break
+        time.sleep(0.002)
+    return [p for p in present if store.check([f"{round_}/sent/{p}"])]
+
+
+def _stop(workers: dict) -> None:
+    """Every child ends: joined if it finished, killed otherwise. No process is left behind."""
+    for worker in (w for w in workers.values() if w.pid is not None):
+        worker.join(timeout=10)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def _await_joins(store, workers: dict, timeout_s: float) -> None:
+    until = time.monotonic() + timeout_s
+    for rank, worker in workers.items():
+        while not store.check([f"joined/{rank}"]):
+            if worker.pid is not None and not worker.is_alive():
+                raise SimError(f"peer {rank}'s process exited (code {worker.exitcode}) before joining the run")
+            if time.monotonic() > until:
+                raise SimError(f"peer {rank} did not join within {timeout_s:.0f} s: the run needs every peer's "
+                               f"process to start and reach the store")
+            time.sleep(0.05)
+
+
+def _await(store, key: str, workers: dict, until: float) -> bytes:
+    while not store.check([key]):
+        if all(not w.is_alive() for w in workers.values()):
+            raise SimError(f"every peer process has exited before {key.split('/')[0]} rounds completed")
+        if time.perf_counter() > until:
+            raise SimError(f"the distributed run made no progress to {key!r} before its timeout")
+        time.sleep(0.01)
+    return store.get(key)

@@ -1,0 +1,65 @@
+"""The multi-process backend (sim/distributed.py): exact parity with the in-process
+simulator, and the faults only a process boundary shows. Every test runs under a hard
+timeout and checks that no peer process outlives it."""
+import multiprocessing
+import signal
+
+import pytest
+
+from sim.config import load_config
+from sim.distributed import simulate_distributed
+from sim.errors import SimError
+from sim.run import simulate
+
+TINY = load_config("tiny")
+
+
+@pytest.fixture(autouse=True)
+def hard_timeout_and_no_leftovers():
+    def expire(signum, frame):
+        raise TimeoutError("distributed test exceeded its 240 s timeout")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(240)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert multiprocessing.active_children() == [], "a peer process outlived its test"
+
+
+@pytest.mark.parametrize("config, tiers, helpers, faults", [
+    ("tiny", [0, 1], None, None),
+    ("tiny", [0, 1, 2, (1, 0)], [0, 0.5, 0.25, 0], "drop=0.1,late=0.1,duplicate=0.1,corrupt=0.1,byzantine=0.1,churn=0.25"),
+    ("test-nanogpt-small", [0, 1, 1], None, "nan=0.2,corrupt=0.1"),
+])
+def test_distributed_metrics_equal_the_in_process_simulators_exactly(config, tiers, helpers, faults):
+    run = load_config(config)
+    rounds = 6 if config == "tiny" else 3
+    local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu")
+    remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds)
+    assert remote.records == local.records
+
+
+def test_a_peer_killed_mid_round_is_left_out_and_the_others_complete_every_round():
+    result = simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=5, round_deadline_s=3, trouble={2: {"crash": 2}})
+    assert len(result.records) == 5
+    assert [r.get("missing", []) for r in result.records] == [[], [], [2], [], []]
+    assert [r["contributing_peers"] for r in result.records] == [3, 3, 2, 2, 2]
+    assert all(r["replica_max_diff"] == 0.0 and r["receivers_agree"] for r in result.records)
+
+
+def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_stale():
+    result = simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=4, round_deadline_s=3.0,
+                                  trouble={1: {"slow": {1: 6.0}}})
+    assert result.records[1]["missing"] == [1]
+    # A missed payload arrives with the next round, stale: counted, never applied. (Behind by
+    # then, the slow peer may miss round 2 too.)
+    assert result.rejected() == {"stale_round": sum(len(r.get("missing", [])) for r in result.records[:-1])}
+    for r in result.records:
+        assert r["contributing_peers"] == 3 - len(r.get("missing", [])) and r["replica_max_diff"] == 0.0
+
+
+def test_a_peer_that_never_joins_is_a_clear_error_not_a_hang():
+    with pytest.raises(SimError, match="peer 1 did not join within 3 s"):
+        simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=3, join_timeout_s=3, trouble={1: {"never_join": True}})
