@@ -384,10 +384,11 @@ def _replica_max_diff(models) -> float:
                 a, param = (align_prefix_grad(name, t, narrower) for t in (a, param))
             mine.append(a)
             theirs.append(param)
-    if not mine:
+    differ = [(a, b) for a, b in zip(mine, theirs) if not torch.equal(a, b)]  # the usual case: none
+    if not differ:
         return 0.0
     with torch.no_grad():  # a single sync, not one .item() per tensor
-        return torch.stack([(a - b).abs_().amax() for a, b in zip(mine, theirs)]).max().item()
+        return torch.stack([(a - b).abs_().amax() for a, b in differ]).max().item()
 
 
 def _holds_full(model) -> bool:
