@@ -22,7 +22,7 @@ from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
 from sim.run import simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
-from sim.distributed import simulate_distributed
+from sim.distributed import run_peer, simulate_distributed, torchrun_rank
 from sim.reproduce import reproduce
 from sim.tiers import parse_client_tiers, parse_int_list, tier_width
 
@@ -170,11 +170,7 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
                  backend: str = "inprocess", echo: bool = True) -> dict:
     """One testnet run: validated first, then metrics, summary, scenario.json and a log
     whose lines carry `loss=` (the chapter's grep reads them) under `out`."""
-    run = load_config(config_path)
-    tiers = parse_client_tiers(tiers_text)
-    helpers = parse_fractions(helper_text)
-    if rotation_interval is not None:
-        run = run.replace(helper_rotation_interval=rotation_interval)
+    run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval)
     rounds = rounds or run.total_steps
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "run.log", "w")
@@ -216,6 +212,14 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
     return meta
 
 
+def scenario_inputs(config_path, tiers_text: str, helper_text: str | None, rotation_interval: int | None):
+    """(run config, per-client tiers, helper fractions) from the testnet flags."""
+    run = load_config(config_path)
+    if rotation_interval is not None:
+        run = run.replace(helper_rotation_interval=rotation_interval)
+    return run, parse_client_tiers(tiers_text), parse_fractions(helper_text)
+
+
 def parse_fractions(text: str | None) -> list[float] | None:
     if not text:
         return None
@@ -248,6 +252,14 @@ def _validate_testnet(args) -> None:
 def cmd_testnet(args) -> None:
     _validate_testnet(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(name)s %(message)s")
+    if torchrun_rank():  # a peer rank under torchrun: rank 0 coordinates and writes every result
+        run, tiers, helpers = scenario_inputs(args.config_path, args.client_matformer_tiers,
+                                              args.client_matformer_helper_fractions,
+                                              args.matformer_helper_rotation_interval)
+        run_peer(run, tiers, helpers, args.faults, args.seed, rounds=args.rounds, eval_every=args.eval_every)
+        return
+    if torchrun_rank() == 0:
+        args.backend = "distributed"
     out = Path(args.out or "results/testnet")
     tiers = args.client_matformer_tiers
     kind = "baseline" if set(tiers.split(",")) == {"0"} else "heterogeneous"

@@ -78,14 +78,14 @@ def _get(store, key: str, timeout_s: float) -> bytes | None:
     return store.get(key)
 
 
-def peer_process(rank: int, port: int, config: RunConfig, tiers, fractions, plan: FaultPlan, seed: int,
+def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, fractions, plan: FaultPlan, seed: int,
                  rounds: int, eval_every: int, wait_s: float, trouble: dict) -> None:
     """One peer's process: join, then, round by round in step with the coordinator, run its
     send half, deliver what the coordinator says arrived to its own replica, and (when it is
     the lowest peer whose payload arrived) publish the round's record.
     `trouble` ({"crash": round, "slow": {round: seconds}}) makes this process misbehave."""
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     network = Network(config, tiers, fractions, seed, device="cpu", only=rank)
     me = network.peers[rank]
     store.set(f"joined/{rank}", b"1")
@@ -160,12 +160,16 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                          trouble: dict[int, dict] | None = None) -> RunResult:
     """`simulate` with every peer in its own process, on CPU: the same records. The
     coordinator (this process) waits up to `round_deadline_s` (default: the config's
-    max_round_train_time) after a round's first payload for the others; a peer whose payload is not there is
-    left out of that round ("missing" in the record; its payload, if it comes, is delivered
-    next round as stale), and a peer whose process has died is left out for good.
-    `deadline_s` ends the run at a round boundary, like --headless-exit-after-secs.
-    `trouble` ({peer: {"crash": round} | {"slow": {round: seconds}} | {"never_join": True}})
-    makes peers misbehave, for tests of what only a process boundary shows."""
+    max_round_train_time) after a round's first payload for the others; a peer whose
+    payload is not there is left out of that round ("missing" in the record; its payload,
+    if it comes, is delivered next round as stale), and a peer whose process has died is
+    left out for good. `deadline_s` ends the run at a round boundary, like
+    --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": {round:
+    seconds}} | {"never_join": True}}) makes peers misbehave, for tests of what only a
+    process boundary shows.
+
+    Under torchrun (RANK and WORLD_SIZE set), this process is rank 0, the coordinator:
+    it hosts the store on MASTER_ADDR:MASTER_PORT and ranks 1..N run the peers (`run_peer`)."""
     rounds = config.total_steps if rounds is None else rounds
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
@@ -176,18 +180,29 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     fractions = [p.helper_fraction for p in probe.peers]
     wait_s = round_deadline_s or config.max_round_train_time
     trouble = trouble or {}
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    context = multiprocessing.get_context("spawn")
-    workers = {rank: context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
-                                     args=(rank, store.port, config, list(tiers), fractions, plan, seed, rounds,
-                                           eval_every, wait_s, trouble.get(rank, {})))
-               for rank in range(len(probe.peers))}
+    launched = torchrun_rank() is not None
+    if launched:  # the peers are other torchrun ranks, maybe on other machines: liveness unknown here
+        _check_world(len(probe.peers))
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=True,
+                              wait_for_workers=False)
+        workers = {}
+    else:
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        context = multiprocessing.get_context("spawn")
+        workers = {rank: context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
+                                         args=(rank, "127.0.0.1", store.port, config, list(tiers), fractions, plan,
+                                               seed, rounds, eval_every, wait_s, trouble.get(rank, {})))
+                   for rank in range(len(probe.peers))}
+
+    def alive(peer: int) -> bool:
+        return peer not in workers or workers[peer].is_alive()
+
     records, timings, dead, overdue, stopped_early = [], [], set(), [], False
     try:
         for rank, worker in workers.items():
             if not trouble.get(rank, {}).get("never_join"):
                 worker.start()
-        _await_joins(store, workers, join_timeout_s)
+        _await_joins(store, len(probe.peers), workers, join_timeout_s)
         start = time.perf_counter()
         for round_ in range(rounds):
             tick = time.perf_counter()
@@ -195,15 +210,16 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
             _membership(probe, plan, round_, store, None, dead)  # membership only: it holds no replica
             probe.away.update(dead)
             present = [p.id for p in probe.present()]
-            arrived = _collect(store, round_, present, workers, wait_s)
+            arrived = _collect(store, round_, present, alive, wait_s)
             missing = [p for p in present if p not in arrived]
-            dead.update(p for p in missing if not workers[p].is_alive())
+            dead.update(p for p in missing if not alive(p))
             store.set(f"{round_}/arrived", json.dumps({"peers": arrived, "missing": missing,
                                                        "overdue": overdue}).encode())
             overdue = [[round_, p] for p in missing if p not in dead]
             if not arrived:
                 raise SimError(f"round {round_}: no peer's payload arrived within {wait_s * 10:g} s")
-            records.append(json.loads(_await(store, f"{round_}/record", workers, time.perf_counter() + wait_s * 4)))
+            records.append(json.loads(_await(store, f"{round_}/record", alive, len(probe.peers),
+                                             time.perf_counter() + wait_s * 4)))
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if on_round:
                 on_round(records[-1])
@@ -211,6 +227,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                 stopped_early = True
                 store.set(f"go/{round_ + 1}", json.dumps({"stop": True}).encode())
                 break
+        if launched:  # torchrun peers wait for the go of a round past the last: tell them to stop
+            store.set(f"go/{len(records)}", json.dumps({"stop": True}).encode())
     finally:
         _stop(workers)
         probe.close()
@@ -224,7 +242,35 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     return result
 
 
-def _collect(store, round_: int, present: list[int], workers: dict, wait_s: float) -> list[int]:
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun launched it, else None."""
+    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
+def _check_world(peers: int) -> None:
+    world = int(os.environ["WORLD_SIZE"])
+    if world != peers + 1:
+        raise ConfigError(f"torchrun started {world} processes for {peers} clients: start one per client plus the "
+                          f"coordinator (rank 0), i.e. {peers + 1} in all")
+
+
+def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
+             faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
+             eval_every: int | None = None, round_deadline_s: float | None = None) -> None:
+    """A torchrun rank r >= 1: peer r - 1 of the run the coordinator (rank 0) drives. It takes
+    the same arguments as the coordinator, so it derives the same plan without asking."""
+    rounds = config.total_steps if rounds is None else rounds
+    probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
+    _check_world(len(probe.peers))
+    plan = faults if isinstance(faults, FaultPlan) else plan_faults(
+        parse_fault_spec(faults), len(probe.peers), rounds, seed, max(max(p.tiers) for p in probe.peers))
+    peer_process(torchrun_rank() - 1, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), config, list(tiers),
+                 [p.helper_fraction for p in probe.peers], plan, seed, rounds,
+                 eval_every or max(1, -(-rounds // EVAL_POINTS)), round_deadline_s or config.max_round_train_time, {})
+    probe.close()
+
+
+def _collect(store, round_: int, present: list[int], alive: Callable[[int], bool], wait_s: float) -> list[int]:
     """The present peers whose payload is in the store by the round's deadline, in peer
     order. The deadline runs from the first payload of the round, so a machine that is
     slow for everyone (a loaded CI runner, the first round's warm-up) delays the round
@@ -236,7 +282,7 @@ def _collect(store, round_: int, present: list[int], workers: dict, wait_s: floa
         arrived = {p for p in waiting if store.check([f"{round_}/sent/{p}"])}
         if arrived and until is None:
             until = now + wait_s
-        waiting = {p for p in waiting - arrived if workers[p].is_alive()}
+        waiting = {p for p in waiting - arrived if alive(p)}
         if not waiting or (until is not None and now >= until) or (until is None and now >= first_by):
             break
         time.sleep(0.002)
@@ -252,11 +298,12 @@ def _stop(workers: dict) -> None:
             worker.join()
 
 
-def _await_joins(store, workers: dict, timeout_s: float) -> None:
+def _await_joins(store, peers: int, workers: dict, timeout_s: float) -> None:
     until = time.monotonic() + timeout_s
-    for rank, worker in workers.items():
+    for rank in range(peers):
+        worker = workers.get(rank)
         while not store.check([f"joined/{rank}"]):
-            if worker.pid is not None and not worker.is_alive():
+            if worker is not None and worker.pid is not None and not worker.is_alive():
                 raise SimError(f"peer {rank}'s process exited (code {worker.exitcode}) before joining the run")
             if time.monotonic() > until:
                 raise SimError(f"peer {rank} did not join within {timeout_s:.0f} s: the run needs every peer's "
@@ -264,9 +311,9 @@ def _await_joins(store, workers: dict, timeout_s: float) -> None:
             time.sleep(0.05)
 
 
-def _await(store, key: str, workers: dict, until: float) -> bytes:
+def _await(store, key: str, alive: Callable[[int], bool], peers: int, until: float) -> bytes:
     while not store.check([key]):
-        if all(not w.is_alive() for w in workers.values()):
+        if not any(alive(p) for p in range(peers)):
             raise SimError(f"every peer process has exited before {key.split('/')[0]} rounds completed")
         if time.perf_counter() > until:
             raise SimError(f"the distributed run made no progress to {key!r} before its timeout")

@@ -1,8 +1,12 @@
 """The multi-process backend (sim/distributed.py): exact parity with the in-process
 simulator, and the faults only a process boundary shows. Every test runs under a hard
 timeout and checks that no peer process outlives it."""
+import json
 import multiprocessing
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +67,17 @@ def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_
 def test_a_peer_that_never_joins_is_a_clear_error_not_a_hang():
     with pytest.raises(SimError, match="peer 1 did not join within 3 s"):
         simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=3, join_timeout_s=3, trouble={1: {"never_join": True}})
+
+
+def test_a_torchrun_launch_gives_the_same_metrics_as_the_in_process_simulator(tmp_path):
+    """torchrun starts the coordinator (rank 0) and one process per client; rank 0 writes."""
+    flags = ["--num-clients", "2", "--config-path", "tiny", "--client-matformer-tiers", "0,1", "--rounds", "3",
+             "--faults", "drop=0.2,corrupt=0.2", "--seed", "4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PYTEST_XDIST_WORKER")}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                               "-m", "sim", "testnet", "start", "--backend", "distributed", *flags,
+                               "--out", str(tmp_path / "torchrun")], capture_output=True, text=True, timeout=200, env=env)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    local = simulate(TINY, [0, 1], faults="drop=0.2,corrupt=0.2", seed=4, rounds=3, device="cpu")
+    lines = (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == local.records
