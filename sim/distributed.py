@@ -299,16 +299,18 @@ def _stop(workers: dict) -> None:
 
 
 def _await_joins(store, peers: int, workers: dict, timeout_s: float) -> None:
-    until = time.monotonic() + timeout_s
-    for rank in range(peers):
-        worker = workers.get(rank)
-        while not store.check([f"joined/{rank}"]):
+    until, waiting = time.monotonic() + timeout_s, set(range(peers))
+    while waiting:
+        waiting = {p for p in waiting if not store.check([f"joined/{p}"])}
+        for p in waiting:
+            worker = workers.get(p)
             if worker is not None and worker.pid is not None and not worker.is_alive():
-                raise SimError(f"peer {rank}'s process exited (code {worker.exitcode}) before joining the run")
-            if time.monotonic() > until:
-                raise SimError(f"peer {rank} did not join within {timeout_s:.0f} s: the run needs every peer's "
-                               f"process to start and reach the store")
-            time.sleep(0.05)
+                raise SimError(f"peer {p}'s process exited (code {worker.exitcode}) before joining the run")
+        if waiting and time.monotonic() > until:
+            names = ", ".join(map(str, sorted(waiting)))
+            raise SimError(f"peer{'s' if len(waiting) > 1 else ''} {names} did not join within {timeout_s:g} s: the "
+                           f"run needs every peer's process to start and reach the store")
+        time.sleep(0.05)
 
 
 def _await(store, key: str, alive: Callable[[int], bool], peers: int, until: float) -> bytes:

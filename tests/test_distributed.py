@@ -65,8 +65,8 @@ def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_
 
 
 def test_a_peer_that_never_joins_is_a_clear_error_not_a_hang():
-    with pytest.raises(SimError, match="peer 1 did not join within 3 s"):
-        simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=3, join_timeout_s=3, trouble={1: {"never_join": True}})
+    with pytest.raises(SimError, match="^peer 1 did not join within 20 s"):
+        simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=3, join_timeout_s=20, trouble={1: {"never_join": True}})
 
 
 def test_a_torchrun_launch_gives_the_same_metrics_as_the_in_process_simulator(tmp_path):
