@@ -37,8 +37,8 @@ import torch.distributed as dist
 from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
-from sim.faults import FaultPlan, parse_fault_spec, plan_faults
-from sim.run import EVAL_POINTS, Network, RunResult, Sent, summary
+from sim.faults import FaultPlan
+from sim.run import Network, RunResult, Sent, default_eval_every, fault_plan, summary
 from sim.tiers import layer_tiers
 
 JOIN_TIMEOUT_S = 120.0
@@ -173,10 +173,9 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     rounds = config.total_steps if rounds is None else rounds
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
-    eval_every = eval_every or max(1, -(-rounds // EVAL_POINTS))
+    eval_every = eval_every or default_eval_every(rounds)
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
-    plan = faults if isinstance(faults, FaultPlan) else plan_faults(
-        parse_fault_spec(faults), len(probe.peers), rounds, seed, max(max(p.tiers) for p in probe.peers))
+    plan = fault_plan(faults, probe, rounds, seed)
     fractions = [p.helper_fraction for p in probe.peers]
     wait_s = round_deadline_s or config.max_round_train_time
     trouble = trouble or {}
@@ -262,11 +261,9 @@ def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     rounds = config.total_steps if rounds is None else rounds
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
     _check_world(len(probe.peers))
-    plan = faults if isinstance(faults, FaultPlan) else plan_faults(
-        parse_fault_spec(faults), len(probe.peers), rounds, seed, max(max(p.tiers) for p in probe.peers))
     peer_process(torchrun_rank() - 1, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), config, list(tiers),
-                 [p.helper_fraction for p in probe.peers], plan, seed, rounds,
-                 eval_every or max(1, -(-rounds // EVAL_POINTS)), round_deadline_s or config.max_round_train_time, {})
+                 [p.helper_fraction for p in probe.peers], fault_plan(faults, probe, rounds, seed), seed, rounds,
+                 eval_every or default_eval_every(rounds), round_deadline_s or config.max_round_train_time, {})
     probe.close()
 
 

@@ -323,13 +323,12 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     rounds = config.total_steps if rounds is None else rounds
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
-    eval_every = max(1, math.ceil(rounds / EVAL_POINTS)) if eval_every is None else eval_every
+    eval_every = default_eval_every(rounds) if eval_every is None else eval_every
     if eval_every < 1:
         raise ConfigError(f"eval_every {eval_every} is invalid: expected an integer >= 1")
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
                       apply_rule=apply_rule, weight_decay=weight_decay, device=device)
-    plan = faults if isinstance(faults, FaultPlan) else plan_faults(
-        parse_fault_spec(faults), len(network.peers), rounds, seed, max(max(p.tiers) for p in network.peers))
+    plan = fault_plan(faults, network, rounds, seed)
     out = Path(out) if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -370,6 +369,18 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     if out:
         (out / "summary.json").write_text(json.dumps(summary(result), indent=2, sort_keys=True))
     return result
+
+
+def default_eval_every(rounds: int) -> int:
+    return max(1, math.ceil(rounds / EVAL_POINTS))
+
+
+def fault_plan(faults: FaultPlan | str | None, network: Network, rounds: int, seed: int) -> FaultPlan:
+    """A FaultPlan as given, or drawn from a spec ("drop=0.1,churn=0.05") for this network."""
+    if isinstance(faults, FaultPlan):
+        return faults
+    return plan_faults(parse_fault_spec(faults), len(network.peers), rounds, seed,
+                       max(max(p.tiers) for p in network.peers))
 
 
 def _replica_max_diff(models) -> float:
