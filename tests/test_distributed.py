@@ -74,10 +74,26 @@ def test_a_torchrun_launch_gives_the_same_metrics_as_the_in_process_simulator(tm
     flags = ["--num-clients", "2", "--config-path", "tiny", "--client-matformer-tiers", "0,1", "--rounds", "3",
              "--faults", "drop=0.2,corrupt=0.2", "--seed", "4"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PYTEST_XDIST_WORKER")}
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-                               "-m", "sim", "testnet", "start", "--backend", "distributed", *flags,
-                               "--out", str(tmp_path / "torchrun")], capture_output=True, text=True, timeout=200, env=env)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    # Its own process group, so a timeout takes torchrun's workers down with it.
+    launched = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                                 "-m", "sim", "testnet", "start", "--backend", "distributed", *flags,
+                                 "--out", str(tmp_path / "torchrun")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = launched.communicate(timeout=200)
+        assert not group_alive(launched.pid), "a torchrun worker outlived the launch"
+    finally:
+        if group_alive(launched.pid):
+            os.killpg(launched.pid, signal.SIGKILL)
+    assert launched.returncode == 0, stderr[-3000:]
     local = simulate(TINY, [0, 1], faults="drop=0.2,corrupt=0.2", seed=4, rounds=3, device="cpu")
     lines = (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == local.records
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
