@@ -41,5 +41,5 @@ def test_adamw_rule_matches_torch_adamw_over_several_rounds():
 
 
 def test_adamw_without_state_is_a_clear_error():
-    with pytest.raises(SimError, match="adam_state"):
+    with pytest.raises(SimError, match=r"^ApplyRule.ADAMW needs an adam_state dict that persists across rounds$"):
         apply_update({"w": fixed(5)}, {"w": fixed(6)}, lr=0.1, rule=ApplyRule.ADAMW)
