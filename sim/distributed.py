@@ -38,7 +38,7 @@ from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
 from sim.faults import FaultPlan
-from sim.run import Network, RunResult, Sent, default_eval_every, fault_plan, summary
+from sim.run import Network, RunResult, Sent, count_churn, evaluates, fault_plan, run_length, summary
 from sim.tiers import layer_tiers
 
 JOIN_TIMEOUT_S = 120.0
@@ -89,7 +89,6 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
     network = Network(config, tiers, fractions, seed, device="cpu", only=rank)
     me = network.peers[rank]
     store.set(f"joined/{rank}", b"1")
-    sent_by_me = {}
     for round_ in range(rounds):
         go = json.loads(_get(store, f"go/{round_}", wait_s * 4 + JOIN_TIMEOUT_S) or b'{"stop": true}')
         if go.get("stop"):
@@ -98,14 +97,13 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
         _membership(network, plan, round_, store, me, set(go["dead"]))
         if rank in network.away:
             continue
-        sent = network.send(me, round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"}.get(rank))
+        sent = network.send(me, round_, plan.on_payloads(round_).get(rank))
         if trouble.get("crash") == round_:
             os._exit(17)  # killed mid-round: trained, never sent
         time.sleep(trouble.get("slow", {}).get(round_, 0.0))
-        sent_by_me[round_] = sent
         store.set(f"{round_}/sent/{rank}", _pack(sent))
         arrival = json.loads(_get(store, f"{round_}/arrived", wait_s * 4 + JOIN_TIMEOUT_S))
-        everyone = [sent_by_me[round_] if p == rank else _unpack(store.get(f"{round_}/sent/{p}"))
+        everyone = [sent if p == rank else _unpack(store.get(f"{round_}/sent/{p}"))
                     for p in arrival["peers"]]
         # A payload past the deadline arrives with the next round, where it is stale.
         overdue = [d for r, p in arrival["overdue"] for d in _unpack(store.get(f"{r}/sent/{p}")).outgoing]
@@ -119,11 +117,9 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
             views = [v for v in views if v is not None]
             # Replicas live in other processes: compared by digest, a disagreement reads NaN.
             same = len(views) == len(arrival["peers"]) and len({v["digest"] for v in views}) == 1
-            record = network.record(round_, everyone, received.rejected, [v["contributing"] for v in views],
-                                    0.0 if same else float("nan"), round_ % eval_every == 0 or round_ + 1 == rounds)
-            leaving = plan.leaving(round_)
-            if leaving:  # as simulate counts churn: on membership, not on a payload
-                record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
+            record = count_churn(network.record(
+                round_, everyone, received.rejected, [v["contributing"] for v in views], 0.0 if same else float("nan"),
+                evaluates(round_, eval_every, rounds, arrival["last"])), plan.leaving(round_))
             if arrival["missing"]:
                 record["missing"] = arrival["missing"]
             store.set(f"{round_}/record", json.dumps(record, sort_keys=True).encode())
@@ -170,10 +166,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
 
     Under torchrun (RANK and WORLD_SIZE set), this process is rank 0, the coordinator:
     it hosts the store on MASTER_ADDR:MASTER_PORT and ranks 1..N run the peers (`run_peer`)."""
-    rounds = config.total_steps if rounds is None else rounds
-    if rounds < 1:
-        raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
-    eval_every = eval_every or default_eval_every(rounds)
+    rounds, eval_every = run_length(config, rounds, eval_every)
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
     plan = fault_plan(faults, probe, rounds, seed)
     fractions = [p.helper_fraction for p in probe.peers]
@@ -212,8 +205,11 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
             arrived = _collect(store, round_, present, alive, wait_s)
             missing = [p for p in present if p not in arrived]
             dead.update(p for p in missing if not alive(p))
-            store.set(f"{round_}/arrived", json.dumps({"peers": arrived, "missing": missing,
-                                                       "overdue": overdue}).encode())
+            # Decided before the record, as simulate does, so the last round run is evaluated.
+            stopped_early = (deadline_s is not None and time.perf_counter() - start >= deadline_s
+                             and round_ + 1 < rounds)
+            store.set(f"{round_}/arrived", json.dumps({"peers": arrived, "missing": missing, "overdue": overdue,
+                                                       "last": stopped_early}).encode())
             overdue = [[round_, p] for p in missing if p not in dead]
             if not arrived:
                 raise SimError(f"round {round_}: no peer's payload arrived within {wait_s * 10:g} s")
@@ -222,8 +218,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if on_round:
                 on_round(records[-1])
-            if deadline_s is not None and time.perf_counter() - start >= deadline_s and round_ + 1 < rounds:
-                stopped_early = True
+            if stopped_early:
                 store.set(f"go/{round_ + 1}", json.dumps({"stop": True}).encode())
                 break
         if launched:  # torchrun peers wait for the go of a round past the last: tell them to stop
@@ -258,12 +253,12 @@ def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
              eval_every: int | None = None, round_deadline_s: float | None = None) -> None:
     """A torchrun rank r >= 1: peer r - 1 of the run the coordinator (rank 0) drives. It takes
     the same arguments as the coordinator, so it derives the same plan without asking."""
-    rounds = config.total_steps if rounds is None else rounds
+    rounds, eval_every = run_length(config, rounds, eval_every)
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
     _check_world(len(probe.peers))
     peer_process(torchrun_rank() - 1, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), config, list(tiers),
                  [p.helper_fraction for p in probe.peers], fault_plan(faults, probe, rounds, seed), seed, rounds,
-                 eval_every or default_eval_every(rounds), round_deadline_s or config.max_round_train_time, {})
+                 eval_every, round_deadline_s or config.max_round_train_time, {})
     probe.close()
 
 

@@ -49,6 +49,10 @@ class FaultPlan:
         """Peers absent in `round_` because of churn (they leave at the fault's round)."""
         return {f.peer for f in self.faults if f.kind == "churn" and f.round <= round_ < f.round + f.away}
 
+    def on_payloads(self, round_: int) -> dict[int, Fault]:
+        """{peer: fault} acting on what a peer sends in `round_` (churn acts on membership)."""
+        return {p: f for p, f in self.at(round_).items() if f.kind != "churn"}
+
     def leaving(self, round_: int) -> list[Fault]:
         return [f for f in self.faults if f.kind == "churn" and f.round == round_]
 

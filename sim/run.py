@@ -198,7 +198,9 @@ class Network:
         return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 
     def _full_replica(self):
-        return self.shared if self.shared is not None else next(p.model for p in self.present() if _holds_full(p.model))
+        """A present full-weights replica held by this process (never one living in another)."""
+        return self.shared if self.shared is not None else next(
+            p.model for p in self.present() if p.model is not None and _holds_full(p.model))
 
     def checkpoint(self, path: str | Path) -> Path:
         return save_checkpoint(self._full_replica(), path)
@@ -320,12 +322,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
 
     The held-out loss is measured on round 0, every `eval_every`-th round and the last
     round run (default: about EVAL_POINTS points per run)."""
-    rounds = config.total_steps if rounds is None else rounds
-    if rounds < 1:
-        raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
-    eval_every = default_eval_every(rounds) if eval_every is None else eval_every
-    if eval_every < 1:
-        raise ConfigError(f"eval_every {eval_every} is invalid: expected an integer >= 1")
+    rounds, eval_every = run_length(config, rounds, eval_every)
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
                       apply_rule=apply_rule, weight_decay=weight_decay, device=device)
     plan = fault_plan(faults, network, rounds, seed)
@@ -342,13 +339,10 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
             leaving = plan.leaving(round_)
             for fault in leaving:
                 network.leave(fault.peer)
-            record = network.round(round_, {p: f for p, f in plan.at(round_).items() if f.kind != "churn"},
-                                   evaluate=False)
-            if leaving:  # churn acts on membership, not on a payload, so round() cannot count it
-                record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
+            record = count_churn(network.round(round_, plan.on_payloads(round_), evaluate=False), leaving)
             stopped_early = (deadline_s is not None and time.perf_counter() - start >= deadline_s
                              and round_ + 1 < rounds)
-            if round_ % eval_every == 0 or round_ + 1 == rounds or stopped_early:
+            if evaluates(round_, eval_every, rounds, stopped_early):
                 record["eval_loss"] = network.eval_loss()
             records.append(record)
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
@@ -371,8 +365,30 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     return result
 
 
-def default_eval_every(rounds: int) -> int:
-    return max(1, math.ceil(rounds / EVAL_POINTS))
+def run_length(config: RunConfig, rounds: int | None, eval_every: int | None) -> tuple[int, int]:
+    """(rounds, eval_every), validated: the config's total_steps and about EVAL_POINTS
+    evaluations per run unless given."""
+    rounds = config.total_steps if rounds is None else rounds
+    if rounds < 1:
+        raise ConfigError(f"rounds {rounds} is invalid: expected an integer >= 1")
+    eval_every = max(1, math.ceil(rounds / EVAL_POINTS)) if eval_every is None else eval_every
+    if eval_every < 1:
+        raise ConfigError(f"eval_every {eval_every} is invalid: expected an integer >= 1")
+    return rounds, eval_every
+
+
+def evaluates(round_: int, eval_every: int, rounds: int, last: bool = False) -> bool:
+    """Whether a round's record carries the held-out loss: round 0, every eval_every-th,
+    the last of the run, and the one a deadline made last."""
+    return round_ % eval_every == 0 or round_ + 1 == rounds or last
+
+
+def count_churn(record: dict, leaving: Sequence) -> dict:
+    """Add the peers that left this round to the record's faults: churn acts on membership,
+    not on a payload, so the round itself cannot count it."""
+    if leaving:
+        record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
+    return record
 
 
 def fault_plan(faults: FaultPlan | str | None, network: Network, rounds: int, seed: int) -> FaultPlan:

@@ -53,15 +53,26 @@ def test_a_peer_killed_mid_round_is_left_out_and_the_others_complete_every_round
     assert all(r["replica_max_diff"] == 0.0 and r["receivers_agree"] for r in result.records)
 
 
-def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_stale():
+@pytest.mark.parametrize("slow", [1, 0])  # 0: the round's reporter is then not the lowest present peer
+def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_stale(slow):
     result = simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=4, round_deadline_s=3.0,
-                                  trouble={1: {"slow": {1: 6.0}}})
-    assert result.records[1]["missing"] == [1]
+                                  trouble={slow: {"slow": {1: 6.0}}})
+    assert result.records[1]["missing"] == [slow]
     # A missed payload arrives with the next round, stale: counted, never applied. (Behind by
     # then, the slow peer may miss round 2 too.)
     assert result.rejected() == {"stale_round": sum(len(r.get("missing", [])) for r in result.records[:-1])}
     for r in result.records:
         assert r["contributing_peers"] == 3 - len(r.get("missing", [])) and r["replica_max_diff"] == 0.0
+
+
+def test_a_deadline_ends_the_run_at_a_round_boundary_with_that_round_evaluated():
+    # Round 1 outlasts the 6 s deadline (a slow peer, inside the 20 s round deadline), so the
+    # run stops after it: not a round eval_every would evaluate. Round 0 has 6 s, even on a
+    # loaded CI runner.
+    result = simulate_distributed(TINY, [0, 1], seed=2, rounds=50, eval_every=10, deadline_s=6.0,
+                                  round_deadline_s=20, trouble={1: {"slow": {1: 8.0}}})
+    assert result.stopped_early and len(result.records) == 2
+    assert result.records[-1]["eval_loss"] is not None
 
 
 def test_a_peer_that_never_joins_is_a_clear_error_not_a_hang():
