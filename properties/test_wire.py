@@ -1,4 +1,6 @@
 """Wire format laws (sim/wire.py)."""
+import dataclasses
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -108,3 +110,16 @@ def test_duplicate_indices_in_a_block_are_rejected(case):
     wide[0].indices[..., 1] = wide[0].indices[..., 0]
     result = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
     assert isinstance(result, Rejection) and result.reason == "duplicate_index"
+
+
+@given(cases, st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.data())
+def test_a_non_finite_value_is_rejected_as_non_finite(case, value, data):
+    """Catches: NaN or Inf accepted onto every receiver's aggregate. (1-bit payloads carry
+    signs, so the case is made unquantized.)"""
+    model, distro, (payload,), _ = case
+    distro, payload.quantized = dataclasses.replace(distro, quantize_1bit=False), False
+    sparse = data.draw(st.sampled_from(sorted(payload.params)))
+    values = payload.params[sparse].values.view(-1)
+    values[data.draw(st.integers(0, values.numel() - 1))] = value
+    result = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
+    assert isinstance(result, Rejection) and result.reason == "non_finite", result
