@@ -244,13 +244,15 @@ def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def local_shapes(cfg: ModelConfig, tiers: int | Sequence[int]) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter as a peer at `tiers` holds and sends it."""
     widths = layer_widths(cfg.intermediate_size, tiers, cfg.num_hidden_layers)
-    shapes = {}
-    for name, shape in full_shapes(cfg).items():
-        if is_mlp_sliced(name):
-            shape = list(shape)
-            shape[prefix_dim(name)] = widths[mlp_layer(name)]
-        shapes[name] = tuple(shape)
-    return shapes
+    return {name: _ffn_resized(name, shape, widths[mlp_layer(name)]) if is_mlp_sliced(name) else shape
+            for name, shape in full_shapes(cfg).items()}
+
+
+def _ffn_resized(name: str, shape: tuple[int, ...], neurons: int) -> tuple[int, ...]:
+    """`shape` with `neurons` along the FFN axis of MLP tensor `name`."""
+    resized = list(shape)
+    resized[prefix_dim(name)] = neurons
+    return tuple(resized)
 
 
 def local_grads(model: MatFormerLM) -> dict[str, torch.Tensor]:
@@ -270,13 +272,8 @@ def helper_grads(model: MatFormerLM) -> dict[str, torch.Tensor]:
 
 def helper_shapes(cfg: ModelConfig, counts: dict[int, int]) -> dict[str, tuple[int, ...]]:
     """Shape of every helper slab a peer sends: `counts[layer]` neurons along the FFN axis."""
-    shapes = {}
-    for name, shape in full_shapes(cfg).items():
-        if is_mlp_sliced(name) and counts.get(mlp_layer(name), 0) > 0:
-            shape = list(shape)
-            shape[prefix_dim(name)] = counts[mlp_layer(name)]
-            shapes[name] = tuple(shape)
-    return shapes
+    return {name: _ffn_resized(name, shape, counts[mlp_layer(name)]) for name, shape in full_shapes(cfg).items()
+            if is_mlp_sliced(name) and counts.get(mlp_layer(name), 0) > 0}
 
 
 def is_mlp_sliced(name: str) -> bool:
