@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from properties.strategies import tensors
 from sim.config import DistroConfig
-from sim.distro import ChunkGrid, DistroState, chunk_size, coefficient_mean, compress, decompress
+from sim.distro import ChunkGrid, DistroState, chunk_size, coefficient_mean, coefficient_sum, compress, decompress
 
 shapes = st.one_of(st.tuples(st.integers(1, 150)), st.tuples(st.integers(1, 150), st.integers(1, 150)))
 chunks = st.integers(1, 70)
@@ -67,3 +67,21 @@ def test_an_all_zero_block_sends_only_absent_slots():
     sparse = compress(torch.zeros(8, 8), chunk=8, topk=4)
     assert torch.all(sparse.indices == sparse.grid.block_numel)
     assert torch.count_nonzero(decompress(sparse)) == 0
+
+
+@given(shapes, chunks, st.integers(0, 2), st.sampled_from(["mean", "sum"]), st.data())
+def test_pair_decode_equals_decoding_the_scattered_coefficients(shape, chunk, lead, reduce, data):
+    """decode_pairs builds blocks from (index, value) pairs; it must equal scattering them into
+    dense coefficients (mean or sum over repeats, absent slot dropped) and decoding.
+    Catches: the basis rows and columns swapped, repeats added under "mean", the absent slot
+    decoded as a coefficient, a stack of tensors decoded out of order."""
+    grid = ChunkGrid.of(shape, chunk)
+    n = data.draw(st.integers(1, sum(grid.block)), label="pairs per block")  # both routes: pairs and dense
+    pairs = (*[2] * lead, *grid.blocks, n)
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, grid.block_numel + 1, pairs, generator=gen)  # repeats and absent slots
+    values = torch.randn(pairs, generator=gen, dtype=torch.float64)
+    scatter = coefficient_mean if reduce == "mean" else coefficient_sum
+    torch.testing.assert_close(grid.decode_pairs(indices, values, reduce), grid.decode(scatter(grid, indices, values)),
+                               rtol=1e-10, atol=1e-12)

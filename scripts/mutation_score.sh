@@ -12,6 +12,10 @@ set -e
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || make .venv/.installed
 .venv/bin/python -m pip install -q "mutmut==3.8.1"
+# mutmut forks one child per mutant from a process that has run torch: with torch's thread
+# pool alive, a child can block forever on a lock one of the parent's threads held at the fork.
+# One thread per process means no pool, so nothing to deadlock.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-mutation} .venv/bin/mutmut run "$@" || true
 .venv/bin/mutmut results --all true | awk -F': ' '
     { count[$2]++; total++ }

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sim.align import align_prefix_grad, align_sparse_grad, prefix_dim
+from sim.align import align_prefix_grad, align_sparse_grad, alignable, prefix_dim
 from sim.config import DistroConfig, ModelConfig
-from sim.distro import ChunkGrid, Sparse, batch_decompress, coefficient_mean, coefficient_sum, decompress
+from sim.distro import ChunkGrid, Sparse, batch_decompress, decompress
 from sim.errors import AlignmentError, ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
 from sim.model import mlp_layer
 from sim.wire import Payload, Rejection, decode_payload
@@ -63,7 +63,7 @@ def align_blocks(name: str, sparse: Sparse, grid: ChunkGrid) -> tuple[torch.Tens
     if sparse.grid.block != grid.block:
         raise ChunkGridMismatch(f"{name}: sender blocks {sparse.grid.block} of {list(sparse.grid.shape)} do not "
                                 f"line up with receiver blocks {grid.block} of {list(grid.shape)}")
-    align_prefix_grad(name, torch.empty(sparse.grid.shape, device="meta"), grid.shape)  # checks the other axes
+    alignable(name, sparse.grid.shape, grid.shape)  # checks the other axes
     have, want = sparse.grid.blocks[dim], grid.blocks[dim]
     if have >= want:
         return sparse.indices.narrow(dim, 0, want), sparse.values.narrow(dim, 0, want)
@@ -127,7 +127,7 @@ def _dense_sum(name: str, payloads: Sequence[Payload], shape) -> tuple[torch.Ten
     for grid, members in groups.items():
         indices = torch.cat([m.indices for m in members], dim=-1)
         values = torch.cat([m.values for m in members], dim=-1)
-        dense = grid.decode(coefficient_sum(grid, indices, values))
+        dense = grid.decode_pairs(indices, values, reduce="sum")
         if grid.shape != tuple(shape):
             dense = align_prefix_grad(name, dense, shape)
         total += dense
@@ -144,7 +144,7 @@ def _check(payload: Payload, grids: dict[str, ChunkGrid], semantics: MeanSemanti
         if semantics is MeanSemantics.COEFF_MEAN:
             aligned[name] = align_blocks(name, sparse, grid)
         elif sparse.grid.shape != grid.shape:
-            align_prefix_grad(name, torch.empty(sparse.grid.shape, device="meta"), grid.shape)
+            alignable(name, sparse.grid.shape, grid.shape)
     for name, slab in payload.helper_params.items():
         dim, shape = prefix_dim(name), list(grids[name].shape)
         neurons = payload.helper_neurons[mlp_layer(name)]
@@ -205,7 +205,7 @@ def _coefficient_means(grids: dict[str, ChunkGrid], parts: Sequence[dict]) -> di
     for grid, names in by_grid.items():
         indices = torch.cat([torch.stack([part[name][0] for name in names]) for part in parts], dim=-1)
         values = torch.cat([torch.stack([part[name][1] for name in names]) for part in parts], dim=-1)
-        updates.update(zip(names, grid.decode(coefficient_mean(grid, indices, values)).unbind(0)))
+        updates.update(zip(names, grid.decode_pairs(indices, values).unbind(0)))
     return {name: updates[name] for name in grids}
 
 

@@ -44,6 +44,19 @@ def _check_target(name: str, target_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def alignable(name: str, source_shape: Sequence[int], target_shape: Sequence[int]) -> tuple[int, tuple, tuple]:
+    """(prefix dim, source shape, target shape) when a tensor of `source_shape` aligns to
+    `target_shape`; else the error align_prefix_grad raises. Shapes only, so a receiver can
+    check a payload before it has any tensor to align."""
+    dim = prefix_dim(name)
+    target = _check_target(name, target_shape)
+    source = tuple(source_shape)
+    if len(source) != len(target) or any(s != t for d, (s, t) in enumerate(zip(source, target)) if d != dim):
+        raise ShapeMismatch(f"{name}: cannot align shape {list(source)} to {list(target)}: only axis {dim} "
+                            f"(the FFN axis) may differ between tiers")
+    return dim, source, target
+
+
 def align_prefix_grad(name: str, grad: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor:
     """Bring `grad` of MLP parameter `name` to `target_shape` along its prefix dim.
 
@@ -51,12 +64,7 @@ def align_prefix_grad(name: str, grad: torch.Tensor, target_shape: Sequence[int]
     prefix dim: zero-padded at the end, prefix kept. Larger: narrowed to the
     prefix (a view, no copy). Any other axis differing: ShapeMismatch.
     """
-    dim = prefix_dim(name)
-    target = _check_target(name, target_shape)
-    source = tuple(grad.shape)
-    if len(source) != len(target) or any(s != t for d, (s, t) in enumerate(zip(source, target)) if d != dim):
-        raise ShapeMismatch(f"{name}: cannot align shape {list(source)} to {list(target)}: only axis {dim} "
-                            f"(the FFN axis) may differ between tiers")
+    dim, source, target = alignable(name, grad.shape, target_shape)
     if source[dim] == target[dim]:
         return grad
     if source[dim] > target[dim]:
