@@ -205,4 +205,5 @@ def test_helper_neurons_outside_the_senders_suffix_are_rejected(case, flaw):
         neurons[[0, 1]] = neurons[[1, 0]]
     payload.helper_neurons[layer] = neurons
     result = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
-    assert isinstance(result, Rejection) and result.reason == "bad_helper", result
+    says = "not sorted and unique" if flaw == "unsorted" else "outside its layer's suffix"
+    assert isinstance(result, Rejection) and result.reason == "bad_helper" and says in result.detail, result
