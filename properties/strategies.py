@@ -34,7 +34,7 @@ def layer_tier_maps(size: int, num_layers: int):
 
 
 layer_indices = st.integers(0, 63)
-prefixes = st.sampled_from(["model.layers.{i}.", "layers.{i}.", "transformer.h.{i}.", "{i}."])
+prefixes = st.sampled_from(["model.layers.{i}.", "layers.{i}.", "transformer.h.{i}.", "{i}.", ""])  # "": the bare mlp.*
 
 
 @st.composite

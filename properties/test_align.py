@@ -112,8 +112,9 @@ def test_sparse_grad_places_each_neuron_at_its_index_and_zeros_elsewhere(case, d
     assert torch.equal(placed, torch.where(mask.view(shape), dense, torch.zeros(())))
 
 
-@given(sparse_cases(), st.sampled_from(["out_of_range", "negative", "duplicate", "float", "list", "2-d"]))
-def test_bad_sparse_indices_raise_alignment_error_never_write(case, flaw):
+@pytest.mark.parametrize("flaw", ["out_of_range", "negative", "duplicate", "float", "list", "2-d"])
+@given(sparse_cases())
+def test_bad_sparse_indices_raise_alignment_error_never_write(flaw, case):
     """Catches: index_copy_ crashing (or wrapping around) on bad peer input, and an error
     that does not say which parameter and what is wrong with its indices."""
     name, full, dim, indices = case
@@ -142,13 +143,25 @@ def test_sparse_values_that_do_not_fit_their_indices_raise_shape_mismatch(case, 
         align_sparse_grad(name, torch.ones(values_shape), indices, full)
 
 
-@given(mlp_grad_cases(), st.sampled_from(["zero", "negative", "no_ffn_axis"]))
-def test_an_invalid_target_shape_raises_shape_mismatch_naming_the_parameter(case, flaw):
+@pytest.mark.parametrize("flaw", ["zero", "negative", "no_ffn_axis"])
+@given(mlp_grad_cases())
+def test_an_invalid_target_shape_raises_shape_mismatch_naming_the_parameter(flaw, case):
     """Catches: a target without the FFN axis (a 1-D shape for down_proj's columns) indexed
     anyway, and errors that do not say which parameter asked."""
     name, full, _, dim = case
     if flaw == "no_ffn_axis" and dim == 0:
         return  # every non-empty shape has an axis 0
     target = {"zero": (0, full[1]), "negative": (full[0], -1), "no_ffn_axis": (full[0],)}[flaw]
-    with pytest.raises(ShapeMismatch, match=re.escape(name)):
+    says = "has no axis 1" if flaw == "no_ffn_axis" else "is invalid: expected positive integers"
+    with pytest.raises(ShapeMismatch, match=re.escape(f"{name}: target shape {list(target)}") + ".*" + says):
         align_sparse_grad(name, torch.ones(1, 1), torch.arange(1), target)
+    if flaw != "no_ffn_axis":
+        with pytest.raises(ShapeMismatch, match=re.escape(f"{name}: target shape {list(target)} {says}")):
+            align_prefix_grad(name, torch.ones(full), target)
+
+
+@pytest.mark.parametrize("name", [None, 3, b"mlp.gate_proj.weight", ("mlp", "gate_proj", "weight")])
+def test_a_name_that_is_not_a_string_is_an_unsupported_parameter(name):
+    """Catches: a non-string name crashing inside str methods instead of the typed error."""
+    with pytest.raises(UnsupportedParameter, match=re.escape(repr(name))):
+        prefix_dim(name)

@@ -1,11 +1,16 @@
 """DisTrO transform and state laws (sim/distro.py)."""
+import re
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.strategies import tensors
 from sim.config import DistroConfig
-from sim.distro import ChunkGrid, DistroState, chunk_size, coefficient_mean, coefficient_sum, compress, decompress
+from sim.distro import (ChunkGrid, DistroState, batch_decompress, chunk_size, coefficient_mean, coefficient_sum, compress,
+                        decompress)
+from sim.errors import ConfigError, ShapeMismatch
 
 shapes = st.one_of(st.tuples(st.integers(1, 150)), st.tuples(st.integers(1, 150), st.integers(1, 150)))
 chunks = st.integers(1, 70)
@@ -85,3 +90,44 @@ def test_pair_decode_equals_decoding_the_scattered_coefficients(shape, chunk, le
     scatter = coefficient_mean if reduce == "mean" else coefficient_sum
     torch.testing.assert_close(grid.decode_pairs(indices, values, reduce), grid.decode(scatter(grid, indices, values)),
                                rtol=1e-10, atol=1e-12)
+
+
+
+@given(shapes, chunks, st.integers(1, 12), st.integers(2, 4), st.data())
+def test_helper_residuals_restart_when_their_neurons_rotate_and_only_then(shape, chunk, topk, rounds, data):
+    """A helper slab's rows are whatever neurons its anchor names: while the anchor stays, error
+    feedback carries the residual as for any parameter; when it changes, the residual (which
+    belongs to other neurons) is dropped. Catches: residuals kept across a rotation (landing on
+    the wrong neurons), or dropped every round (no error feedback for helpers)."""
+    state = DistroState.fresh(DistroConfig(0.5, chunk, topk, quantize_1bit=True))
+    anchors = [torch.tensor([3, 5]), torch.tensor([3, 5]), torch.tensor([4, 6]), torch.tensor([4, 6])][:rounds]
+    for anchor in anchors:
+        grad = data.draw(tensors(shape, dtype=torch.float64))
+        rotated = "helper:w" in state.anchors and not torch.equal(state.anchors["helper:w"], anchor)
+        kept = state.delta.get("helper:w", torch.zeros(shape, dtype=torch.float64)).clone()
+        before = 0.1 * grad if rotated or not state.delta else 0.5 * kept + 0.1 * grad
+        _, transmitted = state.step("helper:w", grad, lr=0.1, anchor=anchor.clone())
+        torch.testing.assert_close(transmitted + state.delta["helper:w"], before, rtol=1e-10, atol=1e-12)
+
+
+@given(shapes, chunks, st.integers(1, 12), st.data())
+def test_an_unquantized_step_sends_the_coefficients_themselves(shape, chunk, topk, data):
+    """Catches: signs sent when quantize_1bit is off (every receiver's mean then loses magnitudes)."""
+    state = DistroState.fresh(DistroConfig(0.0, chunk, topk, quantize_1bit=False))
+    sent, transmitted = state.step("w", data.draw(tensors(shape, dtype=torch.float64)), lr=1.0)
+    present = sent.indices < sent.grid.block_numel
+    coefficients = sent.grid.encode(transmitted).gather(-1, sent.indices.clamp(max=sent.grid.block_numel - 1))
+    torch.testing.assert_close(sent.values[present], coefficients[present], rtol=1e-10, atol=1e-12)
+
+
+def test_pair_decode_names_a_reduce_it_does_not_know():
+    grid = ChunkGrid.of((4, 4), 2)
+    with pytest.raises(ConfigError, match=re.escape("reduce 'median' is unknown: valid are 'mean' and 'sum'")):
+        grid.decode_pairs(torch.zeros(2, 2, 1, dtype=torch.long), torch.zeros(2, 2, 1), "median")
+
+
+def test_batch_decompress_refuses_payloads_of_different_grids_naming_them():
+    """Catches: the homogeneous fast path mixing blocks of different shapes."""
+    a, b = compress(torch.ones(4, 4), 2, 1), compress(torch.ones(4, 8), 2, 1)
+    with pytest.raises(ShapeMismatch, match=re.escape("batch_decompress needs one chunk grid, got [(4, 4), (4, 8)]")):
+        batch_decompress([a, b])

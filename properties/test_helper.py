@@ -2,6 +2,7 @@
 gradients it sends for them, and how receivers merge them."""
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -145,9 +146,10 @@ def reference_sums(payloads, shapes):
     return totals, covers
 
 
-@scaled(0.5)
-@given(helper_cases(), st.sampled_from(list(MeanSemantics)))
-def test_helper_slabs_join_each_elements_mean_as_extra_contributors(case, semantics):
+@pytest.mark.parametrize("semantics", list(MeanSemantics))
+@scaled(0.25)
+@given(helper_cases())
+def test_helper_slabs_join_each_elements_mean_as_extra_contributors(semantics, case):
     """REGION_MEAN divides every element by everyone who covers it, helpers included;
     PEER_MEAN adds helper slabs to the sum over contributing peers; COEFF_MEAN merges them with
     the coefficient mean of the C covering payloads as (C*U + sum) / (C + h). Catches:
@@ -187,12 +189,13 @@ def test_helper_payloads_round_trip_the_wire_bit_exact(case):
         assert torch.equal(decoded.helper_params[name].values, slab.values.float())
 
 
-@given(helper_cases(max_peers=1), st.sampled_from(["into_the_prefix", "past_the_width", "unsorted"]))
-def test_helper_neurons_outside_the_senders_suffix_are_rejected(case, flaw):
+@pytest.mark.parametrize("flaw", ["into_the_prefix", "past_the_width", "unsorted", "repeated"])
+@given(helper_cases(max_peers=1))
+def test_helper_neurons_outside_the_senders_suffix_are_rejected(flaw, case):
     """Catches: a receiver trusting helper indices (a neuron in the sender's own prefix would be
     counted twice, one past I would write out of bounds)."""
     model, distro, (payload,), _ = case
-    layer = next((l for l, n in payload.helper_neurons.items() if n.numel() >= (2 if flaw == "unsorted" else 1)), None)
+    layer = next((l for l, n in payload.helper_neurons.items() if n.numel() >= (2 if flaw in ("unsorted", "repeated") else 1)), None)
     if layer is None:
         return
     neurons = payload.helper_neurons[layer].clone()
@@ -201,9 +204,11 @@ def test_helper_neurons_outside_the_senders_suffix_are_rejected(case, flaw):
         neurons[0] = width - 1
     elif flaw == "past_the_width":
         neurons[-1] = model.intermediate_size
-    else:
+    elif flaw == "unsorted":
         neurons[[0, 1]] = neurons[[1, 0]]
+    else:
+        neurons[1] = neurons[0]
     payload.helper_neurons[layer] = neurons
     result = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
-    says = "not sorted and unique" if flaw == "unsorted" else "outside its layer's suffix"
+    says = "not sorted and unique" if flaw in ("unsorted", "repeated") else "outside its layer's suffix [width, I)"
     assert isinstance(result, Rejection) and result.reason == "bad_helper" and says in result.detail, result

@@ -1,10 +1,12 @@
 """Wire format laws (sim/wire.py)."""
 import dataclasses
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from properties.profiles import scaled
 from properties.strategies import aggregation_cases, helper_cases
 from sim.wire import Payload, Rejection, decode_payload, encode_payload, frame
 
@@ -112,6 +114,38 @@ def widen_the_values(header, tensors):
     tensors[key] = tensors[key].double()
 
 
+def change_the_chunk(header, tensors):
+    header["chunk"] += 1
+
+
+def flip_quantized(header, tensors):
+    header["quantized"] = not header["quantized"]
+
+
+def peer_as_text(header, tensors):
+    header["peer"] = str(header["peer"])
+
+
+def peer_as_bool(header, tensors):
+    header["peer"] = True
+
+
+def params_as_a_list(header, tensors):
+    header["params"] = sorted(header["params"])
+
+
+def one_helper_count_short(header, tensors):
+    header["helper_neurons"] = header["helper_neurons"][:-1]
+
+
+def negative_helper_count(header, tensors):
+    header["helper_neurons"] = [-1] * len(header["helper_neurons"])
+
+
+def helpers_past_the_suffix(header, tensors):
+    header["helper_neurons"] = [10**6] * len(header["helper_neurons"])
+
+
 def unchanged(header, tensors):
     pass
 
@@ -131,11 +165,21 @@ EDITS = {  # flaw -> (edit, version, the rejection's reason, what its detail mus
     "one_value_short": (cut_one_value, None, "bad_shape", "for"),
     "float64_values": (widen_the_values, None, "bad_dtype", "torch.float64"),
     "round_dropped": (drop_the_round, None, "malformed", "round"),
+    "chunk_changed": (change_the_chunk, None, "malformed", "is not the run's"),
+    "quantized_flipped": (flip_quantized, None, "malformed", "disagrees with the run's quantize_1bit"),
+    "peer_as_text": (peer_as_text, None, "malformed", "must be integers"),
+    "peer_as_bool": (peer_as_bool, None, "malformed", "must be integers"),
+    "params_as_a_list": (params_as_a_list, None, "malformed", "params and helpers objects"),
+    "helper_count_short": (one_helper_count_short, None, "bad_helper", "one count >= 0 per layer"),
+    "helper_count_negative": (negative_helper_count, None, "bad_helper", "one count >= 0 per layer"),
+    "helpers_past_the_suffix": (helpers_past_the_suffix, None, "bad_helper", "do not fit the suffix"),
 }
 
 
-@given(cases, st.sampled_from(sorted(EDITS)))
-def test_a_well_framed_but_invalid_payload_is_rejected_with_its_reason(case, flaw):
+@pytest.mark.parametrize("flaw", sorted(EDITS))
+@scaled(0.25)
+@given(cases)
+def test_a_well_framed_but_invalid_payload_is_rejected_with_its_reason(flaw, case):
     """Catches: validation that trusts a valid checksum (version, tiers, names, shapes, k,
     ranges, dtypes), or one comparison of the whole header standing in for the checks."""
     model, distro, (payload,), _ = case
@@ -146,13 +190,18 @@ def test_a_well_framed_but_invalid_payload_is_rejected_with_its_reason(case, fla
 
 @given(cases, st.data())
 def test_absent_slots_round_trip(case, data):
-    """An all-zero block sends only absent slots (index block_numel, value 0): honest, and
-    accepted. Catches: a range check that ends below the absent slot, rejecting every payload
-    that holds an untouched block (unused embedding rows, say)."""
+    """A block with fewer non-zero coefficients than k (all-zero: none) sends absent slots
+    (index block_numel, value 0), possibly several: honest, and accepted. Catches: a range
+    check that ends below the absent slot, or a duplicate check that mistakes two absent
+    slots, or an absent slot and a real coefficient, for one coefficient named twice."""
     model, distro, (payload,), _ = case
     sparse = payload.params[data.draw(st.sampled_from(sorted(payload.params)))]
-    sparse.indices.view(-1, sparse.indices.shape[-1])[0] = sparse.grid.block_numel
-    sparse.values.view(-1, sparse.values.shape[-1])[0] = 0.0
+    slots = sparse.indices.numel()
+    chosen = data.draw(st.lists(st.integers(0, slots - 1), min_size=1, unique=True), label="absent slots")
+    absent = torch.zeros(slots, dtype=torch.bool)
+    absent[chosen] = True
+    sparse.indices.masked_fill_(absent.view(sparse.indices.shape), sparse.grid.block_numel)
+    sparse.values.masked_fill_(absent.view(sparse.values.shape), 0.0)
     decoded = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
     assert isinstance(decoded, Payload), decoded
     for name, sent in payload.params.items():
@@ -169,6 +218,7 @@ def test_duplicate_indices_in_a_block_are_rejected(case):
     wide[0].indices[..., 1] = wide[0].indices[..., 0]
     result = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
     assert isinstance(result, Rejection) and result.reason == "duplicate_index"
+    assert result.detail == "a block names one coefficient twice"
 
 
 @given(cases, st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.data())
@@ -191,8 +241,10 @@ NEURON_FLAWS = {  # flaw -> (edit of the body's tensors, what the rejection must
 }
 
 
-@given(helper_cases(max_peers=1), st.sampled_from(sorted(NEURON_FLAWS)))
-def test_a_malformed_neuron_tensor_is_rejected_as_bad_helper(case, flaw):
+@pytest.mark.parametrize("flaw", sorted(NEURON_FLAWS))
+@scaled(0.5)
+@given(helper_cases(max_peers=1))
+def test_a_malformed_neuron_tensor_is_rejected_as_bad_helper(flaw, case):
     """Catches: a receiver that places helper slabs without neuron indices, reads them in
     another dtype or pairs a slab with too few (and so with the wrong) neurons; a payload
     without helpers carrying neurons anyway."""
@@ -202,3 +254,48 @@ def test_a_malformed_neuron_tensor_is_rejected_as_bad_helper(case, flaw):
         edit, says = (lambda tensors: tensors.update(neurons=torch.zeros(1, dtype=torch.int32))), "without helper counts"
     result = decode_payload(reframed(payload, distro, lambda header, tensors: edit(tensors)), model, distro)
     assert isinstance(result, Rejection) and result.reason == "bad_helper" and says in result.detail, result
+
+
+
+def resealed(raw: bytes, edit) -> bytes:
+    """`raw` with `edit` applied to the bytes before the checksum, and the checksum made valid."""
+    import hashlib
+
+    from sim.wire import DIGEST
+    body = edit(bytearray(raw[:-DIGEST]))
+    return bytes(body) + hashlib.sha256(body).digest()
+
+
+def header_length(body: bytearray) -> bytearray:
+    body[6:10] = (len(body) + 1).to_bytes(4, "little")
+    return body
+
+
+FRAME_FLAWS = {  # flaw -> (bytes from a good payload's, the rejection's reason, what its detail must say)
+    "not_bytes": (lambda raw: raw.hex(), "truncated", "payload of str bytes"),
+    "shorter_than_a_frame": (lambda raw: raw[:41], "truncated", "payload of 41 bytes is shorter than the 42-byte frame"),
+    "bad_magic": (lambda raw: resealed(raw, lambda body: bytearray(b"XSIM") + body[4:]), "bad_magic",
+                  "magic b'XSIM' is not b'MSIM'"),
+    "bad_checksum": (lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]), "bad_checksum", "sha256 does not match"),
+    "header_overruns": (lambda raw: resealed(raw, header_length), "truncated", "overruns the payload"),
+}
+
+
+@pytest.mark.parametrize("flaw", sorted(FRAME_FLAWS))
+@scaled(0.25)
+@given(cases)
+def test_a_broken_frame_is_rejected_with_its_reason(flaw, case):
+    """Catches: a frame check that trusts its length fields, magic or checksum, or rejects
+    without saying what was wrong."""
+    model, distro, (payload,), _ = case
+    broken, reason, says = FRAME_FLAWS[flaw]
+    result = decode_payload(broken(encode_payload(payload, distro.compression_chunk)), model, distro)
+    assert isinstance(result, Rejection) and result.reason == reason and says in result.detail, result
+
+
+def test_indices_are_int16_while_every_block_and_its_absent_slot_fit():
+    """Catches: an off-by-one at the int16 boundary (the absent slot, index block_numel, must fit)."""
+    from sim.distro import ChunkGrid
+    from sim.wire import index_dtype
+    fits, needs_more = ChunkGrid((32766,), (32766,)), ChunkGrid((32767,), (32767,))
+    assert index_dtype([fits]) == torch.int16 and index_dtype([fits, needs_more]) == torch.int32

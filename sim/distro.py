@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sim.config import DistroConfig
-from sim.errors import ShapeMismatch
+from sim.errors import ConfigError, ShapeMismatch
 
 
 @functools.lru_cache(maxsize=1024)
@@ -88,6 +88,8 @@ class ChunkGrid:
         products, [c, n] @ [n, c], instead of scattering dense coefficients and multiplying
         by whole DCT matrices: n multiply-adds per element instead of sum(block). Past
         n = sum(block) / 2 (many peers) the dense route is the cheaper one and is taken."""
+        if reduce not in ("mean", "sum"):
+            raise ConfigError(f"reduce {reduce!r} is unknown: valid are 'mean' and 'sum'")
         if 2 * indices.shape[-1] > sum(self.block):
             combine = coefficient_mean if reduce == "mean" else coefficient_sum
             return self.decode(combine(self, indices, values))

@@ -179,12 +179,13 @@ BUGS = {
         [(sim.helper, "_suffix_order", _suffix_order_over_the_whole_width)]),
 }
 
-# name -> the properties ("module::test") that must fail with it planted.
+# name -> the properties ("module::test", or "module::test[arg=value]" for one case of a
+# parametrized one) that must fail with it planted.
 CATCHERS = {
     "coeff_mean_divides_by_all_peers": ["test_aggregate::test_coeff_mean_makes_every_coefficient_the_mean_over_the_peers_that_sent_it"],
-    "rejected_payloads_counted_as_contributing": ["test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else"],
-    "duplicate_payload_applied_twice": ["test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else"],
-    "peer_silently_skipped": ["test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else"],
+    "rejected_payloads_counted_as_contributing": ["test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else[flaw=flipped_byte]"],
+    "duplicate_payload_applied_twice": ["test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else[flaw=duplicate]"],
+    "peer_silently_skipped": ["test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else[flaw=flipped_byte]"],
     "down_proj_sliced_on_rows": ["test_align::test_prefix_dim_is_rows_for_gate_up_and_columns_for_down_weight"],
     "substring_name_matching": ["test_align::test_every_non_mlp_name_is_rejected_even_at_equal_shape"],
     "gradient_padded_at_the_front": ["test_align::test_expanding_keeps_the_prefix_and_zero_fills_the_tail"],

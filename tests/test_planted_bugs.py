@@ -3,6 +3,7 @@ makes the properties named for it fail, at the ci profile's example counts (or m
 nightly) whatever profile runs the suite. Each test records its time to detection; the
 session summary (root conftest.py) prints them and writes results/planted_bugs.json."""
 import importlib
+import re
 import time
 
 import pytest
@@ -13,8 +14,10 @@ from tests.planted_bugs import BUGS, CATCHERS, plant
 
 
 def property_function(ref: str):
-    module, name = ref.split("::")
-    return getattr(importlib.import_module(f"properties.{module}"), name)
+    """The Hypothesis test a catcher names, and the arguments of its parametrized case."""
+    module, name, case = re.fullmatch(r"(\w+)::(\w+)(?:\[(\w+=\w+)\])?", ref).groups()
+    test = getattr(importlib.import_module(f"properties.{module}"), name)
+    return test, dict([case.split("=")]) if case else {}
 
 
 def ci_examples(active: int) -> int:
@@ -26,7 +29,12 @@ def ci_examples(active: int) -> int:
 def test_the_catalog_has_at_least_12_bugs_each_with_its_catchers():
     assert len(BUGS) >= 12 and set(BUGS) == set(CATCHERS)
     for refs in CATCHERS.values():
-        assert refs and all(hasattr(property_function(ref), "hypothesis") for ref in refs)
+        for ref in refs:
+            test, case = property_function(ref)
+            parametrized = {mark.args[0]: mark.args[1] for mark in getattr(test, "pytestmark", [])
+                            if mark.name == "parametrize"}
+            assert hasattr(test, "hypothesis") and set(case) == set(parametrized), ref
+            assert all(value in map(str, parametrized[arg]) for arg, value in case.items()), ref
 
 
 @pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -36,7 +44,7 @@ def test_the_properties_catch_the_planted_bug(bug, monkeypatch, record_property)
     with monkeypatch.context() as patched:
         plant(patched, bug)
         for ref in CATCHERS[bug]:
-            test = property_function(ref)
+            test, case = property_function(ref)
             # No example database (a failure that exists only under a planted bug must not be
             # replayed first by the next honest run) and no shrinking: detection is the question.
             own = test._hypothesis_internal_use_settings
@@ -44,8 +52,8 @@ def test_the_properties_catch_the_planted_bug(bug, monkeypatch, record_property)
                 own, database=None, report_multiple_bugs=False, phases=[Phase.explicit, Phase.generate],
                 max_examples=max(own.max_examples, ci_examples(own.max_examples))))
             with pytest.raises((Exception, pytest.fail.Exception)) as caught:
-                test()
-            assert not isinstance(caught.value, (ImportError, NameError, AttributeError)), \
+                test(**case)
+            assert not isinstance(caught.value, (ImportError, NameError, AttributeError, TypeError)), \
                 f"{ref} broke instead of failing: {caught.value!r}"
     record_property("planted_bug", bug)
     record_property("seconds_to_detection", time.perf_counter() - start)
