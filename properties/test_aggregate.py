@@ -213,6 +213,8 @@ def test_a_rejected_payload_changes_the_counts_and_nothing_else(flaw, case, sema
     raw = [encode_payload(p, distro.compression_chunk) for p in payloads]
     shapes = local_shapes(model, receiver)
     clean = receive(raw, model, distro, shapes, semantics, round_=ROUND)
+    direct = aggregate(payloads, shapes, distro, semantics)  # receiving is decoding, then this
+    assert all(torch.equal(clean.updates[name], direct.updates[name]) for name in shapes)
     if flaw == "duplicate":  # a copy arriving after the original (first come, first counted)
         original = rng.randrange(len(raw))
         bad, position = raw[original], rng.randrange(original + 1, len(raw) + 1)
@@ -227,15 +229,19 @@ def test_a_rejected_payload_changes_the_counts_and_nothing_else(flaw, case, sema
         assert torch.isfinite(dirty.updates[name]).all()
 
 
-def test_mismatched_chunk_grids_are_rejected_never_mixed():
+def test_mismatched_chunk_grids_are_rejected_never_mixed(caplog):
     """I=192, chunk 64: tier 0 cuts rows in 64s, tier 1 (96 rows) in 48s. Under COEFF_MEAN
     the tier-1 payload cannot be placed and is rejected with chunk_grid_mismatch."""
     from sim.config import DistroConfig, load_config
     model = load_config("tiny").model.__class__(**{**load_config("tiny").model.__dict__, "intermediate_size": 192})
     distro = DistroConfig(compression_chunk=64, quantize_1bit=False)
     payloads = [random_payload(model, distro, (0, 0), 0, 1), random_payload(model, distro, (1, 1), 1, 2)]
-    result = aggregate(payloads, full_shapes(model), distro, MeanSemantics.COEFF_MEAN)
+    with caplog.at_level("INFO", logger="sim.aggregate"):
+        result = aggregate(payloads, full_shapes(model), distro, MeanSemantics.COEFF_MEAN)
     assert result.contributing_peers == 1 and result.rejected == Counter(chunk_grid_mismatch=1)
+    assert caplog.records[0].getMessage() == (
+        "rejected payload from peer 1: chunk_grid_mismatch (model.layers.0.mlp.gate_proj.weight: sender blocks "
+        "(48, 32) of [96, 32] do not line up with receiver blocks (64, 32) of [192, 32])")
     peer_mean = aggregate(payloads, full_shapes(model), distro, MeanSemantics.PEER_MEAN)
     assert peer_mean.contributing_peers == 2 and not peer_mean.rejected
 
@@ -269,9 +275,12 @@ def test_payloads_that_cannot_align_are_rejected_as_bad_shape_and_change_nothing
     dirty = aggregate(unfit + payloads, shapes, distro, semantics)
     assert dirty.rejected == Counter(bad_shape=bad) and dirty.contributing_peers == clean.contributing_peers
     assert dirty.dilution == clean.dilution
+    alone = aggregate(unfit, shapes, distro, semantics)
+    assert alone.rejected == Counter(bad_shape=bad) and alone.contributing_peers == 0 and alone.dilution == ()
     for name, shape in shapes.items():
         assert torch.equal(dirty.updates[name], clean.updates[name])
         assert tuple(dirty.updates[name].shape) == tuple(shape)
+        assert torch.equal(alone.updates[name], torch.zeros(shape))
 
 
 @given(aggregation_cases(), st.sampled_from(SEMANTICS))
@@ -282,6 +291,19 @@ def test_dilution_is_each_layers_tier0_share_of_the_contributors(case, semantics
     expected = tuple(sum(p.tiers[layer] == 0 for p in payloads) / len(payloads)
                      for layer in range(model.num_hidden_layers)) if payloads else ()
     assert result.dilution == expected
+
+
+def test_a_payload_aggregate_cannot_place_is_logged_with_its_peer_and_error(caplog):
+    """Catches: a bad_shape rejection logged without the sender or the error that caused it."""
+    import logging
+
+    from sim.config import load_config
+    cfg = load_config("tiny")
+    unfit = unalignable(cfg.model, cfg.distro, (0, 0), "non_ffn_axis_differs", peer=7)
+    with caplog.at_level(logging.INFO, logger="sim.aggregate"):
+        aggregate([unfit], local_shapes(cfg.model, 0), cfg.distro)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sim.aggregate"]
+    assert line.startswith("rejected payload from peer 7: bad_shape (UnsupportedParameter: parameter 'lm_head.weight'")
 
 
 def test_every_rejection_is_logged_with_its_peer_reason_and_detail(caplog):

@@ -25,6 +25,7 @@ def test_encode_then_decode_is_bit_exact(case):
     for name, sparse in payload.params.items():
         assert decoded.params[name].grid == sparse.grid
         assert torch.equal(decoded.params[name].indices, sparse.indices.long())
+        assert decoded.params[name].values.dtype == torch.float32
         assert torch.equal(decoded.params[name].values, sparse.values.float())
 
 
@@ -154,9 +155,10 @@ EDITS = {  # flaw -> (edit, version, the rejection's reason, what its detail mus
     "old_version": (unchanged, 1, "bad_version", "version 1"),
     "negative_tiers": (negative_tiers, None, "bad_tier", "tiers [-1"),
     "parameter_dropped": (drop_a_parameter, None, "missing_parameter", "missing"),
-    "parameter_renamed": (rename_a_parameter, None, "unknown_parameter", "gate_projection"),
+    "parameter_renamed": (rename_a_parameter, None, "unknown_parameter",
+                          "parameters ['model.layers.0.mlp.gate_projection.weight'] are not in the model for the sender's tiers"),
     "shape_grown": (grow_a_shape, None, "bad_shape", "shape"),
-    "k_raised": (raise_a_k, None, "bad_shape", "k "),
+    "k_raised": (raise_a_k, None, "bad_shape", "is not"),
     "index_past_the_block": (index_past_the_block, None, "index_out_of_range", "index 30000 is outside"),
     "int32_indices": (widen_index_dtype, None, "bad_dtype", "torch.int32"),
     "indices_dropped": (drop_the_indices, None, "malformed", "no index tensor"),
@@ -186,6 +188,22 @@ def test_a_well_framed_but_invalid_payload_is_rejected_with_its_reason(flaw, cas
     edit, version, reason, says = EDITS[flaw]
     result = decode_payload(reframed(payload, distro, edit, version), model, distro)
     assert isinstance(result, Rejection) and result.reason == reason and says in result.detail, result
+    if flaw == "k_raised":
+        name = sorted(payload.params)[-1]
+        k = payload.params[name].indices.shape[-1]
+        assert result.detail == f"{name}: k {k + 1} is not {k}"
+
+
+@given(cases)
+def test_header_fields_a_receiver_does_not_know_are_ignored(case):
+    """A newer sender may describe a tensor with more than shape and k. Catches: the whole-header
+    comparison standing in for validation, rejecting what the field checks accept."""
+    model, distro, (payload,), _ = case
+
+    def annotate(header, tensors):
+        for meta in header["params"].values():
+            meta["note"] = "from a newer sender"
+    assert isinstance(decode_payload(reframed(payload, distro, annotate), model, distro), Payload)
 
 
 @given(cases, st.data())
@@ -206,6 +224,7 @@ def test_absent_slots_round_trip(case, data):
     assert isinstance(decoded, Payload), decoded
     for name, sent in payload.params.items():
         assert torch.equal(decoded.params[name].indices, sent.indices.long())
+        assert torch.equal(decoded.params[name].values, sent.values.float())
 
 
 @given(cases)
@@ -232,6 +251,7 @@ def test_a_non_finite_value_is_rejected_as_non_finite(case, value, data):
     values[data.draw(st.integers(0, values.numel() - 1))] = value
     result = decode_payload(encode_payload(payload, distro.compression_chunk), model, distro)
     assert isinstance(result, Rejection) and result.reason == "non_finite", result
+    assert result.detail == "a value is NaN or infinite"
 
 
 NEURON_FLAWS = {  # flaw -> (edit of the body's tensors, what the rejection must say)
@@ -299,3 +319,14 @@ def test_indices_are_int16_while_every_block_and_its_absent_slot_fit():
     from sim.wire import index_dtype
     fits, needs_more = ChunkGrid((32766,), (32766,)), ChunkGrid((32767,), (32767,))
     assert index_dtype([fits]) == torch.int16 and index_dtype([fits, needs_more]) == torch.int32
+
+
+@given(cases)
+def test_payload_size_is_the_length_of_every_payload_at_those_tiers(case):
+    """The bandwidth report's figure (scripts/bandwidth.py) is fixed by shapes, k and
+    quantization. Catches: a size computed for other tiers, another k, or an unquantized body."""
+    from sim.model import local_shapes, param_count
+    from sim.wire import dense_bytes, payload_size
+    model, distro, (payload,), _ = case
+    assert payload_size(model, distro, payload.tiers) == len(encode_payload(payload, distro.compression_chunk))
+    assert dense_bytes(local_shapes(model, payload.tiers)) == 4 * param_count(model, payload.tiers)
