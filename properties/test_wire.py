@@ -330,3 +330,24 @@ def test_payload_size_is_the_length_of_every_payload_at_those_tiers(case):
     model, distro, (payload,), _ = case
     assert payload_size(model, distro, payload.tiers) == len(encode_payload(payload, distro.compression_chunk))
     assert dense_bytes(local_shapes(model, payload.tiers)) == 4 * param_count(model, payload.tiers)
+
+
+@given(helper_cases(max_peers=1))
+def test_a_helper_slab_the_sender_does_not_have_is_rejected_naming_it(case):
+    """Catches: helper slab headers trusted (or validated by a loop that breaks on them) where
+    parameter headers are checked."""
+    model, distro, (payload,), _ = case
+    if not payload.helper_params:
+        return
+
+    def rename(header, tensors):
+        header["helpers"]["model.layers.0.mlp.up_projection.weight"] = header["helpers"].pop(sorted(header["helpers"])[0])
+    result = decode_payload(reframed(payload, distro, rename), model, distro)
+    assert isinstance(result, Rejection) and result.reason == "unknown_parameter", result
+    assert result.detail == ("helper slabs ['model.layers.0.mlp.up_projection.weight'] are not in the model "
+                             "for the sender's helper counts")
+
+    def annotate(header, tensors):  # unknown fields are ignored here too
+        for meta in header["helpers"].values():
+            meta["note"] = "from a newer sender"
+    assert isinstance(decode_payload(reframed(payload, distro, annotate), model, distro), Payload)
