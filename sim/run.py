@@ -224,9 +224,10 @@ class Network:
         sent = [self.send(peer, round_, (faults or {}).get(peer.id)) for peer in self.present()]
         arrived = self.carried + [data for s in sent for data in s.outgoing]
         self.carried = [data for s in sent for data in s.late]
-        received = self.deliver(round_, arrived, self.receivers())
+        receivers = self.receivers()
+        received = self.deliver(round_, arrived, receivers)
         return self.record(round_, sent, received[0].rejected, [r.contributing_peers for r in received],
-                           _replica_max_diff(self.receivers()), evaluate)
+                           _replica_max_diff(receivers), evaluate)
 
     def send(self, peer: Peer, round_: int, fault=None) -> "Sent":
         """One peer's half of a round: train at its tiers (and helper neurons), compress,
