@@ -20,7 +20,10 @@ A payload that fails to decode or align is rejected as a whole: counted by
 reason and logged, never silently skipped, never raised into the round.
 """
 import enum
+import functools
+import itertools
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from sim.config import DistroConfig, ModelConfig
 from sim.distro import ChunkGrid, Sparse, batch_decompress, decompress
 from sim.errors import AlignmentError, ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
 from sim.model import mlp_layer
-from sim.wire import Payload, Rejection, decode_payload
+from sim.wire import Pairs, Payload, Rejection, decode_payload
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +55,103 @@ class Aggregate:
     dilution: tuple[float, ...] = ()          # per layer: tier-0 contributors / all (PEER_MEAN's suffix factor)
 
 
-def align_blocks(name: str, sparse: Sparse, grid: ChunkGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """A payload's (indices, values) moved onto the receiver's chunk grid.
+Receiver = tuple[tuple[str, ChunkGrid], ...]             # (name, chunk grid) of every parameter it holds
+BlockGroup = tuple[tuple[ChunkGrid, tuple[str, ...]], ...]  # grids of one block size, with their parameters
 
-    Blocks past the sender's width are padded with the absent slot; blocks past
-    the receiver's width are dropped. Blocks of different sizes cannot be mixed."""
-    if sparse.grid == grid:
-        return sparse.indices, sparse.values
+
+@functools.lru_cache(maxsize=64)
+def _block_groups(receiver: Receiver) -> tuple[BlockGroup, ...]:
+    """The receiver's parameters grouped by chunk grid, and the grids by block size. Every
+    block of one size, whatever tensor it tiles, is averaged and decoded in one product;
+    each grid's tensors are then cut from the blocks as one stack. On a small model, the
+    same numbers at a fraction of the per-tensor calls."""
+    by_grid: dict[ChunkGrid, list[str]] = {}
+    for name, grid in receiver:
+        by_grid.setdefault(grid, []).append(name)
+    by_block: dict[tuple[int, ...], list] = {}
+    for grid, names in by_grid.items():
+        by_block.setdefault(grid.block, []).append((grid, tuple(names)))
+    return tuple(tuple(group) for group in by_block.values())
+
+
+@dataclass(frozen=True, eq=False)
+class _SenderMap:
+    """Where one sender's pairs land on a receiver's blocks."""
+    size: int                             # pairs in the sender's `Pairs`
+    positions: tuple[torch.Tensor, ...]   # per block group: [blocks, k] positions in them; -1: absent
+
+
+@functools.lru_cache(maxsize=256)
+def _sender_map(signature: tuple, receiver: Receiver) -> _SenderMap:
+    """Align a sender (its `Pairs.signature`) to the receiver's chunk grids, raising if it cannot
+    be. Blocks past the sender's width are absent; blocks past the receiver's width are
+    dropped; blocks of different sizes cannot be mixed. Cached: a sender's shapes are the
+    same every round, so alignment is worked out once and each round is a gather."""
+    starts, entries = [0, *itertools.accumulate(math.prod(grid.blocks) * k for _, grid, k in signature)], {}
+    for (name, grid, k), start in zip(signature, starts):
+        entries[name] = grid, k, torch.arange(start, start + math.prod(grid.blocks) * k).view(*grid.blocks, k)
+    positions = []
+    for group in _block_groups(receiver):
+        names = [name for _, names in group for name in names]
+        if name := next((n for n in names if n not in entries), None):
+            raise KeyError(f"parameter {name} is missing")
+        if len({entries[name][1] for name in names}) > 1:
+            raise ShapeMismatch(f"{names[0]}: k differs between parameters of one block size "
+                                f"{[entries[name][1] for name in names]}")
+        k = entries[names[0]][1]
+        positions.append(torch.cat([_aligned_blocks(name, *entries[name][::2], grid).reshape(-1, k)
+                                    for grid, names in group for name in names]))
+    return _SenderMap(starts[-1], tuple(positions))
+
+
+def _aligned_blocks(name: str, sent: ChunkGrid, positions: torch.Tensor, grid: ChunkGrid) -> torch.Tensor:
+    """A sender's per-block `positions` [*sent.blocks, k] moved onto the receiver's `grid`."""
+    if sent == grid:
+        return positions
     dim = prefix_dim(name)
-    if sparse.grid.block != grid.block:
-        raise ChunkGridMismatch(f"{name}: sender blocks {sparse.grid.block} of {list(sparse.grid.shape)} do not "
+    if sent.block != grid.block:
+        raise ChunkGridMismatch(f"{name}: sender blocks {sent.block} of {list(sent.shape)} do not "
                                 f"line up with receiver blocks {grid.block} of {list(grid.shape)}")
-    alignable(name, sparse.grid.shape, grid.shape)  # checks the other axes
-    have, want = sparse.grid.blocks[dim], grid.blocks[dim]
+    alignable(name, sent.shape, grid.shape)  # checks the other axes
+    have, want = sent.blocks[dim], grid.blocks[dim]
     if have >= want:
-        return sparse.indices.narrow(dim, 0, want), sparse.values.narrow(dim, 0, want)
-    pad = list(sparse.indices.shape)
+        return positions.narrow(dim, 0, want)
+    pad = list(positions.shape)
     pad[dim] = want - have
-    indices = torch.cat([sparse.indices, sparse.indices.new_full(pad, grid.block_numel)], dim=dim)
-    values = torch.cat([sparse.values, sparse.values.new_zeros(pad)], dim=dim)
-    return indices, values
+    return torch.cat([positions, positions.new_full(pad, -1)], dim=dim)
+
+
+@functools.lru_cache(maxsize=16)
+def _block_map(senders: tuple[_SenderMap, ...]) -> tuple[torch.Tensor, ...]:
+    """Per block group, [blocks, sum of k] positions into the senders' pairs laid end to end
+    and followed by one absent pair per group (see `_gathered_pairs`)."""
+    starts, total = [0, *itertools.accumulate(s.size for s in senders)], sum(s.size for s in senders)
+    return tuple(torch.cat([torch.where(s.positions[g] >= 0, s.positions[g] + start, total + g)
+                            for s, start in zip(senders, starts)], dim=-1)
+                 for g in range(len(senders[0].positions)))
+
+
+def _gathered_pairs(receiver: Receiver, pairs: Sequence[Pairs]):
+    """Per block group: (group, indices, values), every payload's pairs aligned to the
+    receiver's blocks, [blocks, sum of k], the blocks in `_block_groups` order."""
+    groups = _block_groups(receiver)
+    maps = _block_map(tuple(_sender_map(p.signature, receiver) for p in pairs))
+    absent = torch.tensor([group[0][0].block_numel for group in groups])
+    indices = torch.cat([*(p.indices for p in pairs), absent])
+    values = torch.cat([*(p.values for p in pairs), pairs[0].values.new_zeros(len(groups))])
+    for group, positions in zip(groups, maps):
+        yield group, indices.take(positions), values.take(positions)
+
+
+def _cut(group: BlockGroup, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor of a block group from its decoded blocks [blocks, *block]."""
+    tensors, start = {}, 0
+    for grid, names in group:
+        count = len(names) * math.prod(grid.blocks)
+        stack = grid.assemble(blocks[start:start + count].view(len(names), *grid.blocks, *grid.block))
+        tensors.update(zip(names, stack.unbind(0)))
+        start += count
+    return tensors
 
 
 def homogeneous_update(payloads: Sequence[Payload]) -> dict[str, torch.Tensor]:
@@ -134,17 +214,18 @@ def _dense_sum(name: str, payloads: Sequence[Payload], shape) -> tuple[torch.Ten
     return total, _coverage_count(name, payloads, shape)
 
 
-def _check(payload: Payload, grids: dict[str, ChunkGrid], semantics: MeanSemantics) -> dict:
-    """Align a payload to the receiver (raising if it cannot be): block-domain
-    (indices, values) per parameter for COEFF_MEAN; for the dense semantics only
-    the check, since their sums are formed per sender shape afterwards."""
-    aligned = {}
-    for name, grid in grids.items():
-        sparse = payload.params[name]
-        if semantics is MeanSemantics.COEFF_MEAN:
-            aligned[name] = align_blocks(name, sparse, grid)
-        elif sparse.grid.shape != grid.shape:
-            alignable(name, sparse.grid.shape, grid.shape)
+def _check(payload: Payload, receiver: Receiver, semantics: MeanSemantics) -> Pairs | None:
+    """Raise if a payload cannot align to the receiver: its blocks (COEFF_MEAN, which then
+    gathers from the payload's pairs, returned) or its shapes (the dense semantics, whose
+    sums are formed per sender shape afterwards), and its helper slabs."""
+    grids, pairs = dict(receiver), None
+    if semantics is MeanSemantics.COEFF_MEAN:
+        pairs = payload.pairs()
+        _sender_map(pairs.signature, receiver)
+    else:
+        for name, grid in grids.items():
+            if payload.params[name].grid.shape != grid.shape:
+                alignable(name, payload.params[name].grid.shape, grid.shape)
     for name, slab in payload.helper_params.items():
         dim, shape = prefix_dim(name), list(grids[name].shape)
         neurons = payload.helper_neurons[mlp_layer(name)]
@@ -155,18 +236,18 @@ def _check(payload: Payload, grids: dict[str, ChunkGrid], semantics: MeanSemanti
         if tuple(shape) != slab.grid.shape:
             raise ShapeMismatch(f"{name}: helper slab {list(slab.grid.shape)} does not fit {shape[dim]} neurons "
                                 f"of the receiver's {list(grids[name].shape)}")
-    return aligned
+    return pairs
 
 
 def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int, ...]], distro: DistroConfig,
               semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, rejected: Counter | None = None) -> Aggregate:
     """Combine decoded payloads into the receiver's shapes under `semantics`."""
     rejected = Counter() if rejected is None else rejected
-    grids = {name: ChunkGrid.of(shape, distro.compression_chunk) for name, shape in receiver_shapes.items()}
-    accepted, parts = [], []
+    receiver = tuple((name, ChunkGrid.of(shape, distro.compression_chunk)) for name, shape in receiver_shapes.items())
+    accepted, pairs = [], []
     for payload in payloads:
         try:
-            parts.append(_check(payload, grids, semantics))
+            pairs.append(_check(payload, receiver, semantics))
             accepted.append(payload)
         except ChunkGridMismatch as err:
             _reject(rejected, payload.peer, Rejection("chunk_grid_mismatch", str(err)))
@@ -178,7 +259,7 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
         return Aggregate({name: torch.zeros(shape) for name, shape in receiver_shapes.items()}, 0, rejected)
     helpers = _helper_sums(accepted, receiver_shapes)
     if semantics is MeanSemantics.COEFF_MEAN:
-        updates = _coefficient_means(grids, parts)
+        updates = _coefficient_means(receiver, pairs)
         for name, (extra, extra_count) in helpers.items():
             covered = _coverage_count(name, accepted, receiver_shapes[name])
             updates[name] = _mean(covered * updates[name] + extra, covered + extra_count)
@@ -194,19 +275,13 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
     return Aggregate(updates, n, rejected, _dilution(accepted))
 
 
-def _coefficient_means(grids: dict[str, ChunkGrid], parts: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """COEFF_MEAN of every parameter from the payloads' aligned (indices, values). Parameters
-    that share a chunk grid (one attention matrix per layer, say) are stacked, scattered
-    and decoded together: the same numbers at a fraction of the per-tensor calls."""
-    by_grid: dict[ChunkGrid, list[str]] = {}
-    for name, grid in grids.items():
-        by_grid.setdefault(grid, []).append(name)
+def _coefficient_means(receiver: Receiver, pairs: Sequence[Pairs]) -> dict[str, torch.Tensor]:
+    """COEFF_MEAN of every parameter from the accepted payloads' pairs: each block group's
+    gathered pairs averaged and decoded at once."""
     updates = {}
-    for grid, names in by_grid.items():
-        indices = torch.cat([torch.stack([part[name][0] for name in names]) for part in parts], dim=-1)
-        values = torch.cat([torch.stack([part[name][1] for name in names]) for part in parts], dim=-1)
-        updates.update(zip(names, grid.decode_pairs(indices, values).unbind(0)))
-    return {name: updates[name] for name in grids}
+    for group, indices, values in _gathered_pairs(receiver, pairs):
+        updates.update(_cut(group, group[0][0].decode_block_pairs(indices, values)))
+    return {name: updates[name] for name, _ in receiver}
 
 
 def _dilution(accepted: Sequence[Payload]) -> tuple[float, ...]:
@@ -260,17 +335,22 @@ class ApplyRule(enum.Enum):
     ADAMW = "adamw"    # AdamW with the update as its gradient
 
 
-def apply_update(params: dict[str, torch.Tensor], updates: dict[str, torch.Tensor], lr: float,
-                 rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, adam_state: dict | None = None,
+def apply_update(params: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]], updates: dict[str, torch.Tensor],
+                 lr: float, rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, adam_state: dict | None = None,
                  betas=(0.9, 0.95), eps: float = 1e-8) -> None:
-    """Apply a receiver's aggregate in place. Decoupled weight decay: param *= 1 - lr * wd."""
+    """Apply a receiver's aggregate in place, to one replica's parameters or to several
+    replicas of the same shapes at once (the step, a sign say, is then computed once).
+    Decoupled weight decay: param *= 1 - lr * wd."""
+    replicas = [params] if isinstance(params, dict) else list(params)
     if rule is not ApplyRule.ADAMW:
-        _apply_elementwise(params, updates, lr, rule, weight_decay)
+        _apply_elementwise(replicas, updates, lr, rule, weight_decay)
         return
     if adam_state is None:
         raise SimError("ApplyRule.ADAMW needs an adam_state dict that persists across rounds")
+    if len(replicas) != 1:
+        raise SimError(f"ApplyRule.ADAMW keeps one adam_state per replica: got {len(replicas)} replicas, apply to one")
     with torch.no_grad():
-        for name, param in params.items():
+        for name, param in replicas[0].items():
             update = updates[name].to(device=param.device, dtype=param.dtype)
             if weight_decay:
                 param.mul_(1 - lr * weight_decay)
@@ -283,13 +363,19 @@ def apply_update(params: dict[str, torch.Tensor], updates: dict[str, torch.Tenso
             adam_state[name] = (m, v, t)
 
 
-def _apply_elementwise(params: dict[str, torch.Tensor], updates: dict[str, torch.Tensor], lr: float,
+def _apply_elementwise(replicas: Sequence[dict[str, torch.Tensor]], updates: dict[str, torch.Tensor], lr: float,
                        rule: ApplyRule, weight_decay: float) -> None:
-    """SIGN and SGD over every parameter at once (torch's _foreach kernels, as its optimizers use):
-    the same arithmetic as one tensor at a time, without a Python loop's per-tensor calls."""
-    targets = list(params.values())
-    steps = [updates[name].to(device=p.device, dtype=p.dtype) for name, p in params.items()]
+    """SIGN and SGD over every parameter of every replica at once (torch's _foreach kernels, as
+    its optimizers use): the same arithmetic as one tensor at a time, without a Python loop's
+    per-tensor calls."""
+    if not replicas:
+        return
+    first = replicas[0]
+    steps = [updates[name].to(device=p.device, dtype=p.dtype) for name, p in first.items()]
+    if rule is ApplyRule.SIGN:
+        steps = torch._foreach_sign(steps)
+    targets = [p for replica in replicas for p in (replica[name] for name in first)]
     with torch.no_grad():
         if weight_decay:
             torch._foreach_mul_(targets, 1 - lr * weight_decay)
-        torch._foreach_add_(targets, torch._foreach_sign(steps) if rule is ApplyRule.SIGN else steps, alpha=-lr)
+        torch._foreach_add_(targets, steps * len(replicas), alpha=-lr)

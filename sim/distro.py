@@ -72,17 +72,23 @@ class ChunkGrid:
     def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Inverse of encode: [*lead, *blocks, block_numel] -> [*lead, *shape]. Leading
         dimensions decode a stack of same-grid tensors in one batched product."""
-        mats = [dct_matrix(b, coeffs.dtype, coeffs.device) for b in self.block]
-        lead = coeffs.shape[:coeffs.ndim - len(self.shape) - 1]
-        if len(self.shape) == 1:
-            return (coeffs @ mats[0]).reshape(*lead, *self.shape)
-        (nr, nc), (cr, cc) = self.blocks, self.block
-        tiles = mats[0].T @ coeffs.reshape(*lead, nr, nc, cr, cc) @ mats[1]
-        return tiles.transpose(-3, -2).reshape(*lead, *self.shape)
+        return self.assemble(self.decode_blocks(coeffs))
 
     def decode_pairs(self, indices: torch.Tensor, values: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
         """Decode (index, value) pairs [*lead, *blocks, n] into [*lead, *shape]: pairs naming one
-        coefficient are averaged ("mean": coefficient_mean) or added ("sum": coefficient_sum).
+        coefficient are averaged ("mean": coefficient_mean) or added ("sum": coefficient_sum)."""
+        return self.assemble(self.decode_block_pairs(indices, values, reduce))
+
+    def decode_blocks(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Coefficients [..., block_numel] -> the blocks they transform back to, [..., *block].
+        Only the block size matters: blocks of this size from any tensors decode together."""
+        mats = [dct_matrix(b, coeffs.dtype, coeffs.device) for b in self.block]
+        if len(self.block) == 1:
+            return coeffs @ mats[0]
+        return mats[0].T @ coeffs.unflatten(-1, self.block) @ mats[1]
+
+    def decode_block_pairs(self, indices: torch.Tensor, values: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """`decode_blocks` from (index, value) pairs [..., n] per block, combined by `reduce`.
 
         Top-k leaves few pairs per block, so each block is built from its pairs' basis
         products, [c, n] @ [n, c], instead of scattering dense coefficients and multiplying
@@ -92,20 +98,25 @@ class ChunkGrid:
             raise ConfigError(f"reduce {reduce!r} is unknown: valid are 'mean' and 'sum'")
         if 2 * indices.shape[-1] > sum(self.block):
             combine = coefficient_mean if reduce == "mean" else coefficient_sum
-            return self.decode(combine(self, indices, values))
+            return self.decode_blocks(combine(self, indices, values))
         absent = indices == self.block_numel
         weights = torch.where(absent, 0.0, values)
         if reduce == "mean":  # how many pairs of the block name each pair's coefficient
             weights = weights / (indices.unsqueeze(-1) == indices.unsqueeze(-2)).sum(-1)
         idx = indices.long().clamp(max=self.block_numel - 1)  # the absent slot weighs 0 anywhere
         mats = [dct_matrix(b, values.dtype, values.device) for b in self.block]
-        lead = indices.shape[:indices.ndim - len(self.shape) - 1]
-        if len(self.shape) == 1:
-            return (weights.unsqueeze(-1) * mats[0][idx]).sum(-2).reshape(*lead, *self.shape)
+        if len(self.block) == 1:
+            return (weights.unsqueeze(-1) * mats[0][idx]).sum(-2)
         cc = self.block[1]
         rows = mats[0][idx // cc] * weights.unsqueeze(-1)          # [..., n, cr]
-        tiles = rows.transpose(-1, -2) @ mats[1][idx % cc]         # [..., cr, cc]
-        return tiles.transpose(-3, -2).reshape(*lead, *self.shape)
+        return rows.transpose(-1, -2) @ mats[1][idx % cc]          # [..., cr, cc]
+
+    def assemble(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Blocks [*lead, *blocks, *block] -> the tensor they tile, [*lead, *shape]."""
+        lead = blocks.shape[:blocks.ndim - 2 * len(self.shape)]
+        if len(self.shape) == 1:
+            return blocks.reshape(*lead, *self.shape)
+        return blocks.transpose(-3, -2).reshape(*lead, *self.shape)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -10,6 +10,7 @@ import json
 import math
 import tempfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -138,8 +139,10 @@ class Network:
     def present(self) -> list[Peer]:
         return [p for p in self.peers if p.id not in self.away]
 
-    def receivers(self) -> list:
-        return [self.shared] if self.shared is not None else [p.model for p in self.present() if p.model is not None]
+    def receivers(self) -> list[dict[str, torch.Tensor]]:
+        """Every replica this process holds, as its parameters by name."""
+        models = [self.shared] if self.shared is not None else [p.model for p in self.present() if p.model is not None]
+        return [_parameters(model) for model in models]
 
     # --- membership -------------------------------------------------------
 
@@ -256,22 +259,25 @@ class Network:
             sent.outgoing = [data, data] if kind == "duplicate" else [data]
         return sent
 
-    def deliver(self, round_: int, arrived: Sequence[bytes], receivers) -> list:
-        """Every receiver's half: decode what arrived, aggregate, apply. Decoding is a pure
+    def deliver(self, round_: int, arrived: Sequence[bytes], receivers: Sequence[dict[str, torch.Tensor]]) -> list:
+        """Every receiver's half (`receivers` as `receivers()` gives them): decode what arrived,
+        aggregate, apply. Decoding is a pure
         function of the bytes and aggregation of (payloads, receiver shapes), so each is done
         once per round and per distinct shape, then applied to every replica. Returns each
         receiver's Aggregate."""
         cfg, distro = self.config.model, self.config.distro
         lr = self.config.lr_schedule.lr(round_)
         decoded = [decode_payload(data, cfg, distro) for data in arrived]
-        aggregates, results = {}, []
-        for model in receivers:
-            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        aggregates, replicas, results = {}, {}, []
+        for params in receivers:
+            shapes = {n: tuple(p.shape) for n, p in params.items()}
             key = tuple(shapes.items())
             if key not in aggregates:
                 aggregates[key] = receive_decoded(decoded, shapes, distro, self.semantics, round_=round_)
-            apply_update(dict(model.named_parameters()), aggregates[key].updates, lr, self.apply_rule, self.weight_decay)
+            replicas.setdefault(key, []).append(params)
             results.append(aggregates[key])
+        for key, same_shapes in replicas.items():
+            apply_update(same_shapes, aggregates[key].updates, lr, self.apply_rule, self.weight_decay)
         return results
 
     def record(self, round_: int, sent: Sequence["Sent"], rejected: Counter, contributing: Sequence[int],
@@ -400,12 +406,13 @@ def fault_plan(faults: FaultPlan | str | None, network: Network, rounds: int, se
                        max(max(p.tiers) for p in network.peers))
 
 
-def _replica_max_diff(models) -> float:
-    """Largest difference between any replica and the first, over every element they share."""
-    first = dict(models[0].named_parameters())
+def _replica_max_diff(replicas: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Largest difference between any replica (parameters by name) and the first, over
+    every element they share."""
+    first = replicas[0]
     mine, theirs = [], []
-    for other in models[1:]:
-        for name, param in other.named_parameters():
+    for other in replicas[1:]:
+        for name, param in other.items():
             a = first[name]
             if a.shape != param.shape:
                 narrower = min(a.shape, param.shape, key=lambda shape: shape.numel())
@@ -417,6 +424,18 @@ def _replica_max_diff(models) -> float:
         return 0.0
     with torch.no_grad():  # a single sync, not one .item() per tensor
         return torch.stack([(a - b).abs_().amax() for a, b in differ]).max().item()
+
+
+_PARAMETERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A replica's parameters by name, walked once per replica: walking a module tree costs
+    more than a small model's whole aggregate, and a run updates parameters in place, never
+    replacing them (a rejoin or restore brings a new model)."""
+    if model not in _PARAMETERS:
+        _PARAMETERS[model] = dict(model.named_parameters())
+    return _PARAMETERS[model]
 
 
 def _holds_full(model) -> bool:

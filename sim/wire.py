@@ -36,9 +36,11 @@ import itertools
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import safetensors.numpy
 import safetensors.torch
 import torch
 
@@ -56,6 +58,47 @@ REASONS = ("truncated", "bad_magic", "bad_checksum", "bad_version", "malformed",
            "duplicate_index", "non_finite", "bad_helper", "chunk_grid_mismatch", "stale_round", "duplicate")
 
 
+@dataclass(frozen=True)
+class Pairs:
+    """Tensors' top-k (indices, values) flattened and laid end to end: how they travel, and
+    how a receiver gathers its blocks from them in a few calls, whatever their number."""
+    signature: tuple[tuple[str, ChunkGrid, int], ...]   # (name, chunk grid, k) of each tensor, in order
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, sparses: Mapping[str, Sparse]) -> "Pairs":
+        return cls(tuple((name, s.grid, s.indices.shape[-1]) for name, s in sparses.items()),
+                   torch.cat([s.indices.reshape(-1) for s in sparses.values()]),
+                   torch.cat([s.values.reshape(-1) for s in sparses.values()]))
+
+    def split(self) -> dict[str, Sparse]:
+        """Each tensor's Sparse, as views."""
+        sizes = [math.prod(grid.blocks) * k for _, grid, k in self.signature]
+        return {name: Sparse(grid, i.view(*grid.blocks, k), v.view(*grid.blocks, k)) for (name, grid, k), i, v
+                in zip(self.signature, self.indices.split(sizes), self.values.split(sizes))}
+
+
+class _SplitOnDemand(Mapping):
+    """A decoded payload's `params`: its pairs split into per-tensor views on first use. A
+    receiver gathering from `Payload.pairs()` never needs them, and a split costs a few
+    calls per tensor, which on a small model is a third of a decode."""
+
+    def __init__(self, pairs: Pairs):
+        self._pairs, self._split = pairs, None
+
+    def __getitem__(self, name: str) -> Sparse:
+        if self._split is None:
+            self._split = self._pairs.split()
+        return self._split[name]
+
+    def __iter__(self):
+        return (name for name, _, _ in self._pairs.signature)
+
+    def __len__(self) -> int:
+        return len(self._pairs.signature)
+
+
 @dataclass
 class Payload:
     """One peer's update for one round: a Sparse per parameter, in the peer's local shapes,
@@ -63,10 +106,15 @@ class Payload:
     peer: int
     round: int
     tiers: tuple[int, ...]
-    params: dict[str, Sparse]
+    params: Mapping[str, Sparse]
     quantized: bool
     helper_neurons: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> sorted neuron indices
     helper_params: dict[str, Sparse] = field(default_factory=dict)          # MLP name -> slab [count along FFN axis]
+    flat: Pairs | None = field(default=None, repr=False, compare=False)     # `params` as they came off the wire
+
+    def pairs(self) -> Pairs:
+        """`params` flattened: as they came off the wire, else built now (from the tensors as they are)."""
+        return self.flat if self.flat is not None else Pairs.of(self.params)
 
 
 @dataclass(frozen=True)
@@ -83,22 +131,30 @@ def index_dtype(grids) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each tensor's pairs sit in the flat tensors of a payload at some tiers and helper counts."""
+    """Where each tensor's pairs sit in the flat tensors of a payload at some tiers and helper
+    counts. The per-pair tables are numpy arrays: validation runs in numpy (see `_pairs_of`)."""
     params: dict[str, ChunkGrid]      # sorted by name: the body's order
     helpers: dict[str, ChunkGrid]     # helper slabs, sorted by name, after the params
     k: tuple[int, ...]                # per entry (params, then helpers)
     sizes: tuple[int, ...]            # pairs per entry
     dtype: torch.dtype
-    absent: torch.Tensor              # per pair: its block's absent slot (= block_numel)
-    row: torch.Tensor                 # per pair: a number unique to its block
-    stride: int                       # above every index: row * stride + index names one coefficient
-    neuron_low: torch.Tensor          # per helper neuron: its layer's sender width (the suffix starts there)
-    neuron_first: torch.Tensor        # per helper neuron: True where its layer's list starts
+    absent: np.ndarray                # per pair: its block's absent slot (= block_numel)
+    block_key: np.ndarray             # per pair: a multiple of a number above every index, unique to its block,
+                                      # so block_key + index names one coefficient of the payload
+    absent_key: np.ndarray            # per pair: a distinct negative key (absent slots may repeat)
+    neuron_low: np.ndarray            # per helper neuron: its layer's sender width (the suffix starts there)
+    neuron_first: np.ndarray          # per helper neuron: True where its layer's list starts
     declared: tuple[dict, dict]       # the header's "params" and "helpers" as an honest sender writes them
 
     @property
     def entries(self) -> list[tuple[str, ChunkGrid]]:
         return [*self.params.items(), *self.helpers.items()]
+
+    @functools.cached_property
+    def signature(self) -> tuple[tuple, tuple]:
+        """`Pairs.signature` of the params and of the helper slabs."""
+        entries = [(name, grid, k) for (name, grid), k in zip(self.entries, self.k)]
+        return tuple(entries[:len(self.params)]), tuple(entries[len(self.params):])
 
 
 @functools.lru_cache(maxsize=256)
@@ -118,16 +174,16 @@ def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple, helper_counts
     grids = [*params.values(), *helpers.values()]
     ks = [min(distro.compression_topk, grid.block_numel) for grid in grids]
     blocks = [math.prod(grid.blocks) for grid in grids]
-    first = [0, *itertools.accumulate(blocks)]
-    absent = [torch.full((b * k,), grid.block_numel, dtype=torch.int32) for b, k, grid in zip(blocks, ks, grids)]
-    rows = [torch.arange(first[i], first[i + 1]).repeat_interleave(k) for i, k in enumerate(ks)]
-    neuron_low = torch.cat([torch.full((count,), widths[layer]) for layer, count in counts.items()] or [torch.zeros(0)])
-    neuron_first = torch.cat([torch.arange(count) == 0 for count in counts.values()] or [torch.zeros(0, dtype=torch.bool)])
+    sizes = [b * k for b, k in zip(blocks, ks)]
+    absent = np.repeat([grid.block_numel for grid in grids], sizes).astype(np.int64)
+    stride = max(grid.block_numel for grid in grids) + 1
+    block_key = np.repeat(np.arange(sum(blocks), dtype=np.int64), np.repeat(ks, blocks)) * stride
+    neuron_low = np.repeat([widths[layer] for layer in counts], list(counts.values())).astype(np.int64)
+    neuron_first = np.concatenate([np.arange(count) == 0 for count in counts.values()] or [np.zeros(0, dtype=bool)])
     declared = tuple({name: {"k": k, "shape": list(grid.shape)} for (name, grid), k in zip(part.items(), part_ks)}
                      for part, part_ks in ((params, ks[:len(params)]), (helpers, ks[len(params):])))
-    return Layout(params, helpers, tuple(ks), tuple(b * k for b, k in zip(blocks, ks)), index_dtype(grids),
-                  torch.cat(absent), torch.cat(rows), max(grid.block_numel for grid in grids) + 1,
-                  neuron_low.long(), neuron_first, declared)
+    return Layout(params, helpers, tuple(ks), tuple(sizes), index_dtype(grids), absent, block_key,
+                  -1 - np.arange(absent.size), neuron_low, neuron_first, declared)
 
 
 def encode_payload(payload: Payload, chunk: int) -> bytes:
@@ -158,7 +214,9 @@ def encode_payload(payload: Payload, chunk: int) -> bytes:
 def frame(header: dict, tensors: dict[str, torch.Tensor], version: int = VERSION) -> bytes:
     """Magic, version, JSON header, safetensors body and checksum around a payload's parts."""
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    body = PREFIX.pack(MAGIC, version, len(head)) + head + safetensors.torch.save(tensors)
+    # The numpy writer: the same bytes as safetensors.torch's, at half its cost per payload.
+    tensors = safetensors.numpy.save({name: tensor.numpy() for name, tensor in tensors.items()})
+    body = PREFIX.pack(MAGIC, version, len(head)) + head + tensors
     return body + hashlib.sha256(body).digest()
 
 
@@ -222,11 +280,12 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
             _expect(meta.get("k") == k, "bad_shape", f"{name}: k {meta.get('k')} is not {k}")
     indices, values = _pairs_of(tensors, expected, quantized)
     neurons = _neurons_of(tensors, expected, model.intermediate_size)
-    sparses = _split(expected, indices, values)
     layers = [layer for layer, count in enumerate(counts) if count]
-    return Payload(peer, rnd, tiers, {name: sparses[name] for name in expected.params}, quantized,
+    cut = sum(expected.sizes[:len(expected.params)])  # the params' pairs come first, then the helper slabs'
+    params = Pairs(expected.signature[0], indices[:cut], values[:cut])
+    return Payload(peer, rnd, tiers, _SplitOnDemand(params), quantized,
                    dict(zip(layers, neurons.split([counts[layer] for layer in layers]))),
-                   {name: sparses["helper:" + name] for name in expected.helpers})
+                   Pairs(expected.signature[1], indices[cut:], values[cut:]).split(), params)
 
 
 def _expect_tensors(declared: dict, grids: dict[str, ChunkGrid], what: str, why: str) -> None:
@@ -241,7 +300,7 @@ def _expect_tensors(declared: dict, grids: dict[str, ChunkGrid], what: str, why:
 
 def _neurons_of(tensors: dict, expected: Layout, full: int) -> torch.Tensor:
     """Helper neuron indices: int32, each in its layer's suffix [width, I), increasing within a layer."""
-    count = expected.neuron_low.numel()
+    count = expected.neuron_low.size
     neurons = tensors.get("neurons")
     if count == 0:
         _expect(neurons is None, "bad_helper", "neuron indices sent without helper counts")
@@ -249,47 +308,50 @@ def _neurons_of(tensors: dict, expected: Layout, full: int) -> torch.Tensor:
     _expect(neurons is not None, "bad_helper", "no neuron index tensor")
     _expect(neurons.dtype == torch.int32 and tuple(neurons.shape) == (count,), "bad_helper",
             f"neurons are {neurons.dtype} {list(neurons.shape)}, expected int32 [{count}]")
-    neurons = neurons.long()
+    neurons = neurons.numpy().astype(np.int64)
     _expect(bool(((neurons >= expected.neuron_low) & (neurons < full)).all()), "bad_helper",
             "a helper neuron lies outside its layer's suffix [width, I)")
     increasing = expected.neuron_first[1:] | (neurons[1:] > neurons[:-1])
     _expect(bool(increasing.all()), "bad_helper", "a layer's helper neurons are not sorted and unique")
-    return neurons
+    return torch.from_numpy(neurons)
 
 
 def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flat (indices, values), validated against the layout with a few whole-payload operations."""
-    count = expected.absent.numel()
+    """The flat (indices, values), validated against the layout with a few whole-payload
+    operations. In numpy: a payload's arrays are small, and torch's fixed cost per call
+    would be most of the time."""
+    count = expected.absent.size
     indices = tensors.get("idx")
     _expect(indices is not None, "malformed", "no index tensor")
     _expect(indices.dtype == expected.dtype, "bad_dtype", f"indices are {indices.dtype}, expected {expected.dtype}")
     _expect(tuple(indices.shape) == (count,), "bad_shape", f"{list(indices.shape)} indices, expected [{count}]")
-    indices = indices.long()
+    indices = indices.numpy().astype(np.int64)
     in_range = (indices >= 0) & (indices <= expected.absent)
-    if not bool(in_range.all()):
-        at = int((~in_range).nonzero()[0])
+    if not in_range.all():
+        at = int(np.flatnonzero(~in_range)[0])
         raise _Reject("index_out_of_range", f"{_owner(expected, at)}: index {int(indices[at])} is outside "
                                             f"[0, {int(expected.absent[at])}]")
     absent = indices == expected.absent
     # A pair is (block, index): sorted, a repeat is two equal neighbours. Absent slots may repeat,
-    # so each gets a distinct negative key.
-    keys = torch.where(absent, -1 - torch.arange(count), expected.row * expected.stride + indices)
-    ordered = keys.sort().values
-    _expect(not bool((ordered[1:] == ordered[:-1]).any()), "duplicate_index", "a block names one coefficient twice")
+    # so each has a distinct negative key.
+    keys = np.where(absent, expected.absent_key, expected.block_key + indices)
+    keys.sort()
+    _expect(not bool((keys[1:] == keys[:-1]).any()), "duplicate_index", "a block names one coefficient twice")
     if quantized:
         bits = tensors.get("sign")
         _expect(bits is not None, "malformed", "no sign tensor")
         _expect(bits.dtype == torch.uint8, "bad_dtype", f"signs are {bits.dtype}, expected uint8")
         _expect(bits.numel() == (count + 7) // 8, "bad_shape", f"{bits.numel()} sign bytes for {count} values")
-        signs = torch.from_numpy(np.unpackbits(bits.numpy(), count=count).astype(np.float32) * 2 - 1)
-        values = torch.where(absent, 0.0, signs)
+        values = np.unpackbits(bits.numpy(), count=count).astype(np.float32) * 2 - 1
+        values[absent] = 0.0
     else:
         values = tensors.get("val")
         _expect(values is not None, "malformed", "no value tensor")
         _expect(values.dtype == torch.float32, "bad_dtype", f"values are {values.dtype}, expected float32")
         _expect(tuple(values.shape) == (count,), "bad_shape", f"{list(values.shape)} values for {count} indices")
-        _expect(bool(torch.isfinite(values).all()), "non_finite", "a value is NaN or infinite")
-    return indices, values
+        values = values.numpy()
+        _expect(bool(np.isfinite(values).all()), "non_finite", "a value is NaN or infinite")
+    return torch.from_numpy(indices), torch.from_numpy(values)
 
 
 def _owner(expected: Layout, at: int) -> str:
@@ -299,15 +361,6 @@ def _owner(expected: Layout, at: int) -> str:
 
 def _keys(expected: Layout) -> list[str]:
     return [*expected.params, *("helper:" + name for name in expected.helpers)]
-
-
-def _split(expected: Layout, indices: torch.Tensor, values: torch.Tensor) -> dict[str, Sparse]:
-    """Per entry Sparse, keyed by name (params) and "helper:" + name (helper slabs)."""
-    sparses = {}
-    for key, (_, grid), k, idx, val in zip(_keys(expected), expected.entries, expected.k,
-                                           indices.split(expected.sizes), values.split(expected.sizes)):
-        sparses[key] = Sparse(grid, idx.view(*grid.blocks, k), val.view(*grid.blocks, k))
-    return sparses
 
 
 def payload_size(model: ModelConfig, distro: DistroConfig, tiers) -> int:

@@ -7,6 +7,7 @@ fail when it is planted: tests/test_planted_bugs.py checks that they do (and
 how fast), and `MATSIM_PLANT=<name>` plants one for a whole pytest session
 (root conftest.py), which is how the reproduce workflow is demonstrated.
 """
+import dataclasses
 import sys
 
 import numpy as np
@@ -23,20 +24,20 @@ import sim.wire
 from sim.config import ModelConfig
 
 
-def _coefficient_means_over_every_payload(grids, parts):
+def _coefficient_means_over_every_payload(receiver, pairs):
     """Divides each coefficient's sum by the number of payloads, not by those that sent it."""
     updates = {}
-    for name, grid in grids.items():
-        indices = torch.cat([part[name][0] for part in parts], dim=-1)
-        values = torch.cat([part[name][1] for part in parts], dim=-1)
-        updates[name] = grid.decode(sim.distro.coefficient_sum(grid, indices, values) / len(parts))
+    for group, indices, values in sim.aggregate._gathered_pairs(receiver, pairs):
+        grid = group[0][0]
+        mean = sim.distro.coefficient_sum(grid, indices, values) / len(pairs)
+        updates.update(sim.aggregate._cut(group, grid.decode_blocks(mean)))
     return updates
 
 
-def _coefficient_means_of_signs(grids, parts):
+def _coefficient_means_of_signs(receiver, pairs):
     """Takes each value's sign before the mean (harmless with 1-bit payloads, wrong without)."""
-    signed = [{name: (idx, val.sign()) for name, (idx, val) in part.items()} for part in parts]
-    return ORIGINAL["coefficient_means"](grids, signed)
+    signed = [dataclasses.replace(p, values=p.values.sign()) for p in pairs]
+    return ORIGINAL["coefficient_means"](receiver, signed)
 
 
 def _receive_counting_rejections(*args, **kwargs):

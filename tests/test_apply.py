@@ -43,3 +43,21 @@ def test_adamw_rule_matches_torch_adamw_over_several_rounds():
 def test_adamw_without_state_is_a_clear_error():
     with pytest.raises(SimError, match=r"^ApplyRule.ADAMW needs an adam_state dict that persists across rounds$"):
         apply_update({"w": fixed(5)}, {"w": fixed(6)}, lr=0.1, rule=ApplyRule.ADAMW)
+
+
+@pytest.mark.parametrize("rule", [ApplyRule.SIGN, ApplyRule.SGD])
+def test_several_replicas_at_once_move_exactly_as_each_one_alone(rule):
+    """Catches a step computed for the first replica only, or applied once per replica too many."""
+    update = {"w": fixed(7), "b": fixed(8)[0]}
+    alone = [{"w": fixed(s), "b": fixed(s + 1)[0]} for s in (20, 30, 40)]
+    together = [{name: t.clone() for name, t in replica.items()} for replica in alone]
+    for replica in alone:
+        apply_update(replica, update, lr=0.1, rule=rule, weight_decay=0.01)
+    apply_update(together, update, lr=0.1, rule=rule, weight_decay=0.01)
+    assert all(torch.equal(a[name], b[name]) for a, b in zip(alone, together) for name in a)
+    assert not torch.equal(alone[0]["w"], fixed(20))
+
+
+def test_adamw_on_several_replicas_is_a_clear_error():
+    with pytest.raises(SimError, match=r"^ApplyRule.ADAMW keeps one adam_state per replica: got 2 replicas, apply to one$"):
+        apply_update([{"w": fixed(5)}, {"w": fixed(5)}], {"w": fixed(6)}, lr=0.1, rule=ApplyRule.ADAMW, adam_state={})

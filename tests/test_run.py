@@ -106,9 +106,10 @@ def test_replica_max_diff_is_the_largest_difference_on_shared_elements():
     from sim.run import _replica_max_diff
     full, copy = build_model(TINY.model, 0, seed=1, device="cpu"), build_model(TINY.model, 0, seed=1, device="cpu")
     sliced = load_prefix(MatFormerLM(TINY.model, stored_widths=[32, 32]), full.state_dict())
+    full, copy, sliced = (dict(model.named_parameters()) for model in (full, copy, sliced))
     assert _replica_max_diff([full, copy, sliced]) == 0.0
     with torch.no_grad():
-        copy.model.layers[0].mlp.down_proj.weight[3, 60] += 0.5   # a suffix element: the sliced replica lacks it
-        sliced.lm_head.weight[2, 5] -= 0.25
+        copy["model.layers.0.mlp.down_proj.weight"][3, 60] += 0.5   # a suffix element: the sliced replica lacks it
+        sliced["lm_head.weight"][2, 5] -= 0.25
     assert _replica_max_diff([full, copy, sliced]) == pytest.approx(0.5)
     assert _replica_max_diff([full, sliced]) == pytest.approx(0.25)
