@@ -29,6 +29,24 @@ def test_encode_then_decode_is_bit_exact(case):
         assert torch.equal(decoded.params[name].values, sparse.values.float())
 
 
+@given(helper_cases(max_peers=1))
+def test_an_encoded_payload_is_the_plain_frame_of_its_header_and_tensors(case):
+    """The encoder writes the header's tensor entries once per signature and splices them in:
+    its bytes must be exactly json.dumps(header, sort_keys=True) framed around the tensors.
+    Catches: an entry spliced into the wrong slot, a stale cached entry, a key out of order."""
+    import json
+
+    import safetensors.torch
+    from sim.wire import DIGEST, PREFIX
+    model, distro, (payload,), _ = case
+    raw = encode_payload(payload, distro.compression_chunk)
+    head_len = PREFIX.unpack_from(raw)[2]
+    header = json.loads(raw[PREFIX.size:PREFIX.size + head_len])
+    for part, sparses in (("params", payload.params), ("helpers", payload.helper_params)):
+        assert header[part] == {name: {"k": s.indices.shape[-1], "shape": list(s.grid.shape)} for name, s in sparses.items()}
+    assert raw == frame(header, safetensors.torch.load(raw[PREFIX.size + head_len:-DIGEST]))
+
+
 @given(cases, st.data())
 def test_any_single_flipped_byte_is_rejected(case, data):
     """Catches: a checksum that skips part of the frame (header, body or itself)."""

@@ -60,6 +60,11 @@ BlockGroup = tuple[tuple[ChunkGrid, tuple[str, ...]], ...]  # grids of one block
 
 
 @functools.lru_cache(maxsize=64)
+def _receiver(shapes: tuple[tuple[str, tuple[int, ...]], ...], chunk: int) -> Receiver:
+    return tuple((name, ChunkGrid.of(shape, chunk)) for name, shape in shapes)
+
+
+@functools.lru_cache(maxsize=64)
 def _block_groups(receiver: Receiver) -> tuple[BlockGroup, ...]:
     """The receiver's parameters grouped by chunk grid, and the grids by block size. Every
     block of one size, whatever tensor it tiles, is averaged and decoded in one product;
@@ -122,24 +127,23 @@ def _aligned_blocks(name: str, sent: ChunkGrid, positions: torch.Tensor, grid: C
 
 
 @functools.lru_cache(maxsize=16)
-def _block_map(senders: tuple[_SenderMap, ...]) -> tuple[torch.Tensor, ...]:
+def _block_map(receiver: Receiver, senders: tuple[_SenderMap, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Per block group, [blocks, sum of k] positions into the senders' pairs laid end to end
-    and followed by one absent pair per group (see `_gathered_pairs`)."""
+    and followed by one absent pair per group; and those absent pairs' indices."""
     starts, total = [0, *itertools.accumulate(s.size for s in senders)], sum(s.size for s in senders)
-    return tuple(torch.cat([torch.where(s.positions[g] >= 0, s.positions[g] + start, total + g)
-                            for s, start in zip(senders, starts)], dim=-1)
-                 for g in range(len(senders[0].positions)))
+    groups = _block_groups(receiver)
+    positions = tuple(torch.cat([torch.where(s.positions[g] >= 0, s.positions[g] + start, total + g)
+                                 for s, start in zip(senders, starts)], dim=-1) for g in range(len(groups)))
+    return positions, torch.tensor([group[0][0].block_numel for group in groups])
 
 
 def _gathered_pairs(receiver: Receiver, pairs: Sequence[Pairs]):
     """Per block group: (group, indices, values), every payload's pairs aligned to the
     receiver's blocks, [blocks, sum of k], the blocks in `_block_groups` order."""
-    groups = _block_groups(receiver)
-    maps = _block_map(tuple(_sender_map(p.signature, receiver) for p in pairs))
-    absent = torch.tensor([group[0][0].block_numel for group in groups])
+    maps, absent = _block_map(receiver, tuple(_sender_map(p.signature, receiver) for p in pairs))
     indices = torch.cat([*(p.indices for p in pairs), absent])
-    values = torch.cat([*(p.values for p in pairs), pairs[0].values.new_zeros(len(groups))])
-    for group, positions in zip(groups, maps):
+    values = torch.cat([*(p.values for p in pairs), pairs[0].values.new_zeros(absent.numel())])
+    for group, positions in zip(_block_groups(receiver), maps):
         yield group, indices.take(positions), values.take(positions)
 
 
@@ -243,7 +247,7 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
               semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, rejected: Counter | None = None) -> Aggregate:
     """Combine decoded payloads into the receiver's shapes under `semantics`."""
     rejected = Counter() if rejected is None else rejected
-    receiver = tuple((name, ChunkGrid.of(shape, distro.compression_chunk)) for name, shape in receiver_shapes.items())
+    receiver = _receiver(tuple((name, tuple(shape)) for name, shape in receiver_shapes.items()), distro.compression_chunk)
     accepted, pairs = [], []
     for payload in payloads:
         try:
@@ -371,7 +375,8 @@ def _apply_elementwise(replicas: Sequence[dict[str, torch.Tensor]], updates: dic
     if not replicas:
         return
     first = replicas[0]
-    steps = [updates[name].to(device=p.device, dtype=p.dtype) for name, p in first.items()]
+    steps = [update if (update := updates[name]).dtype == p.dtype and update.device == p.device
+             else update.to(device=p.device, dtype=p.dtype) for name, p in first.items()]
     if rule is ApplyRule.SIGN:
         steps = torch._foreach_sign(steps)
     targets = [p for replica in replicas for p in (replica[name] for name in first)]

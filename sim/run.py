@@ -224,7 +224,12 @@ class Network:
         """Every present peer trains, compresses and sends; `faults` ({peer: Fault}) act on
         the payloads; every receiver aggregates what arrived and applies it. With
         `evaluate`, the record's eval_loss is the full model's held-out loss, else None."""
-        sent = [self.send(peer, round_, (faults or {}).get(peer.id)) for peer in self.present()]
+        faults, peers = faults or {}, self.present()
+        # Every peer trains, then every payload is encoded: the same bytes as peer by peer, but
+        # the encoder's code stays warm after the first payload (on a small model, caches gone
+        # cold over each forward/backward cost more than the encoding itself).
+        trained = [self.train(peer, round_, faults.get(peer.id)) for peer in peers]
+        sent = [self.post(peer, payload, loss, faults.get(peer.id)) for peer, (payload, loss) in zip(peers, trained)]
         arrived = self.carried + [data for s in sent for data in s.outgoing]
         self.carried = [data for s in sent for data in s.late]
         receivers = self.receivers()
@@ -233,14 +238,22 @@ class Network:
                            _replica_max_diff(receivers), evaluate)
 
     def send(self, peer: Peer, round_: int, fault=None) -> "Sent":
-        """One peer's half of a round: train at its tiers (and helper neurons), compress,
-        encode, and let `fault` act on what leaves it."""
-        distro, kind = self.config.distro, fault.kind if fault else None
+        """One peer's half of a round: train, compress, encode, and let `fault` act on what leaves it."""
+        return self.post(peer, *self.train(peer, round_, fault), fault)
+
+    def train(self, peer: Peer, round_: int, fault=None) -> tuple[Payload | None, float]:
+        """Train `peer` at its tiers (and helper neurons) on its shard and compress: (payload, loss);
+        no payload when its NaN guard withholds it (the nan fault's poison)."""
         model = self.shared if self.shared is not None else peer.model
         model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
         tokens = shard(self.source, self.seed, round_, peer.id, self.batch, self.config.seq_len + 1).to(self.device)
-        payload, loss = train_and_compress(model, peer.state, tokens, self.config.lr_schedule.lr(round_), peer.id,
-                                           round_, poison=kind == "nan" and distro.quantize_1bit)
+        return train_and_compress(model, peer.state, tokens, self.config.lr_schedule.lr(round_), peer.id, round_,
+                                  poison=fault is not None and fault.kind == "nan" and self.config.distro.quantize_1bit)
+
+    @torch.inference_mode()  # no autograd in a sender's or receiver's wire work: skip its bookkeeping per call
+    def post(self, peer: Peer, payload: Payload | None, loss: float, fault=None) -> "Sent":
+        """What leaves a peer: its payload encoded, with `fault` acting on the payload or its bytes."""
+        distro, kind = self.config.distro, fault.kind if fault else None
         if payload is None:
             return Sent(peer.id, loss, kind, withheld=True)
         if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
@@ -259,6 +272,7 @@ class Network:
             sent.outgoing = [data, data] if kind == "duplicate" else [data]
         return sent
 
+    @torch.inference_mode()
     def deliver(self, round_: int, arrived: Sequence[bytes], receivers: Sequence[dict[str, torch.Tensor]]) -> list:
         """Every receiver's half (`receivers` as `receivers()` gives them): decode what arrived,
         aggregate, apply. Decoding is a pure

@@ -189,31 +189,63 @@ def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple, helper_counts
 def encode_payload(payload: Payload, chunk: int) -> bytes:
     layers = len(payload.tiers)
     counts = [int(payload.helper_neurons[i].numel()) if i in payload.helper_neurons else 0 for i in range(layers)]
-    header = {"peer": payload.peer, "round": payload.round, "tiers": list(payload.tiers), "chunk": chunk,
-              "quantized": payload.quantized, "params": {}, "helpers": {}, "helper_neurons": counts}
-    sparses = []
-    for part, tensors in (("params", payload.params), ("helpers", payload.helper_params)):
-        for name in sorted(tensors):
-            header[part][name] = {"shape": list(tensors[name].grid.shape), "k": tensors[name].indices.shape[-1]}
-            sparses.append(tensors[name])
-    dtype = index_dtype(s.grid for s in sparses)
-    # torch.cat copies: a payload never aliases live state. One cat and one conversion per
-    # tensor kind, not one per parameter: per-call costs are most of a small model's encode.
-    tensors = {"idx": torch.cat([s.indices.reshape(-1) for s in sparses]).to(device="cpu", dtype=dtype)}
-    values = torch.cat([s.values.reshape(-1) for s in sparses]).detach().to(device="cpu", dtype=torch.float32)
+    params, helpers = sorted(payload.params.items()), sorted(payload.helper_params.items())
+    sparses = [s for _, s in params] + [s for _, s in helpers]
+    declared = _declared(*(tuple((name, s.grid, s.indices.shape[-1]) for name, s in part) for part in (params, helpers)))
+    # One flattening copy and one conversion per tensor kind, not one per parameter: per-call
+    # costs are most of a small model's encode. A copy: a payload never aliases live state.
+    tensors = {"idx": _flat([s.indices for s in sparses]).to(device="cpu", dtype=declared.index_dtype)}
+    values = _flat([s.values.detach() for s in sparses]).to(device="cpu", dtype=torch.float32)
     if payload.quantized:
-        tensors["sign"] = torch.from_numpy(np.packbits((values > 0).numpy()))
+        tensors["sign"] = torch.from_numpy(np.packbits(values.numpy() > 0))
     else:
         tensors["val"] = values
     if any(counts):
         tensors["neurons"] = torch.cat([payload.helper_neurons[i].to(device="cpu", dtype=torch.int32)
                                         for i in range(layers) if counts[i]])
-    return frame(header, tensors)
+    # The header as json.dumps(sort_keys=True) writes it. The tensors' entries, the bulk of it
+    # and the same every round for a peer, are written once per signature and spliced in.
+    head = _json({"peer": payload.peer, "round": payload.round, "tiers": list(payload.tiers), "chunk": chunk,
+                  "quantized": payload.quantized, "helper_neurons": counts, "helpers": _SLOT, "params": _SLOT})
+    for part in (declared.helpers, declared.params):  # key order; nothing before them is a string
+        head = head.replace(f'"{_SLOT}"', part, 1)
+    return _framed(head.encode(), tensors)
+
+
+_SLOT = "<declared>"
+
+
+@dataclass(frozen=True)
+class _Declaration:
+    params: str                # the header's "params" object, as JSON
+    helpers: str               # its "helpers" object
+    index_dtype: torch.dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _declared(params: tuple, helpers: tuple) -> _Declaration:
+    """How a header declares tensors of these signatures ((name, grid, k) in name order)."""
+    def entries(signature):
+        return _json({name: {"k": k, "shape": list(grid.shape)} for name, grid, k in signature})
+    return _Declaration(entries(params), entries(helpers), index_dtype([grid for _, grid, _ in params + helpers]))
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors flattened and laid end to end in one call (torch.cat needs a reshape per
+    tensor first). torch's own helper, as DDP's gradient buckets use."""
+    return torch._utils._flatten_dense_tensors(tensors) if tensors else torch.zeros(0)
 
 
 def frame(header: dict, tensors: dict[str, torch.Tensor], version: int = VERSION) -> bytes:
     """Magic, version, JSON header, safetensors body and checksum around a payload's parts."""
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    return _framed(_json(header).encode(), tensors, version)
+
+
+def _framed(head: bytes, tensors: dict[str, torch.Tensor], version: int = VERSION) -> bytes:
     # The numpy writer: the same bytes as safetensors.torch's, at half its cost per payload.
     tensors = safetensors.numpy.save({name: tensor.numpy() for name, tensor in tensors.items()})
     body = PREFIX.pack(MAGIC, version, len(head)) + head + tensors
@@ -262,16 +294,7 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
             "peer, round and chunk must be integers, quantized a bool, params and helpers objects")
     _expect(chunk == distro.compression_chunk, "malformed", f"chunk {chunk} is not the run's {distro.compression_chunk}")
     _expect(quantized == distro.quantize_1bit, "malformed", f"quantized={quantized} disagrees with the run's quantize_1bit")
-    try:
-        layout(model, distro, tiers)
-    except (SimError, TypeError) as err:
-        raise _Reject("bad_tier", f"tiers {list(tiers)}: {err}") from None
-    _expect(len(counts) == len(tiers) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts),
-            "bad_helper", f"helper_neurons {list(counts)} must be one count >= 0 per layer")
-    try:
-        expected = layout(model, distro, tiers, counts)
-    except SimError as err:
-        raise _Reject("bad_helper", str(err)) from None
+    expected = _layout_of(model, distro, tiers, counts)
     if (params, helpers) != expected.declared:  # one comparison for the honest sender; else find the fault
         _expect_tensors(params, expected.params, "parameters", "for the sender's tiers")
         _expect_tensors(helpers, expected.helpers, "helper slabs", "for the sender's helper counts")
@@ -280,12 +303,33 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
             _expect(meta.get("k") == k, "bad_shape", f"{name}: k {meta.get('k')} is not {k}")
     indices, values = _pairs_of(tensors, expected, quantized)
     neurons = _neurons_of(tensors, expected, model.intermediate_size)
-    layers = [layer for layer, count in enumerate(counts) if count]
     cut = sum(expected.sizes[:len(expected.params)])  # the params' pairs come first, then the helper slabs'
-    params = Pairs(expected.signature[0], indices[:cut], values[:cut])
-    return Payload(peer, rnd, tiers, _SplitOnDemand(params), quantized,
-                   dict(zip(layers, neurons.split([counts[layer] for layer in layers]))),
-                   Pairs(expected.signature[1], indices[cut:], values[cut:]).split(), params)
+    params, helper_neurons, helpers = Pairs(expected.signature[0], indices[:cut], values[:cut]), {}, {}
+    if expected.helpers:
+        layers = [layer for layer, count in enumerate(counts) if count]
+        helper_neurons = dict(zip(layers, neurons.split([counts[layer] for layer in layers])))
+        helpers = Pairs(expected.signature[1], indices[cut:], values[cut:]).split()
+    return Payload(peer, rnd, tiers, _SplitOnDemand(params), quantized, helper_neurons, helpers, params)
+
+
+def _layout_of(model: ModelConfig, distro: DistroConfig, tiers: tuple, counts: tuple) -> Layout:
+    """The layout a header's tiers and helper counts promise: one cached lookup for an honest
+    sender; else the rejection that names what is wrong, the tiers first."""
+    well_formed = len(counts) == len(tiers) and all(type(c) is int and c >= 0 for c in counts)
+    try:
+        if well_formed:
+            return layout(model, distro, tiers, counts)
+    except (SimError, TypeError):
+        pass
+    try:
+        layout(model, distro, tiers)
+    except (SimError, TypeError) as err:
+        raise _Reject("bad_tier", f"tiers {list(tiers)}: {err}") from None
+    _expect(well_formed, "bad_helper", f"helper_neurons {list(counts)} must be one count >= 0 per layer")
+    try:
+        return layout(model, distro, tiers, counts)
+    except SimError as err:
+        raise _Reject("bad_helper", str(err)) from None
 
 
 def _expect_tensors(declared: dict, grids: dict[str, ChunkGrid], what: str, why: str) -> None:
