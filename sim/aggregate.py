@@ -35,7 +35,7 @@ from sim.config import DistroConfig, ModelConfig
 from sim.distro import ChunkGrid, Sparse, batch_decompress, decompress
 from sim.errors import AlignmentError, ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
 from sim.model import mlp_layer
-from sim.wire import Pairs, Payload, Rejection, decode_payload
+from sim.wire import HashOnce, Pairs, Payload, Rejection, decode_payload
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ BlockGroup = tuple[tuple[ChunkGrid, tuple[str, ...]], ...]  # grids of one block
 
 @functools.lru_cache(maxsize=64)
 def _receiver(shapes: tuple[tuple[str, tuple[int, ...]], ...], chunk: int) -> Receiver:
-    return tuple((name, ChunkGrid.of(shape, chunk)) for name, shape in shapes)
+    return HashOnce((name, ChunkGrid.of(shape, chunk)) for name, shape in shapes)
 
 
 @functools.lru_cache(maxsize=64)

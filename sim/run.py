@@ -284,10 +284,9 @@ class Network:
         decoded = [decode_payload(data, cfg, distro) for data in arrived]
         aggregates, replicas, results = {}, {}, []
         for params in receivers:
-            shapes = {n: tuple(p.shape) for n, p in params.items()}
-            key = tuple(shapes.items())
+            key = tuple((name, p.shape) for name, p in params.items())
             if key not in aggregates:
-                aggregates[key] = receive_decoded(decoded, shapes, distro, self.semantics, round_=round_)
+                aggregates[key] = receive_decoded(decoded, dict(key), distro, self.semantics, round_=round_)
             replicas.setdefault(key, []).append(params)
             results.append(aggregates[key])
         for key, same_shapes in replicas.items():
@@ -420,6 +419,7 @@ def fault_plan(faults: FaultPlan | str | None, network: Network, rounds: int, se
                        max(max(p.tiers) for p in network.peers))
 
 
+@torch.inference_mode()
 def _replica_max_diff(replicas: Sequence[dict[str, torch.Tensor]]) -> float:
     """Largest difference between any replica (parameters by name) and the first, over
     every element they share."""
@@ -436,8 +436,7 @@ def _replica_max_diff(replicas: Sequence[dict[str, torch.Tensor]]) -> float:
     differ = [(a, b) for a, b in zip(mine, theirs) if not torch.equal(a, b)]  # the usual case: none
     if not differ:
         return 0.0
-    with torch.no_grad():  # a single sync, not one .item() per tensor
-        return torch.stack([(a - b).abs_().amax() for a, b in differ]).max().item()
+    return torch.stack([(a - b).abs_().amax() for a, b in differ]).max().item()  # one sync, not one per tensor
 
 
 _PARAMETERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()

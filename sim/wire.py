@@ -58,6 +58,19 @@ REASONS = ("truncated", "bad_magic", "bad_checksum", "bad_version", "malformed",
            "duplicate_index", "non_finite", "bad_helper", "chunk_grid_mismatch", "stale_round", "duplicate")
 
 
+class HashOnce(tuple):
+    """A tuple that computes its hash once. Signatures and receivers are cache keys looked up
+    many times a round, and hashing one hashes every tensor's chunk grid again."""
+
+    def __new__(cls, items=()):
+        key = super().__new__(cls, items)
+        key._hash = tuple.__hash__(key)
+        return key
+
+    def __hash__(self):
+        return self._hash
+
+
 @dataclass(frozen=True)
 class Pairs:
     """Tensors' top-k (indices, values) flattened and laid end to end: how they travel, and
@@ -68,7 +81,7 @@ class Pairs:
 
     @classmethod
     def of(cls, sparses: Mapping[str, Sparse]) -> "Pairs":
-        return cls(tuple((name, s.grid, s.indices.shape[-1]) for name, s in sparses.items()),
+        return cls(HashOnce((name, s.grid, s.indices.shape[-1]) for name, s in sparses.items()),
                    torch.cat([s.indices.reshape(-1) for s in sparses.values()]),
                    torch.cat([s.values.reshape(-1) for s in sparses.values()]))
 
@@ -154,7 +167,7 @@ class Layout:
     def signature(self) -> tuple[tuple, tuple]:
         """`Pairs.signature` of the params and of the helper slabs."""
         entries = [(name, grid, k) for (name, grid), k in zip(self.entries, self.k)]
-        return tuple(entries[:len(self.params)]), tuple(entries[len(self.params):])
+        return HashOnce(entries[:len(self.params)]), HashOnce(entries[len(self.params):])
 
 
 @functools.lru_cache(maxsize=256)
