@@ -4,7 +4,9 @@
   aggregating and applying, replica check) against the same peers' bare
   forward+backward+compress, in the same run (goal: at most 1.10x). "round+eval"
   adds the held-out evaluation, a forward over EVAL_SEQUENCES sequences that
-  `simulate` runs every `eval_every` rounds (about 50 per run by default).
+  `simulate` runs every `eval_every` rounds (about 50 per run by default). The
+  interleaved variant alternates bare peers and rounds in one test: the figure to
+  trust on a host whose speed drifts between tests.
 - Memory: peak RSS of 64 peers of test-nanogpt-small in shared-weights mode
   against 1 peer, each in a fresh process."""
 import json
