@@ -126,7 +126,7 @@ def _aligned_blocks(name: str, sent: ChunkGrid, positions: torch.Tensor, grid: C
     return torch.cat([positions, positions.new_full(pad, -1)], dim=dim)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)  # a round needs one per receiver shape; each holds every payload's positions
 def _block_map(receiver: Receiver, senders: tuple[_SenderMap, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Per block group, [blocks, sum of k] positions into the senders' pairs laid end to end
     and followed by one absent pair per group; and those absent pairs' indices."""

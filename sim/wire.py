@@ -82,8 +82,7 @@ class Pairs:
     @classmethod
     def of(cls, sparses: Mapping[str, Sparse]) -> "Pairs":
         return cls(HashOnce((name, s.grid, s.indices.shape[-1]) for name, s in sparses.items()),
-                   torch.cat([s.indices.reshape(-1) for s in sparses.values()]),
-                   torch.cat([s.values.reshape(-1) for s in sparses.values()]))
+                   _flat([s.indices for s in sparses.values()]), _flat([s.values for s in sparses.values()]))
 
     def split(self) -> dict[str, Sparse]:
         """Each tensor's Sparse, as views."""
@@ -170,6 +169,11 @@ class Layout:
         return HashOnce(entries[:len(self.params)]), HashOnce(entries[len(self.params):])
 
 
+def _header_entries(signature) -> dict:
+    """A header's entries for tensors of `signature`, as an honest sender writes them."""
+    return {name: {"k": k, "shape": list(grid.shape)} for name, grid, k in signature}
+
+
 @functools.lru_cache(maxsize=256)
 def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple, helper_counts: tuple = ()) -> Layout:
     """The layout every payload from a peer at `tiers` (with `helper_counts` neurons per layer)
@@ -193,8 +197,8 @@ def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple, helper_counts
     block_key = np.repeat(np.arange(sum(blocks), dtype=np.int64), np.repeat(ks, blocks)) * stride
     neuron_low = np.repeat([widths[layer] for layer in counts], list(counts.values())).astype(np.int64)
     neuron_first = np.concatenate([np.arange(count) == 0 for count in counts.values()] or [np.zeros(0, dtype=bool)])
-    declared = tuple({name: {"k": k, "shape": list(grid.shape)} for (name, grid), k in zip(part.items(), part_ks)}
-                     for part, part_ks in ((params, ks[:len(params)]), (helpers, ks[len(params):])))
+    entries = [(name, grid, k) for name, grid, k in zip([*params, *helpers], grids, ks)]
+    declared = tuple(map(_header_entries, (entries[:len(params)], entries[len(params):])))
     return Layout(params, helpers, tuple(ks), tuple(sizes), index_dtype(grids), absent, block_key,
                   -1 - np.arange(absent.size), neuron_low, neuron_first, declared)
 
@@ -238,9 +242,8 @@ class _Declaration:
 @functools.lru_cache(maxsize=256)
 def _declared(params: tuple, helpers: tuple) -> _Declaration:
     """How a header declares tensors of these signatures ((name, grid, k) in name order)."""
-    def entries(signature):
-        return _json({name: {"k": k, "shape": list(grid.shape)} for name, grid, k in signature})
-    return _Declaration(entries(params), entries(helpers), index_dtype([grid for _, grid, _ in params + helpers]))
+    return _Declaration(_json(_header_entries(params)), _json(_header_entries(helpers)),
+                        index_dtype([grid for _, grid, _ in params + helpers]))
 
 
 def _json(obj) -> str:
