@@ -182,6 +182,7 @@ def test_helper_payloads_round_trip_the_wire_bit_exact(case):
     assert isinstance(decoded, Payload), decoded
     assert decoded.helper_neurons.keys() == payload.helper_neurons.keys()
     for layer, neurons in payload.helper_neurons.items():
+        assert decoded.helper_neurons[layer].dtype == torch.int64  # torch.equal compares across dtypes
         assert torch.equal(decoded.helper_neurons[layer], neurons)
     assert decoded.helper_params.keys() == payload.helper_params.keys()
     for name, slab in payload.helper_params.items():

@@ -24,6 +24,7 @@ def test_encode_then_decode_is_bit_exact(case):
     assert decoded.params.keys() == payload.params.keys()
     for name, sparse in payload.params.items():
         assert decoded.params[name].grid == sparse.grid
+        assert decoded.params[name].indices.dtype == torch.int64  # torch.equal compares across dtypes
         assert torch.equal(decoded.params[name].indices, sparse.indices.long())
         assert decoded.params[name].values.dtype == torch.float32
         assert torch.equal(decoded.params[name].values, sparse.values.float())

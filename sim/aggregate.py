@@ -375,8 +375,7 @@ def _apply_elementwise(replicas: Sequence[dict[str, torch.Tensor]], updates: dic
     if not replicas:
         return
     first = replicas[0]
-    steps = [update if (update := updates[name]).dtype == p.dtype and update.device == p.device
-             else update.to(device=p.device, dtype=p.dtype) for name, p in first.items()]
+    steps = [updates[name].to(device=p.device, dtype=p.dtype) for name, p in first.items()]
     if rule is ApplyRule.SIGN:
         steps = torch._foreach_sign(steps)
     targets = [p for replica in replicas for p in (replica[name] for name in first)]

@@ -376,6 +376,9 @@ def _neurons_of(tensors: dict, expected: Layout, full: int) -> torch.Tensor:
     return torch.from_numpy(neurons)
 
 
+_SIGNS = np.array([-1.0, 1.0], dtype=np.float32)  # a sign bit's value
+
+
 def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat (indices, values), validated against the layout with a few whole-payload
     operations. In numpy: a payload's arrays are small, and torch's fixed cost per call
@@ -402,7 +405,7 @@ def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.T
         _expect(bits is not None, "malformed", "no sign tensor")
         _expect(bits.dtype == torch.uint8, "bad_dtype", f"signs are {bits.dtype}, expected uint8")
         _expect(bits.numel() == (count + 7) // 8, "bad_shape", f"{bits.numel()} sign bytes for {count} values")
-        values = np.unpackbits(bits.numpy(), count=count).astype(np.float32) * 2 - 1
+        values = _SIGNS[np.unpackbits(bits.numpy(), count=count)]
         values[absent] = 0.0
     else:
         values = tensors.get("val")
