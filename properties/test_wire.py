@@ -35,17 +35,12 @@ def test_an_encoded_payload_is_the_plain_frame_of_its_header_and_tensors(case):
     """The encoder writes the header's tensor entries once per signature and splices them in:
     its bytes must be exactly json.dumps(header, sort_keys=True) framed around the tensors.
     Catches: an entry spliced into the wrong slot, a stale cached entry, a key out of order."""
-    import json
-
-    import safetensors.torch
-    from sim.wire import DIGEST, PREFIX
     model, distro, (payload,), _ = case
     raw = encode_payload(payload, distro.compression_chunk)
-    head_len = PREFIX.unpack_from(raw)[2]
-    header = json.loads(raw[PREFIX.size:PREFIX.size + head_len])
+    header, tensors = parts(raw)
     for part, sparses in (("params", payload.params), ("helpers", payload.helper_params)):
         assert header[part] == {name: {"k": s.indices.shape[-1], "shape": list(s.grid.shape)} for name, s in sparses.items()}
-    assert raw == frame(header, safetensors.torch.load(raw[PREFIX.size + head_len:-DIGEST]))
+    assert raw == frame(header, tensors)
 
 
 @given(cases, st.data())
@@ -65,17 +60,22 @@ def test_every_truncation_is_rejected(case, data):
     assert isinstance(result, Rejection) and result.reason in ("truncated", "bad_checksum")
 
 
-def reframed(payload, distro, edit, version=None):
-    """Encode, let `edit` change header/tensors in place, and frame again with a valid
-    checksum: what a buggy or hostile peer would send."""
+def parts(raw: bytes) -> tuple[dict, dict]:
+    """A frame's JSON header and body tensors."""
     import json
 
     import safetensors.torch
-    from sim.wire import DIGEST, PREFIX, VERSION
-    raw = encode_payload(payload, distro.compression_chunk)
+    from sim.wire import DIGEST, PREFIX
     head_len = PREFIX.unpack_from(raw)[2]
-    header = json.loads(raw[PREFIX.size:PREFIX.size + head_len])
-    tensors = safetensors.torch.load(raw[PREFIX.size + head_len:-DIGEST])
+    return (json.loads(raw[PREFIX.size:PREFIX.size + head_len]),
+            safetensors.torch.load(raw[PREFIX.size + head_len:-DIGEST]))
+
+
+def reframed(payload, distro, edit, version=None):
+    """Encode, let `edit` change header/tensors in place, and frame again with a valid
+    checksum: what a buggy or hostile peer would send."""
+    from sim.wire import VERSION
+    header, tensors = parts(encode_payload(payload, distro.compression_chunk))
     edit(header, tensors)
     return frame(header, tensors, version=version or VERSION)
 
@@ -294,7 +294,6 @@ def test_a_malformed_neuron_tensor_is_rejected_as_bad_helper(flaw, case):
         edit, says = (lambda tensors: tensors.update(neurons=torch.zeros(1, dtype=torch.int32))), "without helper counts"
     result = decode_payload(reframed(payload, distro, lambda header, tensors: edit(tensors)), model, distro)
     assert isinstance(result, Rejection) and result.reason == "bad_helper" and says in result.detail, result
-
 
 
 def resealed(raw: bytes, edit) -> bytes:

@@ -35,7 +35,7 @@ from sim.config import DistroConfig, ModelConfig
 from sim.distro import ChunkGrid, Sparse, batch_decompress, decompress
 from sim.errors import AlignmentError, ChunkGridMismatch, ShapeMismatch, SimError, UnsupportedParameter
 from sim.model import mlp_layer
-from sim.wire import HashOnce, Pairs, Payload, Rejection, decode_payload
+from sim.wire import HashOnce, Pairs, Payload, Rejection, decode_payload, pair_counts
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def _sender_map(signature: tuple, receiver: Receiver) -> _SenderMap:
     be. Blocks past the sender's width are absent; blocks past the receiver's width are
     dropped; blocks of different sizes cannot be mixed. Cached: a sender's shapes are the
     same every round, so alignment is worked out once and each round is a gather."""
-    starts, entries = [0, *itertools.accumulate(math.prod(grid.blocks) * k for _, grid, k in signature)], {}
-    for (name, grid, k), start in zip(signature, starts):
-        entries[name] = grid, k, torch.arange(start, start + math.prod(grid.blocks) * k).view(*grid.blocks, k)
+    starts, entries = [0, *itertools.accumulate(pair_counts(signature))], {}
+    for (name, grid, k), start, end in zip(signature, starts, starts[1:]):
+        entries[name] = grid, k, torch.arange(start, end).view(*grid.blocks, k)
     positions = []
     for group in _block_groups(receiver):
         names = [name for _, names in group for name in names]
@@ -130,8 +130,8 @@ def _aligned_blocks(name: str, sent: ChunkGrid, positions: torch.Tensor, grid: C
 def _block_map(receiver: Receiver, senders: tuple[_SenderMap, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Per block group, [blocks, sum of k] positions into the senders' pairs laid end to end
     and followed by one absent pair per group; and those absent pairs' indices."""
-    starts, total = [0, *itertools.accumulate(s.size for s in senders)], sum(s.size for s in senders)
-    groups = _block_groups(receiver)
+    starts = [0, *itertools.accumulate(s.size for s in senders)]
+    total, groups = starts[-1], _block_groups(receiver)
     positions = tuple(torch.cat([torch.where(s.positions[g] >= 0, s.positions[g] + start, total + g)
                                  for s, start in zip(senders, starts)], dim=-1) for g in range(len(groups)))
     return positions, torch.tensor([group[0][0].block_numel for group in groups])

@@ -275,10 +275,9 @@ class Network:
     @torch.inference_mode()
     def deliver(self, round_: int, arrived: Sequence[bytes], receivers: Sequence[dict[str, torch.Tensor]]) -> list:
         """Every receiver's half (`receivers` as `receivers()` gives them): decode what arrived,
-        aggregate, apply. Decoding is a pure
-        function of the bytes and aggregation of (payloads, receiver shapes), so each is done
-        once per round and per distinct shape, then applied to every replica. Returns each
-        receiver's Aggregate."""
+        aggregate, apply. Decoding is a pure function of the bytes and aggregation of (payloads,
+        receiver shapes), so each is done once per round and per distinct shape, then applied to
+        every replica of that shape in one pass. Returns each receiver's Aggregate."""
         cfg, distro = self.config.model, self.config.distro
         lr = self.config.lr_schedule.lr(round_)
         decoded = [decode_payload(data, cfg, distro) for data in arrived]

@@ -81,14 +81,24 @@ class Pairs:
 
     @classmethod
     def of(cls, sparses: Mapping[str, Sparse]) -> "Pairs":
-        return cls(HashOnce((name, s.grid, s.indices.shape[-1]) for name, s in sparses.items()),
-                   _flat([s.indices for s in sparses.values()]), _flat([s.values for s in sparses.values()]))
+        return cls(signature(sparses.items()), _flat([s.indices for s in sparses.values()]),
+                   _flat([s.values for s in sparses.values()]))
 
     def split(self) -> dict[str, Sparse]:
         """Each tensor's Sparse, as views."""
-        sizes = [math.prod(grid.blocks) * k for _, grid, k in self.signature]
+        sizes = pair_counts(self.signature)
         return {name: Sparse(grid, i.view(*grid.blocks, k), v.view(*grid.blocks, k)) for (name, grid, k), i, v
                 in zip(self.signature, self.indices.split(sizes), self.values.split(sizes))}
+
+
+def signature(sparses) -> HashOnce:
+    """`Pairs.signature` of (name, Sparse) items, in their order."""
+    return HashOnce((name, s.grid, s.indices.shape[-1]) for name, s in sparses)
+
+
+def pair_counts(signature) -> list[int]:
+    """How many (index, value) pairs each tensor of a signature holds: k per block."""
+    return [math.prod(grid.blocks) * k for _, grid, k in signature]
 
 
 class _SplitOnDemand(Mapping):
@@ -147,8 +157,8 @@ class Layout:
     counts. The per-pair tables are numpy arrays: validation runs in numpy (see `_pairs_of`)."""
     params: dict[str, ChunkGrid]      # sorted by name: the body's order
     helpers: dict[str, ChunkGrid]     # helper slabs, sorted by name, after the params
-    k: tuple[int, ...]                # per entry (params, then helpers)
-    sizes: tuple[int, ...]            # pairs per entry
+    signature: tuple[HashOnce, HashOnce]  # `Pairs.signature` of the params, then of the helper slabs
+    sizes: tuple[int, ...]            # pairs per entry (params, then helpers)
     dtype: torch.dtype
     absent: np.ndarray                # per pair: its block's absent slot (= block_numel)
     block_key: np.ndarray             # per pair: a multiple of a number above every index, unique to its block,
@@ -159,14 +169,9 @@ class Layout:
     declared: tuple[dict, dict]       # the header's "params" and "helpers" as an honest sender writes them
 
     @property
-    def entries(self) -> list[tuple[str, ChunkGrid]]:
-        return [*self.params.items(), *self.helpers.items()]
-
-    @functools.cached_property
-    def signature(self) -> tuple[tuple, tuple]:
-        """`Pairs.signature` of the params and of the helper slabs."""
-        entries = [(name, grid, k) for (name, grid), k in zip(self.entries, self.k)]
-        return HashOnce(entries[:len(self.params)]), HashOnce(entries[len(self.params):])
+    def entries(self) -> list[tuple[str, ChunkGrid, int]]:
+        """(name, chunk grid, k) of every entry, in the body's order."""
+        return [*self.signature[0], *self.signature[1]]
 
 
 def _header_entries(signature) -> dict:
@@ -191,16 +196,16 @@ def layout(model: ModelConfig, distro: DistroConfig, tiers: tuple, helper_counts
     grids = [*params.values(), *helpers.values()]
     ks = [min(distro.compression_topk, grid.block_numel) for grid in grids]
     blocks = [math.prod(grid.blocks) for grid in grids]
-    sizes = [b * k for b, k in zip(blocks, ks)]
+    entries = list(zip([*params, *helpers], grids, ks))
+    sizes = pair_counts(entries)
     absent = np.repeat([grid.block_numel for grid in grids], sizes).astype(np.int64)
     stride = max(grid.block_numel for grid in grids) + 1
     block_key = np.repeat(np.arange(sum(blocks), dtype=np.int64), np.repeat(ks, blocks)) * stride
     neuron_low = np.repeat([widths[layer] for layer in counts], list(counts.values())).astype(np.int64)
     neuron_first = np.concatenate([np.arange(count) == 0 for count in counts.values()] or [np.zeros(0, dtype=bool)])
-    entries = [(name, grid, k) for name, grid, k in zip([*params, *helpers], grids, ks)]
-    declared = tuple(map(_header_entries, (entries[:len(params)], entries[len(params):])))
-    return Layout(params, helpers, tuple(ks), tuple(sizes), index_dtype(grids), absent, block_key,
-                  -1 - np.arange(absent.size), neuron_low, neuron_first, declared)
+    signatures = HashOnce(entries[:len(params)]), HashOnce(entries[len(params):])
+    return Layout(params, helpers, signatures, tuple(sizes), index_dtype(grids), absent, block_key,
+                  -1 - np.arange(absent.size), neuron_low, neuron_first, tuple(map(_header_entries, signatures)))
 
 
 def encode_payload(payload: Payload, chunk: int) -> bytes:
@@ -208,7 +213,7 @@ def encode_payload(payload: Payload, chunk: int) -> bytes:
     counts = [int(payload.helper_neurons[i].numel()) if i in payload.helper_neurons else 0 for i in range(layers)]
     params, helpers = sorted(payload.params.items()), sorted(payload.helper_params.items())
     sparses = [s for _, s in params] + [s for _, s in helpers]
-    declared = _declared(*(tuple((name, s.grid, s.indices.shape[-1]) for name, s in part) for part in (params, helpers)))
+    declared = _declared(signature(params), signature(helpers))
     # One flattening copy and one conversion per tensor kind, not one per parameter: per-call
     # costs are most of a small model's encode. A copy: a payload never aliases live state.
     tensors = {"idx": _flat([s.indices for s in sparses]).to(device="cpu", dtype=declared.index_dtype)}
@@ -314,8 +319,8 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
     if (params, helpers) != expected.declared:  # one comparison for the honest sender; else find the fault
         _expect_tensors(params, expected.params, "parameters", "for the sender's tiers")
         _expect_tensors(helpers, expected.helpers, "helper slabs", "for the sender's helper counts")
-        for meta, (name, _), k in zip([*map(params.get, expected.params), *map(helpers.get, expected.helpers)],
-                                      expected.entries, expected.k):
+        for meta, (name, _, k) in zip([*map(params.get, expected.params), *map(helpers.get, expected.helpers)],
+                                      expected.entries):
             _expect(meta.get("k") == k, "bad_shape", f"{name}: k {meta.get('k')} is not {k}")
     indices, values = _pairs_of(tensors, expected, quantized)
     neurons = _neurons_of(tensors, expected, model.intermediate_size)
