@@ -1,5 +1,7 @@
 """Hypothesis strategies: shapes, tiers, per-layer tier maps, parameter names
 (valid, non-MLP and near-miss), and small random model configs of both styles."""
+import math
+
 import torch
 from hypothesis import strategies as st
 
@@ -167,6 +169,14 @@ def helper_cases(draw, max_peers: int = 5):
     from sim.tiers import layer_widths
     model, distro, payloads, receiver_tiers = draw(aggregation_cases(min_peers=1, max_peers=max_peers))
     for payload in payloads:
+        if draw(st.booleans()):  # an all-zero block goes out as absent slots: it covers by width, sends nothing
+            name = draw(st.sampled_from(sorted(n for n in payload.params if "mlp" in n)))
+            sparse = payload.params[name]
+            sparse.indices, sparse.values = sparse.indices.contiguous(), sparse.values.contiguous()
+            last = math.prod(sparse.grid.blocks) - 1   # the suffix end, where helpers land
+            block = draw(st.just(last) | st.integers(0, last))
+            sparse.indices.view(-1, sparse.indices.shape[-1])[block] = sparse.grid.block_numel
+            sparse.values.view(-1, sparse.values.shape[-1])[block] = 0.0
         gen = torch.Generator().manual_seed(draw(st.integers(0, 2**20)))
         widths = layer_widths(model.intermediate_size, payload.tiers, model.num_hidden_layers)
         for layer, width in enumerate(widths):

@@ -122,19 +122,33 @@ def test_helper_grads_equal_the_dense_grads_of_those_neurons_and_nothing_else_mo
             assert name not in slabs
 
 
+def sent_mask(sparse):
+    """1 on the elements of a Sparse's tensor whose block sent something (not all absent)."""
+    grid, mask = sparse.grid, torch.zeros(sparse.grid.shape)
+    for block in torch.cartesian_prod(*(torch.arange(n) for n in grid.blocks)).view(-1, len(grid.blocks)).tolist():
+        if bool((sparse.indices[tuple(block)] != grid.block_numel).any()):
+            mask[tuple(slice(b * size, (b + 1) * size) for b, size in zip(block, grid.block))] = 1
+    return mask
+
+
 def reference_sums(payloads, shapes):
-    """Sum and coverage per element, the slow way: every payload decoded and placed alone,
-    helper neurons placed one by one (those past the receiver's width dropped)."""
+    """Sum, coverage and senders per element, the slow way: every payload decoded and placed
+    alone, helper neurons placed one by one (those past the receiver's width dropped). A
+    payload covers an element by its width; it sent it when the element's block is not all
+    absent."""
     totals = {n: torch.zeros(s) for n, s in shapes.items()}
     covers = {n: torch.zeros(s) for n, s in shapes.items()}
+    senders = {n: torch.zeros(s) for n, s in shapes.items()}
     for payload in payloads:
         for name, shape in shapes.items():
             dense = decompress(payload.params[name])
             if is_mlp_sliced(name):
                 dense = align_prefix_grad(name, dense, shape)
                 covers[name] += align_prefix_grad(name, torch.ones(payload.params[name].grid.shape), shape)
+                senders[name] += align_prefix_grad(name, sent_mask(payload.params[name]), shape)
             else:
                 covers[name] += 1
+                senders[name] += sent_mask(payload.params[name])
             totals[name] += dense
         for name, slab in payload.helper_params.items():
             dim, dense = prefix_dim(name), decompress(slab)
@@ -143,7 +157,7 @@ def reference_sums(payloads, shapes):
                     continue  # a narrower (sliced) receiver does not hold that neuron
                 totals[name].select(dim, neuron).add_(dense.select(dim, j))
                 covers[name].select(dim, neuron).add_(1)
-    return totals, covers
+    return totals, covers, senders
 
 
 @pytest.mark.parametrize("semantics", list(MeanSemantics))
@@ -152,24 +166,25 @@ def reference_sums(payloads, shapes):
 def test_helper_slabs_join_each_elements_mean_as_extra_contributors(semantics, case):
     """REGION_MEAN divides every element by everyone who covers it, helpers included;
     PEER_MEAN adds helper slabs to the sum over contributing peers; COEFF_MEAN merges them with
-    the coefficient mean of the C covering payloads as (C*U + sum) / (C + h). Catches:
-    helpers not counted in REGION_MEAN's coverage, slabs placed at local positions or on the
-    wrong axis, a helper counted as a contributing peer."""
+    the coefficient mean of the C payloads that sent the element's block as (C*U + sum) /
+    (C + h). Catches: helpers not counted in REGION_MEAN's coverage, slabs placed at local
+    positions or on the wrong axis, a helper counted as a contributing peer, C counting a
+    payload whose block there was all absent (it would weigh U as if that payload had sent it)."""
     model, distro, payloads, receiver_tiers = case
     shapes = local_shapes(model, receiver_tiers)
     got = aggregate(payloads, shapes, distro, semantics)
     assert got.contributing_peers == len(payloads) and not got.rejected
-    totals, covers = reference_sums(payloads, shapes)
+    totals, covers, _ = reference_sums(payloads, shapes)
     plain = [Payload(p.peer, p.round, p.tiers, p.params, p.quantized) for p in payloads]
     base = aggregate(plain, shapes, distro, semantics).updates
-    plain_totals, plain_covers = reference_sums(plain, shapes)
+    plain_totals, plain_covers, plain_senders = reference_sums(plain, shapes)
     for name, shape in shapes.items():
         if semantics is MeanSemantics.PEER_MEAN:
             expected = totals[name] / len(payloads)
         elif semantics is MeanSemantics.REGION_MEAN:
             expected = torch.where(covers[name] > 0, totals[name] / covers[name].clamp(min=1), 0.0)
         else:
-            c, h, helper_sum = plain_covers[name], covers[name] - plain_covers[name], totals[name] - plain_totals[name]
+            c, h, helper_sum = plain_senders[name], covers[name] - plain_covers[name], totals[name] - plain_totals[name]
             expected = torch.where(c + h > 0, (c * base[name] + helper_sum) / (c + h).clamp(min=1), 0.0)
         torch.testing.assert_close(got.updates[name], expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 

@@ -13,7 +13,7 @@ Helper slabs (helper mode) are decoded densely and placed at their neurons with
 `align_sparse_grad`; they join each element's mean as extra contributors:
 REGION_MEAN counts them in the element's coverage, PEER_MEAN adds them to the
 sum over contributing peers, and COEFF_MEAN merges them with the coefficient
-mean U of the C payloads whose width covers the element: (C*U + sum) / (C + h).
+mean U of the C payloads that sent the element's DCT block: (C*U + sum) / (C + h).
 Without helpers every semantics is exactly as above.
 
 A payload that fails to decode or align is rejected as a whole: counted by
@@ -175,6 +175,21 @@ def _coverage_count(name: str, payloads: Sequence[Payload], shape) -> torch.Tens
     return sum((count * _coverage(name, sent, shape) for sent, count in senders.items()), torch.zeros(shape))
 
 
+def _sending_count(name: str, payloads: Sequence[Payload], shape) -> torch.Tensor:
+    """How many payloads sent something for the DCT block of each element of `shape`: the C
+    that COEFF_MEAN's coefficient mean U is a mean over. A sender whose block went out
+    all-absent (an all-zero block) covers the element by its width but not U."""
+    count = torch.zeros(shape)
+    for payload in payloads:
+        sparse = payload.params[name]
+        grid = sparse.grid
+        sent = (sparse.indices != grid.block_numel).any(-1).to(count.dtype)   # [*blocks]
+        for dim, size in enumerate(grid.block):
+            sent = sent.repeat_interleave(size, dim)
+        count += sent if grid.shape == tuple(shape) else align_prefix_grad(name, sent, shape)
+    return count
+
+
 def _helper_sums(payloads: Sequence[Payload], receiver_shapes: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per MLP tensor some helper reached: the sum of the helper slabs placed at their neurons
     in the receiver's shape, and how many slabs cover each element. Neurons past a (sliced)
@@ -187,7 +202,7 @@ def _helper_sums(payloads: Sequence[Payload], receiver_shapes: dict) -> dict[str
             keep = neurons < shape[dim]
             if not bool(keep.all()):
                 neurons, dense = neurons[keep], dense.index_select(dim, keep.nonzero().view(-1))
-            total, count = sums.setdefault(name, (torch.zeros(shape), torch.zeros(shape)))
+            total, count = sums.setdefault(name, (dense.new_zeros(shape), torch.zeros(shape)))
             total += align_sparse_grad(name, dense, neurons, shape)
             count += align_sparse_grad(name, torch.ones_like(dense), neurons, shape)
     return sums
@@ -207,7 +222,7 @@ def _dense_sum(name: str, payloads: Sequence[Payload], shape) -> tuple[torch.Ten
     for payload in payloads:
         sparse = payload.params[name]
         groups.setdefault(sparse.grid, []).append(sparse)
-    total = torch.zeros(shape)
+    total = payloads[0].params[name].values.new_zeros(shape)
     for grid, members in groups.items():
         indices = torch.cat([m.indices for m in members], dim=-1)
         values = torch.cat([m.values for m in members], dim=-1)
@@ -265,8 +280,8 @@ def aggregate(payloads: Sequence[Payload], receiver_shapes: dict[str, tuple[int,
     if semantics is MeanSemantics.COEFF_MEAN:
         updates = _coefficient_means(receiver, pairs)
         for name, (extra, extra_count) in helpers.items():
-            covered = _coverage_count(name, accepted, receiver_shapes[name])
-            updates[name] = _mean(covered * updates[name] + extra, covered + extra_count)
+            sending = _sending_count(name, accepted, receiver_shapes[name])
+            updates[name] = _mean(sending * updates[name] + extra, sending + extra_count)
         return Aggregate(updates, n, rejected, _dilution(accepted))
     updates = {}
     for name, shape in receiver_shapes.items():

@@ -164,7 +164,8 @@ def checkpoint_layout(directory: str | Path) -> tuple[Path, ModelConfig, int, di
     return path, base_cfg, tier, tensors
 
 
-def _model_from_tensors(cfg: ModelConfig, stored_tier: int, tensors: dict[str, torch.Tensor], where: Path) -> MatFormerLM:
+def _model_from_tensors(cfg: ModelConfig, stored_tier: int, tensors: dict[str, torch.Tensor], where: Path,
+                        dtype: torch.dtype = torch.float32) -> MatFormerLM:
     with torch.device("meta"):
         expected = MatFormerLM(cfg, stored_widths=[cfg.intermediate_size >> stored_tier] * cfg.num_hidden_layers)
     shapes = {name: tuple(p.shape) for name, p in expected.named_parameters()}
@@ -178,15 +179,16 @@ def _model_from_tensors(cfg: ModelConfig, stored_tier: int, tensors: dict[str, t
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{where}: tensors disagree with config.json: {name!r} has shape "
                                   f"{list(tensors[name].shape)}, config.json implies {list(shape)}")
-    model = MatFormerLM(cfg, stored_widths=[cfg.intermediate_size >> stored_tier] * cfg.num_hidden_layers)
-    model.load_state_dict({n: tensors[n].float() for n in shapes}, strict=False)
+    model = MatFormerLM(cfg, stored_widths=[cfg.intermediate_size >> stored_tier] * cfg.num_hidden_layers).to(dtype)
+    model.load_state_dict({n: tensors[n].to(dtype) for n in shapes}, strict=False)
     return model
 
 
 def load_checkpoint(directory: str | Path, tier: int = 0, strategy: str = "auto", helper_fraction: float = 0.0,
-                    device=None, expected: ModelConfig | None = None) -> tuple[MatFormerLM, LoadInfo]:
-    """Load a checkpoint to run at `tier` under a load strategy (see module doc).
-    With `expected`, the checkpoint must be that model (at any tier)."""
+                    device=None, expected: ModelConfig | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[MatFormerLM, LoadInfo]:
+    """Load a checkpoint to run at `tier` under a load strategy (see module doc), its weights
+    held as `dtype`. With `expected`, the checkpoint must be that model (at any tier)."""
     if strategy not in LOAD_STRATEGIES:
         raise ConfigError(f"load strategy {strategy!r} is unknown: valid strategies are {', '.join(LOAD_STRATEGIES)}")
     path, cfg, stored_tier, tensors = checkpoint_layout(directory)
@@ -208,7 +210,7 @@ def load_checkpoint(directory: str | Path, tier: int = 0, strategy: str = "auto"
                           f"stores only {cfg.intermediate_size >> stored_tier} (tier {stored_tier}): valid tiers are "
                           f"{stored_tier}..{cfg.max_tier}")
     # The peer holds exactly what is stored and runs narrower tiers through views.
-    model = _model_from_tensors(cfg, stored_tier, tensors, path).set_tiers(effective).to(device or default_device())
+    model = _model_from_tensors(cfg, stored_tier, tensors, path, dtype).set_tiers(effective).to(device or default_device())
     helper = helper_fraction > 0 and not sliced
     if helper_fraction <= 0:
         reason = "helper fraction is 0"

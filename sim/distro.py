@@ -208,5 +208,11 @@ class DistroState:
         delta.mul_(cfg.compression_decay).add_(grad, alpha=lr)
         sparse = compress(delta, cfg.compression_chunk, cfg.compression_topk)
         transmitted = decompress(sparse)
-        delta.sub_(transmitted)
+        if sparse.indices.shape[-1] == sparse.grid.block_numel:
+            # Lossless (top-k keeps every coefficient): nothing is left behind. Subtracting would
+            # leave DCT round-off, which would come back next round as coefficients of a block
+            # with no gradient and count in COEFF_MEAN's per-coefficient mean.
+            delta.zero_()
+        else:
+            delta.sub_(transmitted)
         return (quantize_1bit(sparse) if cfg.quantize_1bit else sparse), transmitted

@@ -34,11 +34,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # In fp32 then back, as HF's LlamaRMSNorm does, so logits match bit for bit in fp32.
+        # In fp32 (or wider) then back, as HF's LlamaRMSNorm does, so logits match bit for bit in
+        # fp32; a float64 model stays float64 throughout (the exact reference round needs it).
         dtype = x.dtype
-        x = x.float()
+        x = x.to(_at_least_fp32(dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype):
@@ -199,7 +204,7 @@ class MatFormerLM(nn.Module):
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, F.cross_entropy(logits.flatten(0, 1).to(_at_least_fp32(logits.dtype)), targets.flatten())
 
 
 def init_weights(model: MatFormerLM, seed: int) -> MatFormerLM:

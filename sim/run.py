@@ -30,7 +30,7 @@ from sim.helper import helper_indices
 from sim.model import build_model, default_device
 from sim.peer import Peer, train_and_compress
 from sim.tiers import layer_tiers, layer_widths
-from sim.wire import Payload, decode_payload, encode_payload
+from sim.wire import VALUE_DTYPES, Payload, decode_payload, encode_payload
 
 EVAL_SEQUENCES = 16
 JOIN_VIA = ("current", "checkpoint", "sliced-checkpoint")
@@ -105,23 +105,26 @@ class Network:
     def __init__(self, config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
                  seed: int = 0, *, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, shared_weights: bool = False,
                  apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, device=None,
-                 only: int | None = None):
+                 only: int | None = None, dtype: torch.dtype = torch.float32):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
+        if dtype not in VALUE_DTYPES:
+            raise ConfigError(f"dtype {dtype} is unsupported: valid are {', '.join(map(str, VALUE_DTYPES))}")
         self.config, self.seed, self.semantics = config, seed, semantics
-        self.apply_rule, self.weight_decay = apply_rule, weight_decay
+        self.apply_rule, self.weight_decay, self.dtype = apply_rule, weight_decay, dtype
         self.device = device or default_device()
         self.source = make_source(config.data, config.model.vocab_size, seed)
         self.batch = max(1, config.global_batch_size // len(per_peer))
         # Held-out batch: at least 16 sequences, so the loss a criterion reads is a measurement, not noise.
         self.held_out = shard(self.source, seed, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
                               config.seq_len + 1).to(self.device)
-        self.shared = build_model(config.model, 0, seed=seed, device=self.device) if shared_weights else None
+        self.shared = build_model(config.model, 0, seed=seed, device=self.device, dtype=dtype) if shared_weights else None
         # `only`: this process holds that peer's replica alone (sim/distributed.py; -1: none).
         self.peers = [self._new_peer(i, t, f, None if shared_weights or only not in (None, i)
-                                     else build_model(config.model, t, seed=seed, device=self.device))
+                                     else build_model(config.model, t, seed=seed, device=self.device, dtype=dtype))
                       for i, (t, f) in enumerate(zip(per_peer, fractions))]
         self.away: set[int] = set()
         self.carried: list[bytes] = []   # late payloads: they arrive next round
+        self.aggregates: list = []       # each receiver's Aggregate of the last round (the exact reference reads them)
         self._scratch = tempfile.TemporaryDirectory(prefix="matsim-")
 
     def _new_peer(self, peer_id, tiers, fraction, model) -> Peer:
@@ -197,7 +200,7 @@ class Network:
         path = save_checkpoint(donor, Path(self._scratch.name) / tag)
         if via == "sliced-checkpoint":  # sliced to the widest layer the peer runs: every layer fits
             path = export_tiers(path, [min(tiers)], Path(self._scratch.name) / f"{tag}-sliced")[0]
-        model, info = load_checkpoint(path, min(tiers), "auto", helper_fraction, device=self.device)
+        model, info = load_checkpoint(path, min(tiers), "auto", helper_fraction, device=self.device, dtype=self.dtype)
         return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 
     def _full_replica(self):
@@ -213,9 +216,9 @@ class Network:
         for peer in self.peers:
             peer.state = DistroState.fresh(self.config.distro)
             if self.shared is None:
-                peer.model, _ = load_checkpoint(path, max(peer.tiers), "auto", device=self.device)
+                peer.model, _ = load_checkpoint(path, max(peer.tiers), "auto", device=self.device, dtype=self.dtype)
         if self.shared is not None:
-            self.shared, _ = load_checkpoint(path, 0, "auto", device=self.device)
+            self.shared, _ = load_checkpoint(path, 0, "auto", device=self.device, dtype=self.dtype)
         self.carried = []
 
     # --- one round --------------------------------------------------------
@@ -233,7 +236,7 @@ class Network:
         arrived = self.carried + [data for s in sent for data in s.outgoing]
         self.carried = [data for s in sent for data in s.late]
         receivers = self.receivers()
-        received = self.deliver(round_, arrived, receivers)
+        received = self.aggregates = self.deliver(round_, arrived, receivers)
         return self.record(round_, sent, received[0].rejected, [r.contributing_peers for r in received],
                            _replica_max_diff(receivers), evaluate)
 
@@ -260,7 +263,7 @@ class Network:
             next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
         elif kind == "byzantine":
             payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
-        data = encode_payload(payload, distro.compression_chunk)
+        data = encode_payload(payload, distro.compression_chunk)  # values at the run's dtype
         sent = Sent(peer.id, loss, kind, bytes_sent=len(data))
         if kind == "corrupt":
             flipped = bytearray(data)
@@ -280,7 +283,7 @@ class Network:
         every replica of that shape in one pass. Returns each receiver's Aggregate."""
         cfg, distro = self.config.model, self.config.distro
         lr = self.config.lr_schedule.lr(round_)
-        decoded = [decode_payload(data, cfg, distro) for data in arrived]
+        decoded = [decode_payload(data, cfg, distro, self.dtype) for data in arrived]
         aggregates, replicas, results = {}, {}, []
         for params in receivers:
             key = tuple((name, p.shape) for name, p in params.items())
@@ -335,7 +338,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
              out: str | Path | None = None, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
              shared_weights: bool = False, apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0,
              device=None, deadline_s: float | None = None, eval_every: int | None = None,
-             on_round: Callable[[dict], None] | None = None) -> RunResult:
+             on_round: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32) -> RunResult:
     """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training
     under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05").
 
@@ -343,7 +346,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     round run (default: about EVAL_POINTS points per run)."""
     rounds, eval_every = run_length(config, rounds, eval_every)
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
-                      apply_rule=apply_rule, weight_decay=weight_decay, device=device)
+                      apply_rule=apply_rule, weight_decay=weight_decay, device=device, dtype=dtype)
     plan = fault_plan(faults, network, rounds, seed)
     out = Path(out) if out else None
     if out:
@@ -353,12 +356,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     try:
         for round_ in range(rounds):
             tick = time.perf_counter()
-            for fault in plan.returning(round_):
-                network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
-            leaving = plan.leaving(round_)
-            for fault in leaving:
-                network.leave(fault.peer)
-            record = count_churn(network.round(round_, plan.on_payloads(round_), evaluate=False), leaving)
+            record = play_round(network, plan, round_)
             stopped_early = (deadline_s is not None and time.perf_counter() - start >= deadline_s
                              and round_ + 1 < rounds)
             if evaluates(round_, eval_every, rounds, stopped_early):
@@ -382,6 +380,17 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     if out:
         (out / "summary.json").write_text(json.dumps(summary(result), indent=2, sort_keys=True))
     return result
+
+
+def play_round(network: Network, plan: FaultPlan, round_: int, evaluate: bool = False) -> dict:
+    """Round `round_` of a planned run: peers back from churn rejoin, leavers leave, and the
+    round runs under the plan's payload faults. Returns its record, churn counted."""
+    for fault in plan.returning(round_):
+        network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
+    leaving = plan.leaving(round_)
+    for fault in leaving:
+        network.leave(fault.peer)
+    return count_churn(network.round(round_, plan.on_payloads(round_), evaluate=evaluate), leaving)
 
 
 def run_length(config: RunConfig, rounds: int | None, eval_every: int | None) -> tuple[int, int]:
@@ -459,10 +468,13 @@ def _tier_label(tiers: tuple[int, ...]):
 
 
 def _byzantine(payload: Payload, scale: bool) -> Payload:
-    """Sign-flipped (or, unquantized, 10x scaled) copy: well-formed, and wrong."""
+    """Sign-flipped (or, unquantized, 10x scaled) copy, helper slabs too: well-formed, and wrong."""
     factor = 10.0 if scale else -1.0
-    params = {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in payload.params.items()}
-    return Payload(payload.peer, payload.round, payload.tiers, params, payload.quantized)
+
+    def skewed(sparses):
+        return {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in sparses.items()}
+    return Payload(payload.peer, payload.round, payload.tiers, skewed(payload.params), payload.quantized,
+                   payload.helper_neurons, skewed(payload.helper_params))
 
 
 def summary(result: RunResult) -> dict:

@@ -8,7 +8,8 @@
                   "params": {name: {"shape": [...], "k": int}},
                   "helper_neurons": [count per layer], "helpers": {name: {"shape", "k"}}}
     10+H    B     body: safetensors bytes. "idx" (int16, or int32 when a block has
-                  32767+ coefficients) and "val" (float32) or, when quantized, "sign"
+                  32767+ coefficients) and "val" (float32; float64 in a float64 run,
+                  whose receivers expect it) or, when quantized, "sign"
                   (uint8, numpy.packbits of value > 0) hold every parameter's pairs
                   in sorted name order, then every helper slab's in sorted name order;
                   "neurons" (int32; only with helpers) the helper neuron indices,
@@ -81,7 +82,7 @@ class Pairs:
 
     @classmethod
     def of(cls, sparses: Mapping[str, Sparse]) -> "Pairs":
-        return cls(signature(sparses.items()), _flat([s.indices for s in sparses.values()]),
+        return cls(HashOnce(signature(sparses.items())), _flat([s.indices for s in sparses.values()]),
                    _flat([s.values for s in sparses.values()]))
 
     def split(self) -> dict[str, Sparse]:
@@ -91,9 +92,10 @@ class Pairs:
                 in zip(self.signature, self.indices.split(sizes), self.values.split(sizes))}
 
 
-def signature(sparses) -> HashOnce:
-    """`Pairs.signature` of (name, Sparse) items, in their order."""
-    return HashOnce((name, s.grid, s.indices.shape[-1]) for name, s in sparses)
+def signature(sparses) -> tuple:
+    """`Pairs.signature` of (name, Sparse) items, in their order (a plain tuple: wrap it in
+    HashOnce where it is a key looked up more than once)."""
+    return tuple((name, s.grid, s.indices.shape[-1]) for name, s in sparses)
 
 
 def pair_counts(signature) -> list[int]:
@@ -217,7 +219,8 @@ def encode_payload(payload: Payload, chunk: int) -> bytes:
     # One flattening copy and one conversion per tensor kind, not one per parameter: per-call
     # costs are most of a small model's encode. A copy: a payload never aliases live state.
     tensors = {"idx": _flat([s.indices for s in sparses]).to(device="cpu", dtype=declared.index_dtype)}
-    values = _flat([s.values.detach() for s in sparses]).to(device="cpu", dtype=torch.float32)
+    values = _flat([s.values.detach() for s in sparses])
+    values = values.to(device="cpu", dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)
     if payload.quantized:
         tensors["sign"] = torch.from_numpy(np.packbits(values.numpy() > 0))
     else:
@@ -284,15 +287,21 @@ def _expect(ok: bool, reason: str, detail: str):
         raise _Reject(reason, detail)
 
 
-def decode_payload(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload | Rejection:
-    """Parse and validate one payload against the run's model and DisTrO settings."""
+VALUE_DTYPES = (torch.float32, torch.float64)   # a run's values travel at float32, a float64 run's at float64
+
+
+def decode_payload(data: bytes, model: ModelConfig, distro: DistroConfig,
+                   value_dtype: torch.dtype = torch.float32) -> Payload | Rejection:
+    """Parse and validate one payload against the run's model, DisTrO settings and value dtype."""
+    if value_dtype not in VALUE_DTYPES:
+        raise SimError(f"value dtype {value_dtype} is unsupported: valid are {', '.join(map(str, VALUE_DTYPES))}")
     try:
-        return _decode(data, model, distro)
+        return _decode(data, model, distro, value_dtype)
     except _Reject as rejected:
         return rejected.rejection
 
 
-def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
+def _decode(data: bytes, model: ModelConfig, distro: DistroConfig, value_dtype: torch.dtype) -> Payload:
     _expect(isinstance(data, (bytes, bytearray)) and len(data) >= PREFIX.size + DIGEST, "truncated",
             f"payload of {len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__} bytes "
             f"is shorter than the {PREFIX.size + DIGEST}-byte frame")
@@ -322,7 +331,7 @@ def _decode(data: bytes, model: ModelConfig, distro: DistroConfig) -> Payload:
         for meta, (name, _, k) in zip([*map(params.get, expected.params), *map(helpers.get, expected.helpers)],
                                       expected.entries):
             _expect(meta.get("k") == k, "bad_shape", f"{name}: k {meta.get('k')} is not {k}")
-    indices, values = _pairs_of(tensors, expected, quantized)
+    indices, values = _pairs_of(tensors, expected, quantized, value_dtype)
     neurons = _neurons_of(tensors, expected, model.intermediate_size)
     cut = sum(expected.sizes[:len(expected.params)])  # the params' pairs come first, then the helper slabs'
     params, helper_neurons, helpers = Pairs(expected.signature[0], indices[:cut], values[:cut]), {}, {}
@@ -382,9 +391,11 @@ def _neurons_of(tensors: dict, expected: Layout, full: int) -> torch.Tensor:
 
 
 _SIGNS = np.array([-1.0, 1.0], dtype=np.float32)  # a sign bit's value
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs_of(tensors: dict, expected: Layout, quantized: bool, value_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat (indices, values), validated against the layout with a few whole-payload
     operations. In numpy: a payload's arrays are small, and torch's fixed cost per call
     would be most of the time."""
@@ -410,12 +421,12 @@ def _pairs_of(tensors: dict, expected: Layout, quantized: bool) -> tuple[torch.T
         _expect(bits is not None, "malformed", "no sign tensor")
         _expect(bits.dtype == torch.uint8, "bad_dtype", f"signs are {bits.dtype}, expected uint8")
         _expect(bits.numel() == (count + 7) // 8, "bad_shape", f"{bits.numel()} sign bytes for {count} values")
-        values = _SIGNS[np.unpackbits(bits.numpy(), count=count)]
+        values = _SIGNS[np.unpackbits(bits.numpy(), count=count)].astype(_NUMPY[value_dtype], copy=False)
         values[absent] = 0.0
     else:
         values = tensors.get("val")
         _expect(values is not None, "malformed", "no value tensor")
-        _expect(values.dtype == torch.float32, "bad_dtype", f"values are {values.dtype}, expected float32")
+        _expect(values.dtype == value_dtype, "bad_dtype", f"values are {values.dtype}, expected {value_dtype}")
         _expect(tuple(values.shape) == (count,), "bad_shape", f"{list(values.shape)} values for {count} indices")
         values = values.numpy()
         _expect(bool(np.isfinite(values).all()), "non_finite", "a value is NaN or infinite")

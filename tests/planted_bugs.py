@@ -8,6 +8,7 @@ how fast), and `MATSIM_PLANT=<name>` plants one for a whole pytest session
 (root conftest.py), which is how the reproduce workflow is demonstrated.
 """
 import dataclasses
+import functools
 import sys
 
 import numpy as np
@@ -19,6 +20,7 @@ import sim.checkpoint
 import sim.distro
 import sim.helper
 import sim.model
+import sim.run
 import sim.schema
 import sim.wire
 from sim.config import ModelConfig
@@ -123,6 +125,141 @@ def _suffix_order_over_the_whole_width(seed, layer, width, full):
     return torch.from_numpy(np.argsort(keys, kind="stable")[: full - width].astype(np.int64))
 
 
+# --- integration bugs: each wrong end to end, in code the unit properties never call --------
+
+def _is_narrow(payload) -> bool:
+    return max(payload.tiers) > 0
+
+
+def _skewed(payload, factor, names=None):
+    """`payload` with its values (all, or those of `names`) multiplied by `factor`."""
+    params = {n: sim.distro.Sparse(s.grid, s.indices, s.values * factor) if names is None or n in names else s
+              for n, s in payload.params.items()}
+    return sim.wire.Payload(payload.peer, payload.round, payload.tiers, params, payload.quantized,
+                            payload.helper_neurons, payload.helper_params)
+
+
+def _aggregate_zeroing_narrow_payloads(payloads, *args, **kwargs):
+    """Receivers zero every tier > 0 payload (a wrongly scoped mask) and still count it."""
+    return ORIGINAL["aggregate"]([_skewed(p, 0.0) if _is_narrow(p) else p for p in payloads], *args, **kwargs)
+
+
+def _aligned_blocks_dropping_narrow(name, sent, positions, grid):
+    """COEFF_MEAN: a narrow sender's MLP blocks are skipped instead of aligned."""
+    if sent == grid:
+        return positions
+    shape = list(positions.shape)
+    shape[sim.align.prefix_dim(name)] = grid.blocks[sim.align.prefix_dim(name)]
+    return positions.new_full(shape, -1)
+
+
+def _dense_sum_dropping_narrow(name, payloads, shape):
+    """PEER_MEAN / REGION_MEAN: a narrow sender's MLP tensors are skipped instead of aligned."""
+    same = [p for p in payloads if p.params[name].grid.shape == tuple(shape)]
+    if not same:
+        return torch.zeros(shape, dtype=payloads[0].params[name].values.dtype), torch.zeros(shape)
+    return ORIGINAL["dense_sum"](name, same, shape)
+
+
+def _coefficient_means_with_the_suffix_over_all(receiver, pairs):
+    """COEFF_MEAN's suffix divided by every payload: a coefficient only wide peers send is
+    diluted by the narrow ones, as if they had sent zeros."""
+    updates = ORIGINAL["coefficient_means"](receiver, pairs)
+    for name, update in updates.items():
+        if sim.model.is_mlp_sliced(name):
+            shape = update.shape
+            covered = sum(sim.aggregate._coverage(name, dict((n, g.shape) for n, g, _ in p.signature)[name], shape)
+                          for p in pairs)
+            updates[name] = update * covered / len(pairs)
+    return updates
+
+
+def _step_resetting_error_feedback(self, name, grad, lr, anchor=None):
+    """The residual is thrown away every step: what top-k left behind is never sent."""
+    self.delta.pop(name, None)
+    return ORIGINAL["distro_step"](self, name, grad, lr, anchor)
+
+
+def _align_into_the_last_neurons(name, grad, target_shape):
+    """A narrow gradient placed at the end of the FFN axis: its neurons land on the suffix."""
+    dim, target = sim.align.prefix_dim(name), tuple(target_shape)
+    if grad.shape[dim] >= target[dim]:
+        return ORIGINAL["align_prefix_grad"](name, grad, target_shape)
+    placed = grad.new_zeros(target)
+    placed.narrow(dim, target[dim] - grad.shape[dim], grad.shape[dim]).copy_(grad)
+    return placed
+
+
+def _aligned_blocks_into_the_last(name, sent, positions, grid):
+    """COEFF_MEAN: a narrow sender's blocks placed last along the FFN axis."""
+    if sent == grid:
+        return positions
+    dim = sim.align.prefix_dim(name)
+    pad = list(positions.shape)
+    pad[dim] = grid.blocks[dim] - sent.blocks[dim]
+    if pad[dim] < 0:
+        return ORIGINAL["aligned_blocks"](name, sent, positions, grid)
+    return torch.cat([positions.new_full(pad, -1), positions], dim=dim)
+
+
+def _compress_keeping_the_smallest(x, chunk, topk):
+    """top-k with largest=False: the k smallest coefficients of every block go out."""
+    grid = sim.distro.ChunkGrid.of(x.shape, chunk)
+    coeffs = grid.encode(x)
+    indices = coeffs.abs().topk(min(topk, grid.block_numel), dim=-1, largest=False).indices
+    values = coeffs.gather(-1, indices)
+    return sim.distro.Sparse(grid, torch.where(values == 0, grid.block_numel, indices), values)
+
+
+def _train_flipping_narrow_peers(model, *args, **kwargs):
+    """A narrow peer's payload goes out with its signs flipped (a sign convention lost on the narrow path)."""
+    payload, loss = ORIGINAL["train_and_compress"](model, *args, **kwargs)
+    if payload is not None and _is_narrow(payload):
+        payload = _skewed(payload, -1.0)
+    return payload, loss
+
+
+def _apply_skipping_the_final_norm(params, updates, *args, **kwargs):
+    """One parameter (the final norm) never updated by receivers: left out of the apply."""
+    replicas = [params] if isinstance(params, dict) else list(params)
+    kept = [{n: p for n, p in replica.items() if n != "model.norm.weight"} for replica in replicas]
+    return ORIGINAL["apply_update"](kept, updates, *args, **kwargs)
+
+
+def _receive_accepting_stale_rounds(decoded, receiver_shapes, distro, semantics=sim.aggregate.MeanSemantics.COEFF_MEAN,
+                                    round_=None):
+    """The round check is skipped: a late payload is aggregated in the next round."""
+    return ORIGINAL["receive_decoded"](decoded, receiver_shapes, distro, semantics, None)
+
+
+def _align_sparse_at_the_prefix(name, values, indices, target_shape):
+    """A helper slab placed at its local positions 0..h-1 instead of at its neurons."""
+    return ORIGINAL["align_sparse_grad"](name, values, torch.arange(indices.numel(), dtype=torch.int64), target_shape)
+
+
+def _apply_decaying_twice(replicas, updates, lr, rule, weight_decay):
+    """Decoupled weight decay applied once by the optimizer and once more by the apply."""
+    if weight_decay:
+        with torch.no_grad():
+            for replica in replicas:
+                for param in replica.values():
+                    param.mul_(1 - lr * weight_decay)
+    return ORIGINAL["apply_elementwise"](replicas, updates, lr, rule, weight_decay)
+
+
+def _shard_of_peer_0(source, seed, round_, peer, batch, length):
+    """Every peer trains on peer 0's shard (the shard key drops the peer id)."""
+    return ORIGINAL["shard"](source, seed, round_, 0 if peer >= 0 else peer, batch, length)
+
+
+def _rejoin_keeping_the_stale_replica(self, peer_id, via="current", tier=None):
+    """A churned peer comes back with the replica it left with, not the current weights."""
+    stale = self.peers[peer_id].model
+    ORIGINAL["rejoin"](self, peer_id, via, tier)
+    if stale is not None and self.shared is None:
+        self.peers[peer_id].model = stale.set_tiers(self.peers[peer_id].tiers)
+
+
 ORIGINAL = {
     "coefficient_means": sim.aggregate._coefficient_means,
     "receive_decoded": sim.aggregate.receive_decoded,
@@ -130,7 +267,17 @@ ORIGINAL = {
     "align_prefix_grad": sim.align.align_prefix_grad,
     "checkpoint_layout": sim.checkpoint.checkpoint_layout,
     "expect": sim.wire._expect,
+    "dense_sum": sim.aggregate._dense_sum,
+    "distro_step": sim.distro.DistroState.step,
+    "aligned_blocks": sim.aggregate._aligned_blocks,
+    "train_and_compress": sim.run.train_and_compress,
+    "apply_update": sim.run.apply_update,
+    "align_sparse_grad": sim.aggregate.align_sparse_grad,
+    "apply_elementwise": sim.aggregate._apply_elementwise,
+    "shard": sim.run.shard,
+    "rejoin": sim.run.Network.rejoin,
 }
+
 
 # name -> what goes wrong, and (object, attribute, replacement) patches; a dict
 # object patches one key.
@@ -178,7 +325,61 @@ BUGS = {
     "helper_indices_from_the_whole_width": (
         "helper neurons drawn from [0, I), overlapping the peer's own prefix",
         [(sim.helper, "_suffix_order", _suffix_order_over_the_whole_width)]),
+    # The integration catalog (INTEGRATION below): wrong end to end, checked by whole runs.
+    "narrow_payloads_zeroed_but_counted": (
+        "receivers zero every tier>0 payload but still count it as contributing",
+        [(sim.aggregate, "aggregate", _aggregate_zeroing_narrow_payloads)]),
+    "narrow_mlp_contributions_dropped": (
+        "receivers drop tier>0 MLP contributions instead of aligning them",
+        [(sim.aggregate, "_aligned_blocks", _aligned_blocks_dropping_narrow),
+         (sim.aggregate, "_dense_sum", _dense_sum_dropping_narrow)]),
+    "suffix_divided_by_all_peers": (
+        "COEFF_MEAN divides the suffix by all peers, not by the peers that sent it",
+        [(sim.aggregate, "_coefficient_means", _coefficient_means_with_the_suffix_over_all)]),
+    "error_feedback_reset_every_step": (
+        "DisTrO's residual is reset to zero every step",
+        [(sim.distro.DistroState, "step", _step_resetting_error_feedback)]),
+    "narrow_gradients_aligned_into_the_last_neurons": (
+        "the receiver aligns a tier-1 gradient into the last neurons of the FFN axis",
+        [(sim.aggregate, "_aligned_blocks", _aligned_blocks_into_the_last),
+         (sim.aggregate, "align_prefix_grad", _align_into_the_last_neurons)]),
+    "topk_keeps_the_smallest": (
+        "top-k keeps the smallest coefficients of every block",
+        [(sim.distro, "compress", _compress_keeping_the_smallest)]),
+    "sign_flipped_for_narrow_peers": (
+        "a narrow peer's payload goes out sign-flipped",
+        [(sim.run, "train_and_compress", _train_flipping_narrow_peers)]),
+    "one_parameter_never_updated": (
+        "receivers never apply the update of one parameter (the final norm)",
+        [(sim.run, "apply_update", _apply_skipping_the_final_norm)]),
+    "late_payload_accepted_next_round": (
+        "the round check is skipped: a late payload counts in the next round",
+        [(sim.aggregate, "receive_decoded", _receive_accepting_stale_rounds),
+         (sim.run, "receive_decoded", _receive_accepting_stale_rounds)]),
+    "helper_slab_placed_at_the_prefix": (
+        "a helper slab is placed at rows 0..h-1 instead of at its neurons",
+        [(sim.aggregate, "align_sparse_grad", _align_sparse_at_the_prefix)]),
+    "weight_decay_applied_twice": (
+        "decoupled weight decay applied twice per round",
+        [(sim.aggregate, "_apply_elementwise", _apply_decaying_twice)]),
+    "every_peer_trains_on_one_shard": (
+        "every peer trains on peer 0's shard",
+        [(sim.run, "shard", _shard_of_peer_0)]),
+    "rejoined_peer_keeps_its_stale_replica": (
+        "a churned peer rejoins with the replica it left with",
+        [(sim.run.Network, "rejoin", _rejoin_keeping_the_stale_replica)]),
 }
+
+# Bugs that only whole runs show: the convergence criteria's detection power is measured on
+# these (scripts/power.py), and each is caught by a reference property in CI.
+INTEGRATION = ("narrow_payloads_zeroed_but_counted", "narrow_mlp_contributions_dropped", "suffix_divided_by_all_peers",
+               "error_feedback_reset_every_step", "narrow_gradients_aligned_into_the_last_neurons",
+               "topk_keeps_the_smallest", "sign_flipped_for_narrow_peers", "one_parameter_never_updated",
+               "late_payload_accepted_next_round", "helper_slab_placed_at_the_prefix", "weight_decay_applied_twice",
+               "every_peer_trains_on_one_shard", "rejoined_peer_keeps_its_stale_replica")
+
+LOSSLESS_REFERENCE = "test_reference::test_every_round_of_a_lossless_run_equals_the_exact_reference"
+COMPRESSED_REFERENCE = "test_reference::test_every_compressed_round_equals_an_independent_demo_step"
 
 # name -> the properties ("module::test", or "module::test[arg=value]" for one case of a
 # parametrized one) that must fail with it planted.
@@ -197,6 +398,9 @@ CATCHERS = {
     "sign_taken_before_the_mean": ["test_aggregate::test_coeff_mean_makes_every_coefficient_the_mean_over_the_peers_that_sent_it"],
     "error_feedback_dropped": ["test_distro::test_error_feedback_conserves_the_delta"],
     "helper_indices_from_the_whole_width": ["test_helper::test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix"],
+    **{bug: [LOSSLESS_REFERENCE] for bug in INTEGRATION},
+    "error_feedback_reset_every_step": [COMPRESSED_REFERENCE],
+    "topk_keeps_the_smallest": [COMPRESSED_REFERENCE],
 }
 
 
@@ -206,6 +410,11 @@ def plant(monkeypatch, name: str) -> None:
     call it directly see the bug too."""
     if name not in BUGS:
         raise KeyError(f"planted bug {name!r} is unknown: the catalog has {', '.join(sorted(BUGS))}")
+    # COEFF_MEAN's alignment is cached per sender shape: a bug planted there needs empty caches,
+    # and the real ones (restored afterwards) must never hold what a bug worked out.
+    for cached in ("_sender_map", "_block_map"):
+        monkeypatch.setattr(sim.aggregate, cached, functools.lru_cache(maxsize=256)(
+            getattr(sim.aggregate, cached).__wrapped__))
     for target, attribute, replacement in BUGS[name][1]:
         if isinstance(target, dict):
             monkeypatch.setitem(target, attribute, replacement)

@@ -1,0 +1,410 @@
+"""The exact reference round: an independent, deliberately naive implementation of one
+heterogeneous round, to check the simulator against after every round.
+
+It shares no code with sim/aggregate.py, sim/distro.py or sim/wire.py, nor with the
+model's tier slicing: every peer's tier-t model is its own narrow copy of the weights
+(prefix neurons, plus its helper neurons), run through a forward written out here;
+gradients are placed back into full-size zero tensors and combined element by element.
+Only the inputs come from the simulator's spec functions: the data shard, the helper
+neurons a peer trains (sim/helper.py), the learning rate.
+
+Two references:
+- `lossless_round`: DisTrO with top-k equal to the block size and no 1-bit, so a peer's
+  whole delta, lr * grad, is transmitted and nothing is left behind. Each element of the
+  update is combined over the peers that cover it:
+    COEFF_MEAN: the mean over the covering peers, but a peer whose DCT block (in its own
+      local tensor) is entirely zero sends nothing for that block and does not count;
+    REGION_MEAN: the mean over the covering peers;
+    PEER_MEAN: the sum over covering peers divided by all contributing peers;
+  helper neurons are extra coverage under every semantics. Then the apply rule.
+- `DeMo`: DeMo's compressed step (bloc97/DeMo) with its own DCT (through torch.fft), its
+  own top-k, 1-bit signs and scatter-mean, per-peer error feedback across rounds. Mixed
+  tiers align in the block domain: a narrow tensor's blocks are the leading blocks of
+  the wide one. It follows matsim's one deliberate deviation from DeMo: an all-zero
+  block sends nothing (the absent slot) instead of k zeros that count in the mean.
+  Helper slabs are checked in lossless mode only.
+
+`round_inputs` replays a fault plan naively: who is present (churn), at which tiers,
+whose payload counts (drop, late, corrupt and NaN lose it; a duplicate counts once; a
+byzantine payload counts, sign-flipped or scaled by 10) and whose DisTrO state steps.
+"""
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from sim.config import ModelConfig, RunConfig
+from sim.data import make_source, shard
+from sim.faults import FaultPlan
+from sim.helper import helper_indices
+from sim.model import full_shapes
+
+SEMANTICS = ("coeff_mean", "peer_mean", "region_mean")
+RULES = ("sign", "sgd")
+# (module, kind) -> the axis that holds FFN neurons; every other parameter is whole on every tier.
+FFN_AXIS = {("gate_proj", "weight"): 0, ("up_proj", "weight"): 0, ("gate_proj", "bias"): 0,
+            ("up_proj", "bias"): 0, ("down_proj", "weight"): 1}
+LOSING = ("drop", "late", "corrupt", "nan")   # faults whose payload does not count that round
+TIE = 1e-9   # relative gap under which two top-k candidates are a tie (see DeMo._send)
+
+
+def ffn_axis(name: str) -> int | None:
+    parts = name.split(".")
+    return FFN_AXIS.get((parts[-2], parts[-1])) if len(parts) >= 3 and parts[-3] == "mlp" else None
+
+
+def layer_of(name: str) -> int:
+    return int(name.split(".")[2])
+
+
+def chunk_of(n: int, chunk: int) -> int:
+    """The DCT block size along an axis of n: the largest divisor of n not above chunk."""
+    return next(d for d in range(min(n, chunk), 0, -1) if n % d == 0)
+
+
+# --- the model, written out -----------------------------------------------------
+
+def _rms_norm(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(cfg: ModelConfig, T: int, dtype):
+    # Angles in float32, as HF computes them; the model's RoPE is then exact in any dtype.
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _linear(x, w, b=None):
+    return x @ w.T + (0 if b is None else b)
+
+
+def loss_of(cfg: ModelConfig, w: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of the causal LM whose weights are `w` (any FFN widths:
+    a layer runs on as many neurons as its tensors hold) on tokens [B, T + 1]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    B, T = inputs.shape
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    x = w["model.embed_tokens.weight"][inputs]
+    cos, sin = _rope(cfg, T, x.dtype)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = _rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        q = _linear(h, w[p + "self_attn.q_proj.weight"]).view(B, T, nh, hd).transpose(1, 2)
+        k = _linear(h, w[p + "self_attn.k_proj.weight"]).view(B, T, nkv, hd).transpose(1, 2)
+        v = _linear(h, w[p + "self_attn.v_proj.weight"]).view(B, T, nkv, hd).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + _linear(attention.transpose(1, 2).reshape(B, T, nh * hd), w[p + "self_attn.o_proj.weight"])
+        h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        up = _linear(h, w[p + "mlp.up_proj.weight"], w.get(p + "mlp.up_proj.bias"))
+        if cfg.style == "llama":
+            hidden = F.silu(_linear(h, w[p + "mlp.gate_proj.weight"], w.get(p + "mlp.gate_proj.bias"))) * up
+        else:
+            hidden = F.relu(up) ** 2
+        x = x + _linear(hidden, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
+    x = _rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
+    head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
+    return F.cross_entropy((x @ head.T).reshape(B * T, -1), targets.reshape(-1))
+
+
+# --- one peer ---------------------------------------------------------------------
+
+@dataclass
+class PeerInput:
+    """What one present peer does in a round."""
+    id: int
+    tiers: tuple[int, ...]                     # per layer
+    tokens: torch.Tensor                       # [B, T + 1]
+    helpers: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> suffix neurons it also trains
+    factor: float | None = 1.0                 # its payload's weight: None when it does not count this round
+    steps: bool = True                         # its DisTrO state advances (not when its NaN guard withholds)
+    fresh: bool = False                        # it (re)joined this round: a fresh DisTrO state
+
+
+@dataclass
+class Gradient:
+    """One peer's gradient of one parameter, placed in the full shape."""
+    prefix: torch.Tensor        # its own neurons' gradient (the whole tensor for non-FFN parameters), zero elsewhere
+    covered: torch.Tensor       # 1 where `prefix` covers, else 0
+    helper: torch.Tensor        # its helper neurons' gradient, zero elsewhere
+    helper_covered: torch.Tensor
+    local: torch.Tensor         # what it trains of the tensor in its own (local) shape: its prefix
+
+
+def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> dict[str, Gradient]:
+    """Train the peer's own narrow copy of `weights` (full shapes) on its tokens."""
+    active, narrow = {}, {}
+    for name, w in weights.items():
+        axis = ffn_axis(name)
+        if axis is None:
+            narrow[name] = w.detach().clone().requires_grad_()
+            continue
+        layer = layer_of(name)
+        width = cfg.intermediate_size >> peer.tiers[layer]
+        helpers = peer.helpers.get(layer, torch.zeros(0, dtype=torch.long))
+        active[name] = (width, torch.cat([torch.arange(width), helpers.long()]))
+        narrow[name] = w.detach().index_select(axis, active[name][1]).clone().requires_grad_()
+    loss_of(cfg, narrow, peer.tokens).backward()
+    grads = {}
+    for name, w in weights.items():
+        grad, axis = narrow[name].grad, ffn_axis(name)
+        if axis is None:
+            grads[name] = Gradient(grad, torch.ones_like(grad), torch.zeros_like(grad), torch.zeros_like(grad), grad)
+            continue
+        width, rows = active[name]
+        placed = torch.zeros_like(w).index_copy_(axis, rows, grad)
+        own = (torch.arange(w.shape[axis]) < width).to(w.dtype)
+        mask = own.view(-1, 1) if axis == 0 and w.ndim == 2 else own
+        mask = torch.ones_like(w) * mask
+        helper_mask = torch.zeros_like(w).index_fill_(axis, rows[width:], 1.0)
+        grads[name] = Gradient(placed * mask, mask, placed * helper_mask, helper_mask, grad.narrow(axis, 0, width))
+    return grads
+
+
+def _elements(per_block: torch.Tensor, shape, chunk: int) -> torch.Tensor:
+    """A value per DCT block of a tensor of `shape`, repeated over the block's elements."""
+    for dim, n in enumerate(shape):
+        per_block = per_block.repeat_interleave(chunk_of(n, chunk), dim)
+    return per_block
+
+
+def sent_blocks(local: torch.Tensor, covered: torch.Tensor, chunk: int, axis: int | None) -> torch.Tensor:
+    """1 on the elements whose DCT block of the peer's local tensor is not entirely zero
+    (in the full shape; 0 outside the local tensor)."""
+    blocks = [chunk_of(n, chunk) for n in local.shape]
+    if local.ndim == 1:
+        nonzero = local.reshape(-1, blocks[0]).ne(0).any(-1)
+    else:
+        (rows, cols), (br, bc) = local.shape, blocks
+        nonzero = local.reshape(rows // br, br, cols // bc, bc).ne(0).any(3).any(1)
+    full = torch.zeros_like(covered)
+    (full if axis is None else full.narrow(axis, 0, local.shape[axis])).copy_(_elements(nonzero, local.shape, chunk))
+    return full
+
+
+# --- combining and applying --------------------------------------------------------
+
+@dataclass
+class Round:
+    update: dict[str, torch.Tensor]       # the aggregate before the apply rule, full shapes
+    weights: dict[str, torch.Tensor]      # after applying it
+    contributing: int
+    checked: dict[str, torch.Tensor] | None = None   # DeMo: elements no top-k tie reached (None: all)
+
+
+def combine(totals: dict, covers: dict, contributing: int, semantics: str) -> dict[str, torch.Tensor]:
+    """Each element's mean: total over its cover (COEFF_MEAN, REGION_MEAN), or over every
+    contributing peer (PEER_MEAN); zero where nothing covers it."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics {semantics!r}: expected one of {SEMANTICS}")
+    if semantics == "peer_mean":
+        return {n: t / max(contributing, 1) for n, t in totals.items()}
+    return {n: torch.where(covers[n] > 0, t / covers[n].clamp(min=1), torch.zeros_like(t)) for n, t in totals.items()}
+
+
+def apply(weights: dict[str, torch.Tensor], update: dict[str, torch.Tensor], lr: float, rule: str,
+          weight_decay: float) -> dict[str, torch.Tensor]:
+    """Decoupled weight decay, then sign-SGD (DisTrO) or plain SGD on the aggregate."""
+    if rule not in RULES:
+        raise ValueError(f"apply rule {rule!r}: expected one of {RULES}")
+    step = {n: u.sign() if rule == "sign" else u for n, u in update.items()}
+    return {n: w * (1 - lr * weight_decay) - lr * step[n] for n, w in weights.items()}
+
+
+def lossless_round(cfg: ModelConfig, chunk: int, weights: dict[str, torch.Tensor], peers: Sequence[PeerInput],
+                   lr: float, semantics: str, rule: str = "sign", weight_decay: float = 0.0) -> Round:
+    """One round in lossless DisTrO mode from the full `weights` every replica holds."""
+    counted = [p for p in peers if p.factor is not None]
+    totals = {n: torch.zeros_like(w) for n, w in weights.items()}
+    covers = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for peer in counted:
+        for name, g in peer_gradients(cfg, weights, peer).items():
+            delta = lr * peer.factor
+            totals[name] += delta * (g.prefix + g.helper)
+            cover = sent_blocks(g.local, g.covered, chunk, ffn_axis(name)) if semantics == "coeff_mean" else g.covered
+            covers[name] += cover + g.helper_covered
+    update = combine(totals, covers, len(counted), semantics)
+    return Round(update, apply(weights, update, lr, rule, weight_decay), len(counted))
+
+
+# --- DeMo's compressed step --------------------------------------------------------
+
+def dct_matrix(n: int, dtype) -> torch.Tensor:
+    """Orthonormal DCT-II as a matrix D (coefficients = D @ x), built by running an FFT-based
+    DCT (Makhoul's reordering, as DeMo's TransformDCT does) over the identity."""
+    eye = torch.eye(n, dtype=torch.float64)
+    v = torch.cat([eye[:, ::2], eye[:, 1::2].flip([1])], dim=1)
+    spectrum = torch.fft.fft(v, dim=1)
+    k = torch.arange(n, dtype=torch.float64)
+    coeffs = (spectrum * torch.exp(-1j * math.pi * k / (2 * n))).real
+    coeffs[:, 0] *= math.sqrt(1 / n)
+    coeffs[:, 1:] *= math.sqrt(2 / n)
+    return coeffs.T.contiguous().to(dtype)   # row e_i of the identity gave column i
+
+
+class DeMo:
+    """Per-peer DeMo state and one round of its compressed exchange (see the module doc)."""
+
+    def __init__(self, chunk: int, topk: int, decay: float, quantize: bool):
+        self.chunk, self.topk, self.decay, self.quantize = chunk, topk, decay, quantize
+        self.delta: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _tiles(self, x: torch.Tensor):
+        """x -> its blocks [blocks..., block numel] in DCT coefficients, and how to undo it."""
+        sizes = [chunk_of(n, self.chunk) for n in x.shape]
+        mats = [dct_matrix(b, x.dtype) for b in sizes]
+        if x.ndim == 1:
+            return x.reshape(-1, sizes[0]) @ mats[0].T, sizes, mats
+        (rows, cols), (br, bc) = x.shape, sizes
+        tiles = x.reshape(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3)
+        return (mats[0] @ tiles @ mats[1].T).reshape(rows // br, cols // bc, br * bc), sizes, mats
+
+    @staticmethod
+    def _untile(coeffs: torch.Tensor, sizes, mats) -> torch.Tensor:
+        if len(sizes) == 1:
+            return (coeffs @ mats[0]).reshape(-1)
+        nr, nc, _ = coeffs.shape
+        blocks = mats[0].T @ coeffs.reshape(nr, nc, *sizes) @ mats[1]
+        return blocks.permute(0, 2, 1, 3).reshape(nr * sizes[0], nc * sizes[1])
+
+    def _send(self, delta: torch.Tensor):
+        """Top-k of delta's coefficients per block, as (indices, values, tied): what was sent
+        leaves delta (all of it when k keeps every coefficient); exactly-zero coefficients (an
+        all-zero block's) count as not sent when combined. `tied` marks the blocks whose k-th
+        and (k+1)-th magnitudes agree to TIE: either choice is DeMo, and two DCTs that differ
+        in the last bit may make different ones."""
+        coeffs, sizes, mats = self._tiles(delta)
+        k = min(self.topk, coeffs.shape[-1])
+        magnitudes = coeffs.abs().sort(dim=-1, descending=True).values
+        tied = torch.zeros(coeffs.shape[:-1], dtype=torch.bool)
+        if k < coeffs.shape[-1]:
+            tied = magnitudes[..., k - 1] - magnitudes[..., k] <= TIE * magnitudes[..., 0]
+        idx = coeffs.abs().topk(k, dim=-1).indices
+        val = coeffs.gather(-1, idx)
+        if k == coeffs.shape[-1]:
+            delta.zero_()
+        else:
+            delta.sub_(self._untile(torch.zeros_like(coeffs).scatter(-1, idx, val), sizes, mats))
+        return idx, val, tied
+
+    def round(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], peers: Sequence[PeerInput], lr: float,
+              semantics: str, rule: str = "sign", weight_decay: float = 0.0) -> Round:
+        """One round from the full `weights`. Blocks where a peer's top-k was tied are listed
+        in `self.tied` ({(peer, name): elements of its local tensor}) and left out of the
+        round's `checked` elements: the caller adopts that peer's residual there (`adopt`)."""
+        sent, self.tied = {}, {}   # sent: peer -> {name: (indices, values, local shape)}
+        checked = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+        for peer in peers:
+            if peer.fresh or peer.id not in self.delta:
+                self.delta[peer.id] = {}
+            if not peer.steps:
+                continue
+            state = self.delta[peer.id]
+            for name, g in peer_gradients(cfg, weights, peer).items():
+                delta = state.setdefault(name, torch.zeros_like(g.local))
+                delta.mul_(self.decay).add_(g.local, alpha=lr)
+                idx, val, tied = self._send(delta)
+                if bool(tied.any()):
+                    self.tied[peer.id, name] = _elements(tied, delta.shape, self.chunk)
+                    if peer.factor is not None:
+                        region = checked[name] if ffn_axis(name) is None else \
+                            checked[name].narrow(ffn_axis(name), 0, delta.shape[ffn_axis(name)])
+                        region &= ~self.tied[peer.id, name]
+                if peer.factor is not None:
+                    val = val.sign() if self.quantize else val
+                    sent.setdefault(peer.id, {})[name] = (idx, val * peer.factor, tuple(g.local.shape))
+        update = {}
+        for name, w in weights.items():
+            update[name] = self._combine(name, w, [s[name] for s in sent.values()], semantics)
+        return Round(update, apply(weights, update, lr, rule, weight_decay), len(sent), checked)
+
+    def adopt(self, peer: int, name: str, residual: torch.Tensor) -> None:
+        """Take the implementation's residual on the blocks where this peer's top-k was tied."""
+        mask = self.tied[peer, name]
+        self.delta[peer][name] = torch.where(mask, residual.to(self.delta[peer][name].dtype), self.delta[peer][name])
+
+    def _combine(self, name, w, payloads, semantics) -> torch.Tensor:
+        axis = ffn_axis(name)
+        if semantics == "coeff_mean":   # per coefficient, over the peers that sent it, narrow blocks leading
+            coeffs, sizes, mats = self._tiles(torch.zeros_like(w))
+            total, count = torch.zeros_like(coeffs), torch.zeros_like(coeffs)
+            for idx, val, shape in payloads:
+                present = (val != 0).to(w.dtype)
+                region = [slice(None)] * (coeffs.ndim - 1)
+                if axis is not None:
+                    region[axis] = slice(0, shape[axis] // sizes[axis])
+                total[tuple(region)] += torch.zeros_like(total[tuple(region)]).scatter_add(-1, idx, val)
+                count[tuple(region)] += torch.zeros_like(count[tuple(region)]).scatter_add(-1, idx, present)
+            return self._untile(torch.where(count > 0, total / count.clamp(min=1), 0.0), sizes, mats)
+        total, cover = torch.zeros_like(w), torch.zeros_like(w)
+        for idx, val, shape in payloads:
+            coeffs, sizes, mats = self._tiles(torch.zeros(shape, dtype=w.dtype))
+            dense = self._untile(torch.zeros_like(coeffs).scatter(-1, idx, val), sizes, mats)
+            region = [slice(None)] * w.ndim
+            if axis is not None:
+                region[axis] = slice(0, shape[axis])
+            total[tuple(region)] += dense
+            cover[tuple(region)] += 1
+        return combine({name: total}, {name: cover}, len(payloads), semantics)[name]
+
+
+# --- replaying a fault plan --------------------------------------------------------
+
+def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Sequence[float], plan: FaultPlan,
+                 round_: int) -> list[PeerInput]:
+    """The present peers of `round_` under `plan`, replayed from round 0: churned peers are
+    away for their rounds and come back (at their new tier, with a fresh state); each
+    peer's shard and helper neurons; whether and how its payload counts."""
+    layers = config.model.num_hidden_layers
+    current = [tuple(t) if isinstance(t, (tuple, list)) else (t,) * layers for t in tiers]
+    away, fresh = set(), set()
+    for r in range(round_ + 1):
+        fresh = set()
+        for f in plan.faults:
+            if f.kind == "churn" and f.round + f.away == r:
+                away.discard(f.peer)
+                fresh.add(f.peer)
+                if f.rejoin_tier is not None:
+                    current[f.peer] = (f.rejoin_tier,) * layers
+            if f.kind == "churn" and f.round == r:
+                away.add(f.peer)
+    source = make_source(config.data, config.model.vocab_size, seed)
+    batch = max(1, config.global_batch_size // len(tiers))
+    faults = {f.peer: f for f in plan.faults if f.round == round_ and f.kind != "churn"}
+    quantized = config.distro.quantize_1bit
+    peers = []
+    for peer, (layer_tiers, fraction) in enumerate(zip(current, fractions)):
+        if peer in away:
+            continue
+        fault = faults.get(peer)
+        kind = fault.kind if fault else None
+        factor = None if kind in LOSING else 1.0
+        if kind == "byzantine":
+            factor = 10.0 if not quantized and fault.byte % 2 == 1 else -1.0
+        helpers = {}
+        if fraction > 0:
+            full = config.model.intermediate_size
+            helpers = {layer: helper_indices(seed, round_, layer, full >> t, full, fraction,
+                                             config.helper_rotation_interval) for layer, t in enumerate(layer_tiers)}
+        tokens = shard(source, seed, round_, peer, batch, config.seq_len + 1)
+        peers.append(PeerInput(peer, layer_tiers, tokens, helpers, factor,
+                               steps=not (kind == "nan" and quantized), fresh=peer in fresh))
+    return peers
+
+
+def parameters_of(cfg: ModelConfig) -> list[str]:
+    """Every trainable parameter's name (tied weights once), as replicas hold them."""
+    return list(full_shapes(cfg))
