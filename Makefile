@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/matsim matrix --config-path test-nanogpt-small --out results
+	$(VENV)/bin/matsim matrix --config-path ffn-small --out results
 
 test: $(STAMP)
 	$(PY) -m pytest -n auto

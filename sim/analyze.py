@@ -1,10 +1,13 @@
-"""Analysis of a results directory: per scenario its final loss, error and NaN
-counts, each success criterion PASS/FAIL, and a PNG of the loss curves with
-each scenario's oracle overlaid.
+"""Analysis of a results directory: per scenario its final loss against the data's floor,
+the homogeneous oracle and the no-suffix baseline, the share of the FFN suffix's benefit
+it recovers, error and NaN counts, each criterion PASS/FAIL, and a PNG of the loss curves
+with the oracle, the baseline and the floor.
 
-A scenario is a subdirectory with metrics.jsonl, summary.json and
-scenario.json ({"name", "tiers", "kind", "oracle"}), as `matsim matrix` and
-`matsim testnet start --out` write them.
+A scenario is a subdirectory with metrics.jsonl, summary.json and scenario.json ({"name",
+"tiers", "kind", "oracle", ...}), as `matsim matrix` and `matsim testnet start --out`
+write them. Where the run's config has a calibration (sim/oracle.py, written by
+scripts/power.py) for the same number of rounds, the calibrated criteria join the
+chapter's: the oracle's gap to the floor, and each calibrated scenario's paired gap to it.
 """
 import json
 import math
@@ -14,10 +17,11 @@ from sim import oracle as criteria
 from sim.errors import ConfigError
 from sim.run import RunResult
 
-# The chapter's matrix, then the helper-mode experiment (does helping with suffix neurons
-# close 0,1,1's gap to the homogeneous run?): name, tiers, helper fractions, kind, oracle.
+# The chapter's matrix, the no-suffix baseline (how much the data needs the FFN suffix), then
+# the helper-mode experiment: name, tiers, helper fractions, kind, oracle.
 MATRIX = [
     ("homogeneous", "0,0,0", None, "baseline", None),
+    ("no_suffix", "2,2,2", None, "no-suffix", "homogeneous"),
     ("heterogeneous_1to2", "0,1,1", None, "heterogeneous", "homogeneous"),
     ("heterogeneous_2to1", "0,0,1", None, "heterogeneous", "homogeneous"),
     ("extreme_1to3", "0,1,1,1", None, "extreme", "oracle_4"),
@@ -33,17 +37,31 @@ def load_result(directory: Path) -> RunResult:
     return RunResult([json.loads(line) for line in lines], [], summary["loss_floor"], summary["stopped_early"])
 
 
-def judge(kind: str, result: RunResult, oracle: RunResult | None, rounds: int) -> dict[str, bool]:
-    """The chapter's criteria for one scenario kind."""
-    complete = criteria.all_complete(result, rounds)
-    if kind == "baseline":
-        return {"loss decreases": criteria.loss_decreases(result), "no errors": criteria.no_errors(result),
-                "all clients complete all rounds": complete}
+def calibration_for(info: dict) -> criteria.Calibration | None:
+    """The calibration of the scenario's config, if there is one for its number of rounds."""
+    path = info.get("config_path")
+    calibration = criteria.Calibration.load(path) if path and Path(path).is_dir() else None
+    return calibration if calibration is not None and calibration.rounds == info["rounds"] else None
+
+
+def judge(info: dict, result: RunResult, oracle: RunResult | None, calibration: criteria.Calibration | None
+          ) -> dict[str, bool]:
+    """The chapter's criteria for one scenario kind, and the calibrated ones that apply."""
+    kind, complete = info["kind"], criteria.all_complete(result, info["rounds"])
+    if kind in ("baseline", "no-suffix"):
+        judged = {"loss decreases": criteria.loss_decreases(result), "no errors": criteria.no_errors(result),
+                  "all clients complete all rounds": complete}
+        if kind == "baseline" and calibration is not None:
+            judged["learns to its calibrated gap to the floor"] = calibration.learning.passes([criteria.floor_gap(result)])
+        return judged
     if kind == "heterogeneous":
         finite = all(map(math.isfinite, result.eval_losses))
         judged = {"no NaN/Inf": finite, "all clients complete all rounds": complete}
         if oracle is not None:
             judged[f"final loss within {criteria.TOLERANCE:.0%} of homogeneous"] = criteria.within_tolerance(result, oracle)
+            band = calibration.paired.get(criteria.scenario_key(info["tiers"], info.get("helpers"))) if calibration else None
+            if band is not None:
+                judged["paired gap within its calibrated bound"] = finite and band.passes([criteria.relative_gap(result, oracle)])
         return judged
     return {"completes without errors": complete and criteria.no_errors(result),
             "loss decreases": criteria.loss_decreases(result)}
@@ -61,22 +79,37 @@ def analyze(directory: str | Path) -> list[dict]:
     if not scenarios:
         raise ConfigError(f"no scenarios under {str(directory)!r}: expected subdirectories with scenario.json "
                           f"(run `matsim matrix` or `matsim testnet start --out DIR`)")
+    baseline = next((result for info, result in scenarios.values() if info["kind"] == "no-suffix"), None)
+    order = [name for name, *_ in MATRIX]
     rows = []
-    for name, (info, result) in scenarios.items():
+    for name, (info, result) in sorted(scenarios.items(), key=lambda item: (order.index(item[0]) if item[0] in order
+                                                                            else len(order), item[0])):
         oracle = scenarios.get(info.get("oracle"), (None, None))[1]
-        judged = judge(info["kind"], result, oracle, info["rounds"])
+        reference = oracle if oracle is not None else result if info["kind"] == "baseline" else None
+        judged = judge(info, result, oracle, calibration_for(info))
+        share = None
+        if reference is not None and baseline is not None and baseline.final_eval_loss != reference.final_eval_loss:
+            share = criteria.suffix_share(result.final_eval_loss, reference.final_eval_loss, baseline.final_eval_loss)
         rows.append({
-            "scenario": name, "tiers": info["tiers"], "helpers": info.get("helpers") or "0",
-            "final_loss": result.final_eval_loss,
+            "scenario": name, "tiers": info["tiers"], "helpers": info.get("helpers") or "0", "kind": info["kind"],
+            "final_loss": result.final_eval_loss, "floor": result.loss_floor,
+            "oracle": reference.final_eval_loss if reference is not None else None,
+            "no_suffix": baseline.final_eval_loss if baseline is not None else None,
             "vs_oracle": criteria.relative_gap(result, oracle) if oracle else None,
+            "vs_floor": result.final_eval_loss / result.loss_floor - 1,
+            "suffix_share": share,
             "errors": sum(result.rejected().values()), "nan": result.non_finite_losses(), "criteria": judged,
             "passed": all(judged.values()),
         })
     return rows
 
 
+STYLES = {"baseline": ("--", None), "no-suffix": (":", "black")}
+
+
 def plot(directory: str | Path, path: str | Path, scenarios: set[str] | None = None) -> None:
-    """Loss curves of every scenario under `directory` (or only `scenarios`)."""
+    """Loss curves of every scenario under `directory` (or only `scenarios`): oracles dashed,
+    the no-suffix baseline dotted black, the data's floor grey."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,14 +122,15 @@ def plot(directory: str | Path, path: str | Path, scenarios: set[str] | None = N
             continue
         result = load_result(meta.parent)
         floor = result.loss_floor
-        style = "--" if info["kind"] == "baseline" else "-"
-        ax.plot(result.eval_rounds, result.eval_losses, style, label=f"{info['name']} ({info['tiers']}"
+        style, color = STYLES.get(info["kind"], ("-", None))
+        ax.plot(result.eval_rounds, result.eval_losses, style, color=color, label=f"{info['name']} ({info['tiers']}"
                 + (f"; helpers {info['helpers']})" if info.get("helpers") else ")"))
     if floor is not None:
-        ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"entropy floor {floor:.2f}")
+        ax.axhline(floor, color="grey", lw=0.8, ls="-.", label=f"entropy floor {floor:.3f}")
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss of the full model (nats)")
-    ax.set_title("Loss curves (dashed: homogeneous oracles)")
+    ax.set_yscale("log")
+    ax.set_title("Loss curves (dashed: homogeneous oracles; dotted: no-suffix baseline)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -2,9 +2,12 @@
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -16,13 +19,14 @@ from rich.table import Table
 from sim import analyze as analysis
 from sim import memory
 from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint
-from sim.config import DEFAULT_CONFIG, load_config
+from sim.config import DEFAULT_CONFIG, MATRIX_CONFIG, load_config
 from sim.errors import ConfigError, SimError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
 from sim.run import simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
 from sim.distributed import run_peer, simulate_distributed, torchrun_rank
+from sim.engine import BATCHING
 from sim.reproduce import reproduce
 from sim.tiers import parse_client_tiers, parse_int_list, tier_width
 
@@ -167,7 +171,7 @@ def cmd_memory(args) -> None:
 def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
                  oracle: str | None, seed: int, rounds: int | None, faults: str | None,
                  exit_after: float | None = None, eval_every: int | None = None, rotation_interval: int | None = None,
-                 backend: str = "inprocess", echo: bool = True) -> dict:
+                 backend: str = "inprocess", echo: bool = True, batching: str = "auto") -> dict:
     """One testnet run: validated first, then metrics, summary, scenario.json and a log
     whose lines carry `loss=` (the chapter's grep reads them) under `out`."""
     run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval)
@@ -198,16 +202,17 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
     try:
         if bar:
             bar.start()
+        options = {} if backend == "distributed" else {"batching": batching}   # one process per peer: nothing to batch
         runner = simulate_distributed if backend == "distributed" else simulate
         result = runner(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after,
-                        eval_every=eval_every, on_round=line)
+                        eval_every=eval_every, on_round=line, **options)
     finally:
         if bar:
             bar.stop()
         logfile.close()
     meta = {"name": name, "tiers": tiers_text, "helpers": helper_text, "kind": kind, "oracle": oracle,
-            "rounds": len(result.records),
-            "config": run.name, "seed": seed, "faults": faults or "none"}
+            "rounds": len(result.records), "config": run.name, "config_path": str(run.path), "seed": seed,
+            "faults": faults or "none", "backend": backend, "peer_batching": batching}
     (out / "scenario.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -247,6 +252,9 @@ def _validate_testnet(args) -> None:
                           f"(rounds per helper rotation epoch)")
     if args.eval_every is not None and args.eval_every < 1:
         raise ConfigError(f"--eval-every {args.eval_every} is invalid: expected an integer >= 1")
+    if args.backend == "distributed" and args.peer_batching == "on":
+        raise ConfigError("--peer-batching on needs --backend inprocess: the distributed backend runs one process "
+                          "per peer, so there is nothing to batch (auto or off)")
 
 
 def cmd_testnet(args) -> None:
@@ -266,7 +274,8 @@ def cmd_testnet(args) -> None:
     meta = run_scenario(args.config_path, tiers, args.client_matformer_helper_fractions, out, name="testnet",
                         kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
                         exit_after=args.headless_exit_after_secs, eval_every=args.eval_every,
-                        rotation_interval=args.matformer_helper_rotation_interval, backend=args.backend)
+                        rotation_interval=args.matformer_helper_rotation_interval, backend=args.backend,
+                        batching=args.peer_batching)
     summary = json.loads((out / "summary.json").read_text())
     console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
                     f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
@@ -276,14 +285,19 @@ def cmd_testnet(args) -> None:
 def cmd_analyze(args) -> int:
     rows = analysis.analyze(args.results)
     out = console()
-    table = Table("scenario", "tiers", "helpers", "final loss", "vs oracle", "errors", "NaN", "criteria", "verdict",
-                  title=f"MatFormer scenario matrix: {args.results}")
+    table = Table("scenario", "tiers", "helpers", "final loss", "floor", "oracle", "no-suffix", "vs oracle",
+                  "suffix share", "errors", "NaN", "criteria", "verdict", title=f"MatFormer scenario matrix: {args.results}")
+    number = lambda value, spec: "-" if value is None else format(value, spec)
     for row in rows:
-        gap = "-" if row["vs_oracle"] is None else f"{row['vs_oracle']:+.1%}"
-        judged = "; ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in row["criteria"].items())
-        table.add_row(row["scenario"], row["tiers"], row["helpers"], f"{row['final_loss']:.4f}", gap, str(row["errors"]),
-                      str(row["nan"]), judged, "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]")
+        table.add_row(row["scenario"], row["tiers"], row["helpers"], f"{row['final_loss']:.4f}", f"{row['floor']:.4f}",
+                      number(row["oracle"], ".4f"), number(row["no_suffix"], ".4f"), number(row["vs_oracle"], "+.1%"),
+                      number(row["suffix_share"], ".0%"), str(row["errors"]), str(row["nan"]),
+                      f"{sum(row['criteria'].values())}/{len(row['criteria'])}",
+                      "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]")
     out.print(table)
+    for row in rows:
+        out.print(f"{row['scenario']}: " + "; ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in row["criteria"].items()),
+                  highlight=False)
     png = Path(args.results) / "loss_curves.png"
     analysis.plot(args.results, png)
     helped = {row["scenario"] for row in rows if row["helpers"] != "0"}
@@ -310,12 +324,36 @@ def cmd_matrix(args) -> int:
         console().print(unit.stdout.strip().splitlines()[-1] if unit.stdout.strip() else unit.stderr, highlight=False)
         if unit.returncode:
             raise SimError(f"the chapter's unit tests failed: see {out / 'unit_tests.log'}")
-    for name, tiers, helpers, kind, oracle in analysis.MATRIX:
-        console().print(f"=== {name} ({tiers}{f'; helpers {helpers}' if helpers else ''}) ===")
-        run_scenario(args.config_path, tiers, helpers, out / name, name=name, kind=kind, oracle=oracle,
-                     seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose)
+    jobs = args.jobs or os.cpu_count() or 1
+    console().print(f"=== Scenarios ({len(analysis.MATRIX)}, {jobs} at a time) ===")
+    scenarios = [dict(config_path=args.config_path, tiers_text=tiers, helper_text=helpers, out=out / name, name=name,
+                      kind=kind, oracle=oracle, seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose,
+                      batching=args.peer_batching)
+                 for name, tiers, helpers, kind, oracle in analysis.MATRIX]
+    if jobs == 1:
+        for scenario in scenarios:
+            _matrix_scenario(scenario)
+    else:  # spawned, one torch thread each: a fork after torch's thread pool started can deadlock
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in pool.map(_matrix_scenario, scenarios):
+                pass
     console().print("=== Analysis ===")
     return cmd_analyze(argparse.Namespace(results=str(out)))
+
+
+def _matrix_scenario(scenario: dict) -> None:
+    tick = time.perf_counter()
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)   # the other scenarios run on the other cores
+    meta = run_scenario(**scenario)
+    summary = json.loads((scenario["out"] / "summary.json").read_text())
+    console().print(f"{meta['name']} ({meta['tiers']}{'; helpers ' + meta['helpers'] if meta['helpers'] else ''}): "
+                    f"{meta['rounds']} rounds, final loss={summary['final_eval_loss']:.4f} "
+                    f"(floor {summary['loss_floor']:.4f}) in {time.perf_counter() - tick:.0f} s", highlight=False)
+
+
+BATCHING_HELP = ("train peers of one shape in one batched computation (sim/engine.py): auto where it pays, on "
+                 "for every group of two or more, off peer by peer")
 
 
 def _mib(n: int) -> str:
@@ -374,6 +412,7 @@ def build_parser() -> Parser:
     start.add_argument("--backend", default="inprocess", choices=["inprocess", "distributed"],
                        help="distributed: one process per client on torch.distributed's store (CPU); same metrics")
     start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    start.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
     start.set_defaults(run=cmd_testnet)
 
     analyze = commands.add_parser("analyze", help="table, PASS/FAIL criteria and loss-curve PNG of a results directory")
@@ -381,12 +420,14 @@ def build_parser() -> Parser:
     analyze.set_defaults(run=cmd_analyze)
 
     matrix = commands.add_parser("matrix", help="the chapter's test matrix: unit tests, scenarios, analysis")
-    matrix.add_argument("--config-path", default="test-nanogpt-small")
+    matrix.add_argument("--config-path", default=MATRIX_CONFIG)
     matrix.add_argument("--rounds", type=int)
     matrix.add_argument("--seed", type=int, default=0)
     matrix.add_argument("--out", default="results")
     matrix.add_argument("--skip-unit-tests", action="store_true")
     matrix.add_argument("--verbose", action="store_true", help="print every round's log line")
+    matrix.add_argument("--jobs", type=int, help="scenarios run at once, one process each (default: every core)")
+    matrix.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
     matrix.set_defaults(run=cmd_matrix)
     replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")
     replay.add_argument("record")

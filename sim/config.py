@@ -1,7 +1,8 @@
 """Run configs in the Psyche layout: configs/<name>/state.toml + config.json.
 
 state.toml is read as the subset of Psyche's schema that a simulation needs
-(batch, steps, sequence length, lr schedule, DisTrO settings); the other
+(batch, steps, sequence length, lr schedule, DisTrO settings), plus matsim's own
+[matsim.data] table (the synthetic source behind data_location = "Dummy"); the other
 Psyche keys (witness timing, checkpoints on the hub, ...) are accepted and
 ignored so Psyche configs load unchanged. config.json is an HF model config.
 Every value read is validated here, once, with a ConfigError naming it.
@@ -13,11 +14,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sim.data import MarkovSpec
 from sim.errors import ConfigError
 from sim.tiers import max_tier
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "nanogpt-20m-run"
+MATRIX_CONFIG = "ffn-small"   # `make run`: the CI config of the convergence checks
 STYLES = ("llama", "nanogpt")
 # Psyche's state.toml names the architecture, config.json names the model_type.
 ARCHITECTURES = {"HfLlama": "llama", "HfNanoGPT": "nanogpt"}
@@ -178,6 +181,7 @@ class RunConfig:
     lr_schedule: CosineSchedule = field(default_factory=CosineSchedule)
     distro: DistroConfig = field(default_factory=DistroConfig)
     helper_rotation_interval: int = 4   # rounds per helper-mode rotation epoch (sim/helper.py)
+    markov: MarkovSpec = field(default_factory=MarkovSpec)   # the "Dummy" source ([matsim.data])
     path: Path | None = None
 
     def __post_init__(self):
@@ -291,5 +295,6 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> RunConfig:
         data=_data_location(llm.get("data_location", "Dummy"), str(state_path)),
         lr_schedule=_build(CosineSchedule, schedule[1], f"{state_path} [lr_schedule.Cosine]") if schedule else CosineSchedule(),
         distro=_build(DistroConfig, optimizer[1], f"{state_path} [optimizer.Distro]") if optimizer else DistroConfig(),
+        markov=_build(MarkovSpec, _section(state, "matsim.data", str(state_path)), f"{state_path} [matsim.data]"),
         path=directory,
     )

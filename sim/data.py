@@ -1,11 +1,23 @@
 """Training data: deterministic shards per (seed, round, peer).
 
-Default source: a random Markov chain over a small vocabulary. Each state
-moves to a few successors with random probabilities, so its entropy rate,
-H = -sum_i pi_i sum_j P_ij log P_ij (nats, pi the stationary distribution),
-is well below log(vocab) and known exactly: it is the loss floor no model can
-beat on this data. Optional source: bytes of a local file.
+Default source: a random order-k Markov chain over a small vocabulary. The
+next token depends on the last k: each context (k tokens) moves to a few
+successors with random probabilities, so the entropy rate,
+H = -sum_c pi_c sum_j P_cj log P_cj (nats, pi the stationary distribution over
+contexts), is well below log(vocab) and known exactly: it is the loss floor no
+model can beat on this data.
+
+Why order 2 for the runs that judge convergence: a first-order chain is a
+bigram table, which the embedding and the head learn on their own; a model
+whose FFN is cut to a quarter learns it as well. The next token of an order-2
+chain is a random function of a pair of tokens: attention can bring the
+previous token next to the current one, but turning the pair into its
+successors is a lookup that only the FFN's neurons hold, one context per
+neuron or so. With more contexts than a narrow tier has neurons, only the
+full width can approach the floor (README: "Data that needs the FFN").
+Optional source: bytes of a local file.
 """
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -15,8 +27,25 @@ import torch
 
 from sim.errors import ConfigError
 
-MARKOV_STATES = 64
-SUCCESSORS = 4
+
+@dataclass(frozen=True)
+class MarkovSpec:
+    """The synthetic source behind data_location = "Dummy" ([matsim.data] in state.toml)."""
+    order: int = 1           # tokens of context
+    states: int = 64         # tokens used (at most the vocabulary)
+    successors: int = 4      # tokens each context can move to
+    seed: int | None = None  # the chain's own seed: one task for every run seed (None: drawn from the run's seed)
+
+    def __post_init__(self):
+        for name in ("order", "states", "successors"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"[matsim.data] {name} {value!r} is invalid: expected an integer >= 1")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ConfigError(f"[matsim.data] seed {self.seed!r} is invalid: expected an integer >= 0")
+        if self.states ** self.order > 2 ** 20:
+            raise ConfigError(f"[matsim.data] states ** order = {self.states}**{self.order} contexts is too many "
+                              f"to tabulate: at most 2**20")
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -27,27 +56,44 @@ def _generator(*key: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class MarkovSource:
-    transitions: torch.Tensor   # [S, S], rows sum to 1 (float64)
-    stationary: torch.Tensor    # [S]
+    transitions: torch.Tensor   # [S**order, S]: row c is P(next | context c), float64, rows sum to 1
+    stationary: torch.Tensor    # [S**order]: the stationary distribution over contexts
+    order: int = 1
+
+    @functools.cached_property
+    def _cdfs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative distributions to sample by inverse CDF: the stationary one, each row's."""
+        return self.stationary.cumsum(0), self.transitions.cumsum(1)
 
     @classmethod
-    def random(cls, vocab_size: int, seed: int) -> "MarkovSource":
-        states = min(vocab_size, MARKOV_STATES)
-        gen = _generator(seed, -1)
-        transitions = torch.zeros(states, states, dtype=torch.float64)
-        for state in range(states):
-            successors = torch.randperm(states, generator=gen)[:min(SUCCESSORS, states)]
-            transitions[state, successors] = torch.rand(len(successors), generator=gen, dtype=torch.float64) + 0.1
+    def random(cls, vocab_size: int, seed: int, spec: MarkovSpec = MarkovSpec()) -> "MarkovSource":
+        states = min(vocab_size, spec.states)
+        contexts = states ** spec.order
+        gen = _generator(seed if spec.seed is None else spec.seed, -1)
+        transitions = torch.zeros(contexts, states, dtype=torch.float64)
+        for context in range(contexts):
+            successors = torch.randperm(states, generator=gen)[:min(spec.successors, states)]
+            transitions[context, successors] = torch.rand(len(successors), generator=gen, dtype=torch.float64) + 0.1
         transitions /= transitions.sum(1, keepdim=True)
         # Mix in a little uniform mass so the chain is ergodic and pi is unique.
         transitions = 0.98 * transitions + 0.02 / states
-        stationary = torch.full((states,), 1.0 / states, dtype=torch.float64)
-        for _ in range(10_000):
-            updated = stationary @ transitions
+        # Context c = (x_1 .. x_k) read as base-S digits, oldest first: after token j it is (c * S + j) mod S**k.
+        following = (torch.arange(contexts)[:, None] * states + torch.arange(states)) % contexts
+        stationary = torch.full((contexts,), 1.0 / contexts, dtype=torch.float64)
+        for _ in range(100_000):
+            if spec.order == 1:
+                updated = stationary @ transitions
+            else:
+                updated = torch.zeros_like(stationary).index_add_(
+                    0, following.reshape(-1), (stationary[:, None] * transitions).reshape(-1))
             if torch.allclose(updated, stationary, atol=1e-15, rtol=0):
                 break
             stationary = updated
-        return cls(transitions, stationary / stationary.sum())
+        return cls(transitions, stationary / stationary.sum(), spec.order)
+
+    @property
+    def states(self) -> int:
+        return self.transitions.shape[1]
 
     @property
     def entropy_rate(self) -> float:
@@ -55,10 +101,18 @@ class MarkovSource:
         return float(-(self.stationary * (p * p.log()).sum(1)).sum())
 
     def sample(self, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """Sequences by inverse CDF, every uniform drawn up front: one call per position."""
+        S, k = self.states, self.order
+        start, rows = self._cdfs
+        uniform = torch.rand(length, batch, generator=gen, dtype=torch.float64)   # position-major: rows contiguous
         tokens = torch.empty(batch, length, dtype=torch.long)
-        tokens[:, 0] = torch.multinomial(self.stationary, batch, replacement=True, generator=gen)
-        for t in range(1, length):
-            tokens[:, t] = torch.multinomial(self.transitions[tokens[:, t - 1]], 1, generator=gen).squeeze(1)
+        context = torch.searchsorted(start, uniform[0]).clamp_(max=start.numel() - 1)
+        first = min(k, length)
+        for i in range(first):   # the context's digits, oldest first
+            tokens[:, i] = context // S ** (k - 1 - i) % S
+        for t in range(first, length):
+            tokens[:, t] = torch.searchsorted(rows[context], uniform[t].unsqueeze(1)).squeeze(1).clamp_(max=S - 1)
+            context = (context * S + tokens[:, t]) % S ** k
         return tokens
 
 
@@ -93,8 +147,10 @@ class ByteCorpus:
         return torch.stack([self.data[s:s + length].long() for s in starts.tolist()])
 
 
-def make_source(data_location: str, vocab_size: int, seed: int):
-    return MarkovSource.random(vocab_size, seed) if data_location == "Dummy" else ByteCorpus.load(data_location, vocab_size)
+def make_source(data_location: str, vocab_size: int, seed: int, markov: MarkovSpec = MarkovSpec()):
+    if data_location == "Dummy":
+        return MarkovSource.random(vocab_size, seed, markov)
+    return ByteCorpus.load(data_location, vocab_size)
 
 
 def shard(source, seed: int, round_: int, peer: int, batch: int, length: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ mean. Decoders scatter into one extra slot per block and drop it.
 """
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,13 +62,15 @@ class ChunkGrid:
         return math.prod(self.block)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """[*shape] -> DCT coefficients [*blocks, block_numel]."""
+        """[*lead, *shape] -> DCT coefficients [*lead, *blocks, block_numel]. Leading dimensions
+        encode a stack of same-grid tensors (peers' deltas) in one batched product."""
         mats = [dct_matrix(b, x.dtype, x.device) for b in self.block]
+        lead = x.shape[:x.ndim - len(self.shape)]
         if len(self.shape) == 1:
-            return x.reshape(self.blocks[0], self.block[0]) @ mats[0].T
+            return x.reshape(*lead, self.blocks[0], self.block[0]) @ mats[0].T
         (nr, nc), (cr, cc) = self.blocks, self.block
-        tiles = x.reshape(nr, cr, nc, cc).permute(0, 2, 1, 3)
-        return (mats[0] @ tiles @ mats[1].T).reshape(nr, nc, cr * cc)
+        tiles = x.reshape(*lead, nr, cr, nc, cc).transpose(-3, -2)
+        return (mats[0] @ tiles @ mats[1].T).reshape(*lead, nr, nc, cr * cc)
 
     def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Inverse of encode: [*lead, *blocks, block_numel] -> [*lead, *shape]. Leading
@@ -134,14 +137,36 @@ class Sparse:
     values: torch.Tensor
 
 
-def compress(x: torch.Tensor, chunk: int, topk: int) -> Sparse:
-    grid = ChunkGrid.of(x.shape, chunk)
+def compress(x: torch.Tensor, chunk: int, topk: int, lead: int = 0) -> Sparse:
+    """Top-k DCT coefficients of x per block; with `lead` leading dimensions, of each tensor
+    of a stack (indices and values then [*lead, *blocks, k])."""
+    grid = ChunkGrid.of(x.shape[lead:], chunk)
     coeffs = grid.encode(x)
     k = min(topk, grid.block_numel)
-    indices = coeffs.abs().topk(k, dim=-1, sorted=False).indices
+    indices = top_k(coeffs, k)
     values = coeffs.gather(-1, indices)
     indices = torch.where(values == 0, grid.block_numel, indices)  # exact zeros go to the absent slot
     return Sparse(grid, indices, values)
+
+
+KEY_MANTISSA = 32   # bits of a magnitude that rank it (at most the dtype's own)
+
+
+def top_k(coeffs: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest-magnitude coefficients along the last dimension.
+
+    Magnitudes rank at KEY_MANTISSA bits of mantissa (float32's 24 all count), and equal ranks
+    go to the lowest index. Structured gradients make exact ties (an embedding block with two
+    rows set can hold pairs of equal magnitudes), and computations that differ only in
+    round-off, a batched and a serial peer or two implementations, must still send the same
+    coefficients: a tie broken by round-off would not be."""
+    n = coeffs.shape[-1]
+    mantissa, exponent = torch.frexp(coeffs.abs().double())
+    bits = min(KEY_MANTISSA, 1 - round(math.log2(torch.finfo(coeffs.dtype).eps)))
+    place = (n - 1).bit_length()
+    rank = ((exponent.long() + 1100) << (bits + place)) | ((mantissa * 2.0 ** bits).long() << place)
+    rank = torch.where(coeffs == 0, 0, rank) | (n - 1 - torch.arange(n, device=coeffs.device))
+    return rank.topk(k, dim=-1, sorted=False).indices
 
 
 def quantize_1bit(sparse: Sparse) -> Sparse:
@@ -199,20 +224,32 @@ class DistroState:
         full-precision transmitted part, which error feedback removed from delta.
         `anchor` names what the rows of `grad` are (helper neurons): when it changes,
         the residual restarts, since its rows would now land on other neurons."""
-        cfg = self.config
-        delta = self.delta.get(name)
-        if anchor is not None and (name not in self.anchors or not torch.equal(self.anchors[name], anchor)):
-            self.anchors[name], delta = anchor, None
-        if delta is None:
-            delta = self.delta[name] = torch.zeros_like(grad)
-        delta.mul_(cfg.compression_decay).add_(grad, alpha=lr)
-        sparse = compress(delta, cfg.compression_chunk, cfg.compression_topk)
-        transmitted = decompress(sparse)
-        if sparse.indices.shape[-1] == sparse.grid.block_numel:
-            # Lossless (top-k keeps every coefficient): nothing is left behind. Subtracting would
-            # leave DCT round-off, which would come back next round as coefficients of a block
-            # with no gradient and count in COEFF_MEAN's per-coefficient mean.
-            delta.zero_()
-        else:
-            delta.sub_(transmitted)
-        return (quantize_1bit(sparse) if cfg.quantize_1bit else sparse), transmitted
+        (sent,), transmitted = step_stacked([self], name, grad.unsqueeze(0), lr, anchor)
+        return sent, transmitted[0]
+
+
+def step_stacked(states: Sequence[DistroState], name: str, grads: torch.Tensor, lr: float,
+                 anchor: torch.Tensor | None = None) -> tuple[list[Sparse], torch.Tensor]:
+    """`DistroState.step` of several peers at once, grads [peers, *shape]: one stacked
+    encode, top-k and decode. Each peer keeps its own delta (a slice of the stack)."""
+    cfg, deltas = states[0].config, []
+    for state in states:
+        delta = state.delta.get(name)
+        if anchor is not None and (name not in state.anchors or not torch.equal(state.anchors[name], anchor)):
+            state.anchors[name], delta = anchor, None
+        deltas.append(torch.zeros_like(grads[0]) if delta is None else delta)
+    delta = torch.stack(deltas)
+    delta.mul_(cfg.compression_decay).add_(grads, alpha=lr)
+    sparse = compress(delta, cfg.compression_chunk, cfg.compression_topk, lead=1)
+    transmitted = sparse.grid.decode_pairs(sparse.indices, sparse.values)
+    if sparse.indices.shape[-1] == sparse.grid.block_numel:
+        # Lossless (top-k keeps every coefficient): nothing is left behind. Subtracting would
+        # leave DCT round-off, which would come back next round as coefficients of a block
+        # with no gradient and count in COEFF_MEAN's per-coefficient mean.
+        delta.zero_()
+    else:
+        delta.sub_(transmitted)
+    for state, own in zip(states, delta.unbind(0)):
+        state.delta[name] = own
+    sent = quantize_1bit(sparse) if cfg.quantize_1bit else sparse
+    return [Sparse(sent.grid, i, v) for i, v in zip(sent.indices.unbind(0), sent.values.unbind(0))], transmitted

@@ -8,6 +8,7 @@ the prefix dim. No copies are made, so autograd writes gradients into the
 prefix and leaves the tail exactly zero.
 """
 import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -228,6 +229,18 @@ def build_model(cfg: ModelConfig, tiers: int | Sequence[int] = 0, *, seed: int =
     """A deterministically initialized model running at `tiers`."""
     model = init_weights(MatFormerLM(cfg, stored_widths), seed)
     return model.set_tiers(tiers).to(device=device or default_device(), dtype=dtype)
+
+
+_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def parameters_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's parameters by name, walked once per model: walking a module tree costs more
+    than a small model's whole aggregate, and a run updates parameters in place, never
+    replacing them (a rejoin or restore brings a new model)."""
+    if model not in _PARAMETERS:
+        _PARAMETERS[model] = dict(model.named_parameters())
+    return _PARAMETERS[model]
 
 
 def mlp_layer(name: str) -> int:

@@ -32,11 +32,8 @@ def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Ten
     loss = model(tokens[:, :-1], tokens[:, 1:])[1]
     loss.backward()
     grads = local_grads(model)
-    if log.isEnabledFor(logging.DEBUG):  # the chapter's gradient-shape diagnostic
-        full = dict(model.named_parameters())
-        for name, grad in grads.items():
-            log.debug("gradient peer=%d round=%d parameter=%s local_shape=%s full_shape=%s",
-                      peer, round_, name, list(grad.shape), list(full[name].shape))
+    if log.isEnabledFor(logging.DEBUG):
+        log_gradient_shapes(model, grads, peer, round_)
     helpers, slabs = model.helpers, helper_grads(model)
     if poison:
         next(iter(grads.values())).view(-1)[0] = float("nan")
@@ -45,5 +42,20 @@ def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Ten
     params = {name: state.step(name, grad, lr)[0] for name, grad in grads.items()}
     helper_params = {name: state.step("helper:" + name, grad, lr, anchor=helpers[mlp_layer(name)])[0]
                      for name, grad in slabs.items()}
-    return Payload(peer, round_, model.layer_tiers, params, state.config.quantize_1bit,
-                   {layer: neurons.cpu() for layer, neurons in helpers.items()}, helper_params), loss.item()
+    return make_payload(peer, round_, model.layer_tiers, params, state.config.quantize_1bit, helpers,
+                        helper_params), loss.item()
+
+
+def make_payload(peer: int, round_: int, tiers, params: dict, quantized: bool, helpers: dict[int, torch.Tensor],
+                 helper_params: dict) -> Payload:
+    """What a peer sends: its compressed parameters, and in helper mode its neurons and slabs."""
+    return Payload(peer, round_, tiers, params, quantized, {layer: neurons.cpu() for layer, neurons in helpers.items()},
+                   helper_params)
+
+
+def log_gradient_shapes(model: MatFormerLM, grads: dict[str, torch.Tensor], peer: int, round_: int) -> None:
+    """The chapter's gradient-shape diagnostic (`--log-level debug`)."""
+    full = dict(model.named_parameters())
+    for name, grad in grads.items():
+        log.debug("gradient peer=%d round=%d parameter=%s local_shape=%s full_shape=%s",
+                  peer, round_, name, list(grad.shape), list(full[name].shape))

@@ -381,7 +381,7 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
                     current[f.peer] = (f.rejoin_tier,) * layers
             if f.kind == "churn" and f.round == r:
                 away.add(f.peer)
-    source = make_source(config.data, config.model.vocab_size, seed)
+    source = make_source(config.data, config.model.vocab_size, seed, config.markov)
     batch = max(1, config.global_batch_size // len(tiers))
     faults = {f.peer: f for f in plan.faults if f.round == round_ and f.kind != "churn"}
     quantized = config.distro.quantize_1bit

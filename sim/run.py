@@ -10,7 +10,6 @@ import json
 import math
 import tempfile
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from sim.align import align_prefix_grad
 from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
 from sim.config import RunConfig
 from sim.data import make_source, shard
+from sim.engine import check_batching, train_peers
 from sim.distro import DistroState, Sparse
 from sim.errors import ConfigError
 from sim.faults import FaultPlan, parse_fault_spec, plan_faults
 from sim.helper import helper_indices
-from sim.model import build_model, default_device
+from sim.model import build_model, default_device, parameters_by_name
 from sim.peer import Peer, train_and_compress
 from sim.tiers import layer_tiers, layer_widths
 from sim.wire import VALUE_DTYPES, Payload, decode_payload, encode_payload
@@ -105,17 +105,21 @@ class Network:
     def __init__(self, config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
                  seed: int = 0, *, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, shared_weights: bool = False,
                  apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, device=None,
-                 only: int | None = None, dtype: torch.dtype = torch.float32):
+                 only: int | None = None, dtype: torch.dtype = torch.float32, batching: str = "auto"):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
+        self.batching = check_batching(batching)
         if dtype not in VALUE_DTYPES:
             raise ConfigError(f"dtype {dtype} is unsupported: valid are {', '.join(map(str, VALUE_DTYPES))}")
         self.config, self.seed, self.semantics = config, seed, semantics
         self.apply_rule, self.weight_decay, self.dtype = apply_rule, weight_decay, dtype
-        self.device = device or default_device()
-        self.source = make_source(config.data, config.model.vocab_size, seed)
+        self.device = torch.device(device or default_device())
+        self.source = make_source(config.data, config.model.vocab_size, seed, config.markov)
         self.batch = max(1, config.global_batch_size // len(per_peer))
         # Held-out batch: at least 16 sequences, so the loss a criterion reads is a measurement, not noise.
-        self.held_out = shard(self.source, seed, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
+        # A source with its own seed (one task for every run) has one held-out batch for every run too:
+        # runs of different seeds are then compared on the same tokens.
+        task = seed if config.markov.seed is None else config.markov.seed
+        self.held_out = shard(self.source, task, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
                               config.seq_len + 1).to(self.device)
         self.shared = build_model(config.model, 0, seed=seed, device=self.device, dtype=dtype) if shared_weights else None
         # `only`: this process holds that peer's replica alone (sim/distributed.py; -1: none).
@@ -145,7 +149,7 @@ class Network:
     def receivers(self) -> list[dict[str, torch.Tensor]]:
         """Every replica this process holds, as its parameters by name."""
         models = [self.shared] if self.shared is not None else [p.model for p in self.present() if p.model is not None]
-        return [_parameters(model) for model in models]
+        return [parameters_by_name(model) for model in models]
 
     # --- membership -------------------------------------------------------
 
@@ -228,10 +232,11 @@ class Network:
         the payloads; every receiver aggregates what arrived and applies it. With
         `evaluate`, the record's eval_loss is the full model's held-out loss, else None."""
         faults, peers = faults or {}, self.present()
-        # Every peer trains, then every payload is encoded: the same bytes as peer by peer, but
-        # the encoder's code stays warm after the first payload (on a small model, caches gone
-        # cold over each forward/backward cost more than the encoding itself).
-        trained = [self.train(peer, round_, faults.get(peer.id)) for peer in peers]
+        # Every peer trains (peers of one shape batched, sim/engine.py), then every payload is
+        # encoded: the same bytes as peer by peer, but the encoder's code stays warm after the
+        # first payload (on a small model, caches gone cold over each forward/backward cost more
+        # than the encoding itself).
+        trained = train_peers(self, peers, round_, faults, self.batching)
         sent = [self.post(peer, payload, loss, faults.get(peer.id)) for peer, (payload, loss) in zip(peers, trained)]
         arrived = self.carried + [data for s in sent for data in s.outgoing]
         self.carried = [data for s in sent for data in s.late]
@@ -338,7 +343,8 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
              out: str | Path | None = None, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
              shared_weights: bool = False, apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0,
              device=None, deadline_s: float | None = None, eval_every: int | None = None,
-             on_round: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32) -> RunResult:
+             on_round: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32,
+             batching: str = "auto") -> RunResult:
     """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training
     under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05").
 
@@ -346,7 +352,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     round run (default: about EVAL_POINTS points per run)."""
     rounds, eval_every = run_length(config, rounds, eval_every)
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
-                      apply_rule=apply_rule, weight_decay=weight_decay, device=device, dtype=dtype)
+                      apply_rule=apply_rule, weight_decay=weight_decay, device=device, dtype=dtype, batching=batching)
     plan = fault_plan(faults, network, rounds, seed)
     out = Path(out) if out else None
     if out:
@@ -445,18 +451,6 @@ def _replica_max_diff(replicas: Sequence[dict[str, torch.Tensor]]) -> float:
     if not differ:
         return 0.0
     return torch.stack([(a - b).abs_().amax() for a, b in differ]).max().item()  # one sync, not one per tensor
-
-
-_PARAMETERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A replica's parameters by name, walked once per replica: walking a module tree costs
-    more than a small model's whole aggregate, and a run updates parameters in place, never
-    replacing them (a rejoin or restore brings a new model)."""
-    if model not in _PARAMETERS:
-        _PARAMETERS[model] = dict(model.named_parameters())
-    return _PARAMETERS[model]
 
 
 def _holds_full(model) -> bool:

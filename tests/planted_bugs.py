@@ -18,6 +18,7 @@ import sim.aggregate
 import sim.align
 import sim.checkpoint
 import sim.distro
+import sim.engine
 import sim.helper
 import sim.model
 import sim.run
@@ -110,13 +111,12 @@ def _expect_skipping_finiteness(ok, reason, detail):
     return ORIGINAL["expect"](ok or reason == "non_finite", reason, detail)
 
 
-def _step_without_error_feedback(self, name, grad, lr, anchor=None):
+def _step_without_error_feedback(states, name, grads, lr, anchor=None):
     """Sends the top-k but never removes it from delta: the same update is sent again and again."""
-    delta = self.delta.setdefault(name, torch.zeros_like(grad))
-    delta.mul_(self.config.compression_decay).add_(grad, alpha=lr)
-    sparse = sim.distro.compress(delta, self.config.compression_chunk, self.config.compression_topk)
-    transmitted = sim.distro.decompress(sparse)
-    return (sim.distro.quantize_1bit(sparse) if self.config.quantize_1bit else sparse), transmitted
+    sent, transmitted = ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
+    for state, now in zip(states, transmitted.unbind(0)):
+        state.delta[name] += now   # put back what was sent
+    return sent, transmitted
 
 
 def _suffix_order_over_the_whole_width(seed, layer, width, full):
@@ -174,10 +174,11 @@ def _coefficient_means_with_the_suffix_over_all(receiver, pairs):
     return updates
 
 
-def _step_resetting_error_feedback(self, name, grad, lr, anchor=None):
+def _step_resetting_error_feedback(states, name, grads, lr, anchor=None):
     """The residual is thrown away every step: what top-k left behind is never sent."""
-    self.delta.pop(name, None)
-    return ORIGINAL["distro_step"](self, name, grad, lr, anchor)
+    for state in states:
+        state.delta.pop(name, None)
+    return ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
 
 
 def _align_into_the_last_neurons(name, grad, target_shape):
@@ -260,6 +261,20 @@ def _rejoin_keeping_the_stale_replica(self, peer_id, via="current", tier=None):
         self.peers[peer_id].model = stale.set_tiers(self.peers[peer_id].tiers)
 
 
+# --- batched peers (sim/engine.py) ----------------------------------------------------
+
+def _shards_in_another_order(network, group, round_):
+    """The group's batches stacked in another order than its weights and states: each peer
+    trains on another peer's batch and sends the result as its own."""
+    return ORIGINAL["stacked_shards"](network, list(group)[::-1], round_)
+
+
+def _step_stacked_twice(states, name, grads, lr, anchor=None):
+    """A batched peer's DisTrO state advanced twice in one round (a retry that forgot the first)."""
+    ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
+    return ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
+
+
 ORIGINAL = {
     "coefficient_means": sim.aggregate._coefficient_means,
     "receive_decoded": sim.aggregate.receive_decoded,
@@ -268,7 +283,7 @@ ORIGINAL = {
     "checkpoint_layout": sim.checkpoint.checkpoint_layout,
     "expect": sim.wire._expect,
     "dense_sum": sim.aggregate._dense_sum,
-    "distro_step": sim.distro.DistroState.step,
+    "step_stacked": sim.distro.step_stacked,
     "aligned_blocks": sim.aggregate._aligned_blocks,
     "train_and_compress": sim.run.train_and_compress,
     "apply_update": sim.run.apply_update,
@@ -276,6 +291,7 @@ ORIGINAL = {
     "apply_elementwise": sim.aggregate._apply_elementwise,
     "shard": sim.run.shard,
     "rejoin": sim.run.Network.rejoin,
+    "stacked_shards": sim.engine.stacked_shards,
 }
 
 
@@ -321,7 +337,7 @@ BUGS = {
         [(sim.aggregate, "_coefficient_means", _coefficient_means_of_signs)]),
     "error_feedback_dropped": (
         "DisTrO never subtracts what it transmitted from delta",
-        [(sim.distro.DistroState, "step", _step_without_error_feedback)]),
+        [(sim.distro, "step_stacked", _step_without_error_feedback)]),
     "helper_indices_from_the_whole_width": (
         "helper neurons drawn from [0, I), overlapping the peer's own prefix",
         [(sim.helper, "_suffix_order", _suffix_order_over_the_whole_width)]),
@@ -338,7 +354,7 @@ BUGS = {
         [(sim.aggregate, "_coefficient_means", _coefficient_means_with_the_suffix_over_all)]),
     "error_feedback_reset_every_step": (
         "DisTrO's residual is reset to zero every step",
-        [(sim.distro.DistroState, "step", _step_resetting_error_feedback)]),
+        [(sim.distro, "step_stacked", _step_resetting_error_feedback)]),
     "narrow_gradients_aligned_into_the_last_neurons": (
         "the receiver aligns a tier-1 gradient into the last neurons of the FFN axis",
         [(sim.aggregate, "_aligned_blocks", _aligned_blocks_into_the_last),
@@ -368,6 +384,12 @@ BUGS = {
     "rejoined_peer_keeps_its_stale_replica": (
         "a churned peer rejoins with the replica it left with",
         [(sim.run.Network, "rejoin", _rejoin_keeping_the_stale_replica)]),
+    "batched_peer_trains_on_anothers_batch": (
+        "batched peers' batches stacked in another order than their weights and states",
+        [(sim.engine, "stacked_shards", _shards_in_another_order)]),
+    "batched_distro_state_advanced_twice": (
+        "a batched peer's DisTrO state stepped twice in one round",
+        [(sim.engine, "step_stacked", _step_stacked_twice)]),
 }
 
 # Bugs that only whole runs show: the convergence criteria's detection power is measured on
@@ -380,6 +402,7 @@ INTEGRATION = ("narrow_payloads_zeroed_but_counted", "narrow_mlp_contributions_d
 
 LOSSLESS_REFERENCE = "test_reference::test_every_round_of_a_lossless_run_equals_the_exact_reference"
 COMPRESSED_REFERENCE = "test_reference::test_every_compressed_round_equals_an_independent_demo_step"
+BATCHED_EQUALS_SERIAL = "test_engine::test_batched_peers_compute_the_gradients_and_send_the_payloads_each_would_alone"
 
 # name -> the properties ("module::test", or "module::test[arg=value]" for one case of a
 # parametrized one) that must fail with it planted.
@@ -401,6 +424,8 @@ CATCHERS = {
     **{bug: [LOSSLESS_REFERENCE] for bug in INTEGRATION},
     "error_feedback_reset_every_step": [COMPRESSED_REFERENCE],
     "topk_keeps_the_smallest": [COMPRESSED_REFERENCE],
+    "batched_peer_trains_on_anothers_batch": [BATCHED_EQUALS_SERIAL],
+    "batched_distro_state_advanced_twice": [BATCHED_EQUALS_SERIAL],
 }
 
 

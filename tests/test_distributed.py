@@ -40,7 +40,7 @@ def hard_timeout_and_no_leftovers():
 def test_distributed_metrics_equal_the_in_process_simulators_exactly(config, tiers, helpers, faults):
     run = load_config(config)
     rounds = 6 if config == "tiny" else 3
-    local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu")
+    local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu", batching="off")
     remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds)
     assert remote.records == local.records
 
@@ -97,7 +97,7 @@ def test_a_torchrun_launch_gives_the_same_metrics_as_the_in_process_simulator(tm
         if group_alive(launched.pid):
             os.killpg(launched.pid, signal.SIGKILL)
     assert launched.returncode == 0, stderr[-3000:]
-    local = simulate(TINY, [0, 1], faults="drop=0.2,corrupt=0.2", seed=4, rounds=3, device="cpu")
+    local = simulate(TINY, [0, 1], faults="drop=0.2,corrupt=0.2", seed=4, rounds=3, device="cpu", batching="off")
     lines = (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == local.records
 

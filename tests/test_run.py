@@ -54,6 +54,8 @@ def matsim(*argv, timeout=300):
     (["--matformer-helper-rotation-interval", "0"], "--matformer-helper-rotation-interval 0 is invalid"),
     (["--client-matformer-helper-fractions", "0,-0.25,0"], "helper fraction -0.25 is outside [0, 1]"),
     (["--client-matformer-tiers", "0,1:x,1"], "is not a comma-separated list of tiers"),
+    (["--peer-batching", "sometimes"], "--peer-batching: invalid choice: 'sometimes'"),
+    (["--peer-batching", "on", "--backend", "distributed"], "--peer-batching on needs --backend inprocess"),
 ])
 def test_testnet_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, fragment):
     result = matsim("testnet", "start", "--client-matformer-tiers", "0,1,1", "--out", str(tmp_path / "out"), *argv)

@@ -1,0 +1,90 @@
+"""Batched peers (sim/engine.py) against the serial loop, as ratios measured in the same run.
+
+- A round's wall time, serial over batched ("on"), with peers at tiers 0,1,2 (three groups)
+  or all at one tier (one group: where `auto`'s threshold comes from). Serial and batched
+  rounds alternate on two networks of the same peers, and the ratio is the median over
+  pairs: each pair sees the same machine, on a host whose speed drifts between tests.
+- Whole-run property examples per second: a run of the whole-run properties' size (8 peers
+  of tiny, mixed tiers, 6 rounds), serial and batched ("auto").
+- Peak RSS of a round of 64 peers of tiny, serial and batched, each in a fresh process."""
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sim.config import load_config
+from sim.run import Network, simulate
+
+PAIRS = 8
+
+
+@pytest.mark.parametrize("config, tiers", [
+    ("tiny", "0,1,2 x4"), ("tiny", "0,1,2 x16"), ("tiny", "0,1,2 x64"),
+    ("test-nanogpt-small", "0,1,2 x4"), ("test-nanogpt-small", "0,1,2 x16"),
+    ("tiny", "1 x2"), ("tiny", "1 x3"), ("tiny", "1 x4"), ("test-nanogpt-small", "1 x2"), ("test-nanogpt-small", "1 x4"),
+])
+def test_bench_batched_round_over_serial(benchmark, config, tiers):
+    pattern, count = tiers.split(" x")
+    cycle = [int(t) for t in pattern.split(",")]
+    peers = [cycle[i % len(cycle)] for i in range(int(count))]
+    benchmark.group = f"batched peers, {config}, {len(peers)} peers at tiers {pattern}"
+    run = load_config(config)
+    serial, batched = (Network(run, peers, seed=0, device="cpu", batching=b) for b in ("off", "on"))
+    counter, ratios = iter(range(10**6)), []
+
+    def pair():
+        round_ = next(counter)
+        tick = time.perf_counter()
+        serial.round(round_, evaluate=False)
+        tock = time.perf_counter()
+        batched.round(round_, evaluate=False)
+        ratios.append((tock - tick) / (time.perf_counter() - tock))
+
+    benchmark.pedantic(pair, rounds=PAIRS, warmup_rounds=1)
+    timed = ratios[1:] or ratios   # under xdist the benchmark is off and runs once, untimed
+    ratio = statistics.median(timed)
+    benchmark.extra_info["serial_over_batched"] = ratio
+    print(f"\n{config}, {len(peers)} peers at {pattern}: serial round / batched round = {ratio:.2f} "
+          f"(median of {len(timed)} pairs)")
+    assert len(ratios) == (1 if benchmark.disabled else PAIRS + 1)
+    serial.close()
+    batched.close()
+
+
+@pytest.mark.parametrize("batching", ["off", "auto"])
+def test_bench_whole_run_examples_per_second(benchmark, batching):
+    """One example of the whole-run properties' size, serial and batched where auto batches."""
+    benchmark.group = "whole-run property examples per second (tiny, 8 peers, 6 rounds)"
+    run = load_config("tiny")
+    tiers = [0, 1, 1, 1, 1, 2, 2, 0]
+    result = benchmark.pedantic(lambda: simulate(run, tiers, seed=0, rounds=6, device="cpu", batching=batching),
+                                rounds=3 if not benchmark.disabled else 1, warmup_rounds=0)
+    assert len(result.records) == 6
+
+
+PEAK = """
+import json, resource, sys
+from sim.config import load_config
+from sim.run import Network
+network = Network(load_config(sys.argv[1]), [0, 1, 2] * (int(sys.argv[2]) // 3) + [0] * (int(sys.argv[2]) % 3), seed=0,
+                  device="cpu", batching=sys.argv[3])
+network.round(0)
+print(json.dumps({"peers": len(network.peers), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def test_bench_peak_memory_of_a_batched_round_vs_serial(benchmark):
+    def measure(batching):
+        out = subprocess.run([sys.executable, "-c", PEAK, "tiny", "64", batching], capture_output=True, text=True,
+                             check=True, timeout=600)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    serial, batched = measure("off"), benchmark.pedantic(measure, args=("on",), rounds=1)
+    benchmark.extra_info.update(serial=serial["peak_rss"], batched=batched["peak_rss"],
+                                ratio=batched["peak_rss"] / serial["peak_rss"])
+    print(f"\npeak RSS, tiny, 64 peers: serial {serial['peak_rss'] / 2**20:.0f} MiB, batched "
+          f"{batched['peak_rss'] / 2**20:.0f} MiB ({batched['peak_rss'] / serial['peak_rss']:.2f}x)")
+    assert serial["peers"] == batched["peers"] == 64
