@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from properties.strategies import tensors
 from sim.config import DistroConfig
 from sim.distro import (ChunkGrid, DistroState, batch_decompress, chunk_size, coefficient_mean, coefficient_sum, compress,
-                        decompress)
+                        decompress, top_k)
 from sim.errors import ConfigError, ShapeMismatch
 
 shapes = st.one_of(st.tuples(st.integers(1, 150)), st.tuples(st.integers(1, 150), st.integers(1, 150)))
@@ -48,6 +48,25 @@ def test_topk_keeps_the_k_largest_coefficients_of_every_block(shape, chunk, topk
     assert torch.all(coeffs.abs().where(kept == 0, 0.0) <= threshold + 1e-12)
     if k == grid.block_numel:
         torch.testing.assert_close(decompress(sparse), x, rtol=1e-10, atol=1e-10)
+
+
+@given(st.integers(1, 40), st.integers(1, 6), st.sampled_from([torch.float32, torch.float64]), st.data())
+def test_top_k_takes_the_largest_magnitudes_and_breaks_ties_to_the_lowest_index(n, values, dtype, data):
+    """Coefficients from a few magnitudes, so that exact ties are common, in rows of n. The
+    chosen set is the first k by (larger magnitude, then lower index): one rule, whatever
+    order a kernel happens to find equal values in. Catches: ties left to topk (which two
+    computations that differ in round-off break differently), a reversed index rule, a
+    rank that drops the sign bit's neighbour (the exponent) or the magnitude."""
+    k = data.draw(st.integers(1, n))
+    levels = data.draw(st.lists(st.floats(1e-6, 1e6), min_size=values, max_size=values))
+    picks = data.draw(st.lists(st.tuples(st.integers(0, values - 1), st.booleans(), st.booleans()), min_size=3 * n,
+                               max_size=3 * n))
+    coeffs = torch.tensor([(0.0 if zero else levels[i]) * (-1 if negative else 1) for i, negative, zero in picks],
+                          dtype=dtype).view(3, n)
+    chosen = top_k(coeffs, k)
+    for row, picked in zip(coeffs.tolist(), chosen.tolist()):
+        expected = sorted(range(n), key=lambda j: (-abs(row[j]), j))[:k]
+        assert sorted(picked) == sorted(expected), (row, picked, expected)
 
 
 @given(shapes, st.integers(1, 70), st.integers(1, 12), st.floats(0.0, 1.0), st.integers(1, 4), st.data())

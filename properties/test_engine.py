@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from properties.profiles import scaled
 from properties.records import describe
 from sim.config import load_config
-from sim.engine import _shape, group_gradients, train_group
+from sim.engine import group_gradients, shape_of, train_group
 from sim.faults import KINDS
 from sim.model import helper_grads, local_grads
 from sim.run import Network, fault_plan, play_round
@@ -96,7 +96,7 @@ def test_batched_peers_compute_the_gradients_and_send_the_payloads_each_would_al
                 network.leave(fault.peer)
             faults, groups = plan.on_payloads(round_), {}
             for peer in network.present():
-                groups.setdefault(_shape(network, peer, round_), []).append(peer)
+                groups.setdefault(shape_of(network, peer, round_), []).append(peer)
             for group in (g for g in groups.values() if len(g) >= 2):
                 _, _, local, slabs, _ = group_gradients(network, group, round_)
                 for i, peer in enumerate(group):

@@ -313,6 +313,12 @@ def cmd_analyze(args) -> int:
 
 def cmd_matrix(args) -> int:
     load_config(args.config_path)
+    names = [name for name, *_ in analysis.MATRIX]
+    chosen = args.only.split(",") if args.only else names
+    if unknown := [name for name in chosen if name not in names]:
+        raise ConfigError(f"--only names unknown scenarios {unknown}: the matrix has {', '.join(names)}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} is invalid: expected an integer >= 1 (scenarios run at once)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.skip_unit_tests:
@@ -325,11 +331,11 @@ def cmd_matrix(args) -> int:
         if unit.returncode:
             raise SimError(f"the chapter's unit tests failed: see {out / 'unit_tests.log'}")
     jobs = args.jobs or os.cpu_count() or 1
-    console().print(f"=== Scenarios ({len(analysis.MATRIX)}, {jobs} at a time) ===")
     scenarios = [dict(config_path=args.config_path, tiers_text=tiers, helper_text=helpers, out=out / name, name=name,
                       kind=kind, oracle=oracle, seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose,
                       batching=args.peer_batching)
-                 for name, tiers, helpers, kind, oracle in analysis.MATRIX]
+                 for name, tiers, helpers, kind, oracle in analysis.MATRIX if name in chosen]
+    console().print(f"=== Scenarios ({len(scenarios)}, {jobs} at a time) ===")
     if jobs == 1:
         for scenario in scenarios:
             _matrix_scenario(scenario)
@@ -427,6 +433,7 @@ def build_parser() -> Parser:
     matrix.add_argument("--skip-unit-tests", action="store_true")
     matrix.add_argument("--verbose", action="store_true", help="print every round's log line")
     matrix.add_argument("--jobs", type=int, help="scenarios run at once, one process each (default: every core)")
+    matrix.add_argument("--only", help="comma-separated scenario names (default: all of them)")
     matrix.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
     matrix.set_defaults(run=cmd_matrix)
     replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")

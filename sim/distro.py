@@ -149,23 +149,21 @@ def compress(x: torch.Tensor, chunk: int, topk: int, lead: int = 0) -> Sparse:
     return Sparse(grid, indices, values)
 
 
-KEY_MANTISSA = 32   # bits of a magnitude that rank it (at most the dtype's own)
+KEY_MANTISSA = 32   # bits of a magnitude's mantissa that rank it (float32's 23 all count)
 
 
 def top_k(coeffs: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest-magnitude coefficients along the last dimension.
 
-    Magnitudes rank at KEY_MANTISSA bits of mantissa (float32's 24 all count), and equal ranks
-    go to the lowest index. Structured gradients make exact ties (an embedding block with two
-    rows set can hold pairs of equal magnitudes), and computations that differ only in
-    round-off, a batched and a serial peer or two implementations, must still send the same
-    coefficients: a tie broken by round-off would not be."""
+    Magnitudes rank at KEY_MANTISSA bits of mantissa, and equal ranks go to the lowest index.
+    Structured gradients make exact ties (an embedding block with two rows set can hold pairs
+    of equal magnitudes), and computations that differ only in round-off, a batched and a
+    serial peer or two implementations, must still send the same coefficients: a tie broken
+    by round-off would not be. A non-negative float64's bits, read as an integer, order as
+    the float does, so the rank is its top bits followed by the reversed index."""
     n = coeffs.shape[-1]
-    mantissa, exponent = torch.frexp(coeffs.abs().double())
-    bits = min(KEY_MANTISSA, 1 - round(math.log2(torch.finfo(coeffs.dtype).eps)))
-    place = (n - 1).bit_length()
-    rank = ((exponent.long() + 1100) << (bits + place)) | ((mantissa * 2.0 ** bits).long() << place)
-    rank = torch.where(coeffs == 0, 0, rank) | (n - 1 - torch.arange(n, device=coeffs.device))
+    magnitude = coeffs.abs().double().view(torch.int64) >> (52 - KEY_MANTISSA)
+    rank = (magnitude << (n - 1).bit_length()) | (n - 1 - torch.arange(n, device=coeffs.device))
     return rank.topk(k, dim=-1, sorted=False).indices
 
 

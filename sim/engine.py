@@ -55,9 +55,11 @@ def train_peers(network, peers: Sequence[Peer], round_: int, faults: dict, batch
                 ) -> list[tuple[Payload | None, float]]:
     """(payload, loss) of every peer, in order; batched by shape where `batching` says so."""
     smallest = {"off": len(peers) + 1, "on": 2, "auto": auto_group(network.device)}[check_batching(batching)]
+    if len(peers) < smallest:   # no group can be large enough
+        return [network.train(p, round_, faults.get(p.id)) for p in peers]
     groups: dict[tuple, list[Peer]] = {}
     for peer in peers:
-        groups.setdefault(_shape(network, peer, round_), []).append(peer)
+        groups.setdefault(shape_of(network, peer, round_), []).append(peer)
     done = {}
     for group in groups.values():
         if len(group) >= smallest:
@@ -67,7 +69,7 @@ def train_peers(network, peers: Sequence[Peer], round_: int, faults: dict, batch
     return [done[p.id] for p in peers]
 
 
-def _shape(network, peer: Peer, round_: int) -> tuple:
+def shape_of(network, peer: Peer, round_: int) -> tuple:
     """What a peer's computation depends on besides its weights and data."""
     model = network.shared if network.shared is not None else peer.model
     helpers = network.helpers(peer, round_)
