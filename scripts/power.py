@@ -2,18 +2,18 @@
 """Measured false-alarm and detection rates of the convergence criteria (sim/oracle.py).
 
 On a config (the CI config of the convergence checks, ffn-small, by default), with the
-chapter's heterogeneous scenario 0,1,1 and its oracle 0,0,0, seeds taken in three
-disjoint blocks:
-1. calibration: correct code, `--calibrate` seeds: the bands of the paired gap and of the
-   oracle's gap to the floor (written to the config's calibration.json with --write), and
-   the no-suffix baseline (every peer at tier 2) on the first `--baseline` of them;
-2. false alarms: correct code on the next `--false-alarm` seeds, judged by every criterion;
+chapter's heterogeneous scenario 0,1,1 and its oracle 0,0,0:
+1. calibration on correct code, seeds 0 .. `--calibrate` - 1: the bands of the paired gap
+   and of the oracle's gap to the floor (written to the config's calibration.json with
+   --write), and the no-suffix baseline (every peer at tier 2) on the first `--baseline`;
+2. false alarms on the same seeds, leave-one-out: each seed judged by the bands of all the
+   others, as a new seed is judged by the calibration;
 3. detection: each integration bug of tests/planted_bugs.py planted in both runs (the
    oracle runs the same code), on the next `--detect` seeds.
 Every run is one process (spawned: a planted bug never outlives its run), `--jobs` at a
 time; finished runs are kept in OUT/runs.jsonl and reused (`--fresh` to start over).
 
-    .venv/bin/python scripts/power.py --calibrate 50 --false-alarm 50 --detect 10 --write
+    .venv/bin/python scripts/power.py --calibrate 100 --detect 10 --write
 """
 import argparse
 import json
@@ -90,8 +90,23 @@ def run_all(jobs: list[dict], out: Path, workers: int, console: Console) -> dict
     return done
 
 
+def calibrate(name: str, rounds: int, oracles: list[dict], heteros: list[dict]) -> criteria.Calibration:
+    """The bands of correct runs: the oracles' gaps to the floor, the paired gaps."""
+    learning = criteria.Band.of(o["final"] / o["floor"] - 1 for o in oracles)
+    paired = criteria.Band.of(h["final"] / o["final"] - 1 for o, h in zip(oracles, heteros))
+    return criteria.Calibration(name, rounds, ORACLE, learning, {HETERO: paired}, [o["seed"] for o in oracles])
+
+
+BROKEN = ("TypeError", "NameError", "AttributeError", "ImportError")   # a planted bug that does not fit the code
+
+
 def verdicts(oracle: dict, hetero: dict, cal: criteria.Calibration, rounds: int) -> dict[str, bool]:
-    """Which criteria a (oracle, heterogeneous) pair of runs on one seed fails: True = fired."""
+    """Which criteria a (oracle, heterogeneous) pair of runs on one seed fails: True = fired.
+    A run the bug crashed fails them all (a crash is as loud as a detection gets)."""
+    for run in (oracle, hetero):
+        if run["crashed"] and run["crashed"].startswith(BROKEN):
+            raise SystemExit(f"planted bug {run['bug']} broke instead of failing ({run['crashed']}): fix it in "
+                             f"tests/planted_bugs.py, delete its runs from runs.jsonl and run again")
     if oracle["crashed"] or hetero["crashed"]:
         return {"chapter": True, "paired gap": True, "learning": True, "any": True}
     finite = all(math.isfinite(r["final"]) for r in (oracle, hetero))
@@ -108,9 +123,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-path", default="ffn-small")
     parser.add_argument("--rounds", type=int, help="default: the config's total_steps")
-    parser.add_argument("--calibrate", type=int, default=50, help="calibration seeds")
+    parser.add_argument("--calibrate", type=int, default=100, help="seeds of correct code (also judged leave-one-out)")
     parser.add_argument("--baseline", type=int, default=10, help="no-suffix baseline runs (first calibration seeds)")
-    parser.add_argument("--false-alarm", type=int, default=50, help="fresh seeds of correct code")
     parser.add_argument("--detect", type=int, default=10, help="fresh seeds per planted bug")
     parser.add_argument("--bugs", help="comma-separated (default: the integration catalog)")
     parser.add_argument("--jobs", type=int, default=2)
@@ -132,21 +146,16 @@ def main(argv=None) -> int:
     console = Console(width=160)
 
     cal_seeds = list(range(args.calibrate))
-    fa_seeds = list(range(args.calibrate, args.calibrate + args.false_alarm))
-    first = args.calibrate + args.false_alarm
-    det_seeds = list(range(first, first + args.detect))
+    det_seeds = list(range(args.calibrate, args.calibrate + args.detect))
     job = lambda tiers, seed, bug=None: {"config": args.config_path, "rounds": rounds, "tiers": tiers, "seed": seed, "bug": bug}
-    jobs = [job(t, s) for s in cal_seeds + fa_seeds for t in (ORACLE, HETERO)]
+    jobs = [job(t, s) for s in cal_seeds for t in (ORACLE, HETERO)]
     jobs += [job(BASELINE, s) for s in cal_seeds[:args.baseline]]
-    jobs += [job(t, s, bug) for bug in bugs for s in det_seeds for t in (ORACLE, HETERO)]
+    jobs += [job(t, s, bug) for bug in bugs for s in det_seeds for t in (ORACLE, HETERO)]   # none with --detect 0
     runs = run_all(jobs, out, args.jobs, console)
     get = lambda tiers, seed, bug=None: runs[key(job(tiers, seed, bug))]
 
     # 1. calibration
-    oracle_gap = [get(ORACLE, s)["final"] / get(ORACLE, s)["floor"] - 1 for s in cal_seeds]
-    paired_gap = [get(HETERO, s)["final"] / get(ORACLE, s)["final"] - 1 for s in cal_seeds]
-    cal = criteria.Calibration(config.name, rounds, criteria.Band.of(oracle_gap), {HETERO: criteria.Band.of(paired_gap)},
-                               cal_seeds)
+    cal = calibrate(config.name, rounds, [get(ORACLE, s) for s in cal_seeds], [get(HETERO, s) for s in cal_seeds])
     if args.write:
         console.print(f"wrote {cal.save(config.path)}")
     floor = get(ORACLE, 0)["floor"]
@@ -167,12 +176,14 @@ def main(argv=None) -> int:
     summary["baseline_sigmas_raw"] = summary["baseline_minus_oracle"] / summary["oracle_final_sd"]
     summary["baseline_sigmas_paired"] = summary["baseline_minus_oracle"] / summary["baseline_minus_oracle_sd"]
 
-    # 2. false alarms, 3. detection
+    # 2. false alarms (leave-one-out), 3. detection
     names = ("chapter", "paired gap", "learning", "any")
-    alarms = [verdicts(get(ORACLE, s), get(HETERO, s), cal, rounds) for s in fa_seeds]
-    summary["false_alarms"] = {n: sum(v[n] for v in alarms) for n in names} | {"seeds": len(fa_seeds)}
+    alarms = [verdicts(get(ORACLE, s), get(HETERO, s), calibrate(config.name, rounds,
+                       [get(ORACLE, t) for t in cal_seeds if t != s], [get(HETERO, t) for t in cal_seeds if t != s]), rounds)
+              for s in cal_seeds]
+    summary["false_alarms"] = {n: sum(v[n] for v in alarms) for n in names} | {"seeds": len(cal_seeds)}
     detection = {}
-    for bug in bugs:
+    for bug in bugs if det_seeds else []:
         pairs = [(get(ORACLE, s, bug), get(HETERO, s, bug)) for s in det_seeds]
         fired = [verdicts(o, h, cal, rounds) for o, h in pairs]
         ok = [(o, h) for o, h in pairs if not o["crashed"] and not h["crashed"]]
@@ -184,8 +195,8 @@ def main(argv=None) -> int:
                               "paired gap": effect["paired gap"] - cal.paired[HETERO].mean > cal.paired[HETERO].detectable(),
                               "learning": effect["learning"] - cal.learning.mean > cal.learning.detectable()}}
     summary["detection"] = detection
-    summary["seeds"] = {"calibration": [cal_seeds[0], cal_seeds[-1]], "false_alarm": fa_seeds[:1] + fa_seeds[-1:],
-                        "detection": det_seeds[:1] + det_seeds[-1:]}
+    summary["seeds"] = {"calibration": [cal_seeds[0], cal_seeds[-1]], "detection": det_seeds[:1] + det_seeds[-1:]}
+    summary["runs"], summary["cpu_seconds"] = len(jobs), sum(runs[key(j)]["wall_s"] for j in jobs)
     (out / "power.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     report(console, summary, names)
     return 0
@@ -201,7 +212,9 @@ def report(console: Console, s: dict, names) -> None:
                   f"tolerance {s['paired_tolerance']:.4f}); learning {s['learning']['mean']:.4f} sd {s['learning']['sd']:.4f} "
                   f"(bound {s['learning_bound']:.4f}, tolerance {s['learning_tolerance']:.4f})", highlight=False)
     fa = s["false_alarms"]
-    console.print("false alarms on correct code, " + ", ".join(f"{n}: {fa[n]}/{fa['seeds']}" for n in names), highlight=False)
+    console.print(f"false alarms on correct code (leave-one-out over {fa['seeds']} seeds): "
+                  + ", ".join(f"{n} {fa[n]}/{fa['seeds']}" for n in names), highlight=False)
+    console.print(f"{s['runs']} runs, {s['cpu_seconds'] / 3600:.1f} CPU hours", highlight=False)
     table = Table("bug", "paired gap", "floor gap", *names, title="detection rate per criterion (planted in both runs)")
     for bug, d in s["detection"].items():
         mark = lambda c: "*" if d["past_tolerance"][c] else ""

@@ -115,8 +115,9 @@ class Calibration:
     """Bands of one config's runs (rounds, peers) on correct code, per heterogeneous scenario."""
     config: str
     rounds: int
-    learning: Band                 # floor_gap of the oracle
-    paired: dict[str, Band]        # scenario key (tiers; helpers) -> relative_gap against the oracle
+    oracle: str                    # the calibrated oracle's tiers ("0,0,0": peers count)
+    learning: Band                 # floor_gap of that oracle
+    paired: dict[str, Band]        # scenario key (tiers; helpers) -> relative_gap against that oracle
     seeds: list[int]
 
     def save(self, directory: str | Path) -> Path:
@@ -132,7 +133,7 @@ class Calibration:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(data["config"], data["rounds"], Band(**data["learning"]),
+            return cls(data["config"], data["rounds"], data["oracle"], Band(**data["learning"]),
                        {k: Band(**b) for k, b in data["paired"].items()}, data["seeds"])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ConfigError(f"{path}: not a calibration file ({type(err).__name__}: {err}); rerun "

@@ -39,7 +39,6 @@ from sim.config import ModelConfig, RunConfig
 from sim.data import make_source, shard
 from sim.faults import FaultPlan
 from sim.helper import helper_indices
-from sim.model import full_shapes
 
 SEMANTICS = ("coeff_mean", "peer_mean", "region_mean")
 RULES = ("sign", "sgd")
@@ -403,8 +402,3 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
         peers.append(PeerInput(peer, layer_tiers, tokens, helpers, factor,
                                steps=not (kind == "nan" and quantized), fresh=peer in fresh))
     return peers
-
-
-def parameters_of(cfg: ModelConfig) -> list[str]:
-    """Every trainable parameter's name (tied weights once), as replicas hold them."""
-    return list(full_shapes(cfg))

@@ -203,9 +203,9 @@ def _aligned_blocks_into_the_last(name, sent, positions, grid):
     return torch.cat([positions.new_full(pad, -1), positions], dim=dim)
 
 
-def _compress_keeping_the_smallest(x, chunk, topk):
+def _compress_keeping_the_smallest(x, chunk, topk, lead=0):
     """top-k with largest=False: the k smallest coefficients of every block go out."""
-    grid = sim.distro.ChunkGrid.of(x.shape, chunk)
+    grid = sim.distro.ChunkGrid.of(x.shape[lead:], chunk)
     coeffs = grid.encode(x)
     indices = coeffs.abs().topk(min(topk, grid.block_numel), dim=-1, largest=False).indices
     values = coeffs.gather(-1, indices)

@@ -44,8 +44,8 @@ def test_more_seeds_tighten_the_bound_and_the_tolerance():
 
 
 def test_a_calibration_round_trips_and_a_broken_one_is_a_clear_error(tmp_path):
-    calibration = oracle.Calibration("c", 350, oracle.Band(0.2, 0.01, 50), {"0,1,1": oracle.Band(0.01, 0.005, 50)},
-                                     list(range(50)))
+    calibration = oracle.Calibration("c", 350, "0,0,0", oracle.Band(0.2, 0.01, 50),
+                                     {"0,1,1": oracle.Band(0.01, 0.005, 50)}, list(range(50)))
     calibration.save(tmp_path)
     assert oracle.Calibration.load(tmp_path) == calibration
     assert oracle.Calibration.load(tmp_path / "elsewhere") is None
@@ -67,7 +67,7 @@ def test_the_analysis_judges_a_calibrated_config_by_its_bands(tmp_path):
     finals = {row["scenario"]: row for row in analyze(results)}
     gap = finals["hetero"]["vs_oracle"]
     learning = finals["homogeneous"]["vs_floor"]
-    oracle.Calibration("tiny", 3, oracle.Band(learning, 0.01, 50), {"0,1": oracle.Band(gap, 0.001, 50)},
+    oracle.Calibration("tiny", 3, "0,0", oracle.Band(learning, 0.01, 50), {"0,1": oracle.Band(gap, 0.001, 50)},
                        list(range(50))).save(config)
     rows = {row["scenario"]: row for row in analyze(results)}
     assert rows["homogeneous"]["criteria"]["learns to its calibrated gap to the floor"]
