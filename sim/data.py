@@ -101,10 +101,19 @@ class MarkovSource:
         return float(-(self.stationary * (p * p.log()).sum(1)).sum())
 
     def sample(self, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-        """Sequences by inverse CDF, every uniform drawn up front: one call per position."""
+        return self.from_uniform(self.uniform(batch, length, gen))
+
+    @staticmethod
+    def uniform(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """The draws `sample` consumes, [length, batch]: position-major, so each row is contiguous."""
+        return torch.rand(length, batch, generator=gen, dtype=torch.float64)
+
+    def from_uniform(self, uniform: torch.Tensor) -> torch.Tensor:
+        """Sequences [batch, length] by inverse CDF from draws [length, batch]: one call per
+        position, whatever the batch (so many peers' shards cost one pass)."""
         S, k = self.states, self.order
         start, rows = self._cdfs
-        uniform = torch.rand(length, batch, generator=gen, dtype=torch.float64)   # position-major: rows contiguous
+        length, batch = uniform.shape
         tokens = torch.empty(batch, length, dtype=torch.long)
         context = torch.searchsorted(start, uniform[0]).clamp_(max=start.numel() - 1)
         first = min(k, length)
@@ -156,6 +165,15 @@ def make_source(data_location: str, vocab_size: int, seed: int, markov: MarkovSp
 def shard(source, seed: int, round_: int, peer: int, batch: int, length: int) -> torch.Tensor:
     """The tokens peer `peer` trains on in round `round_`: the same on every call."""
     return source.sample(batch, length, _generator(seed, round_, peer))
+
+
+def shards(source, seed: int, round_: int, peers, batch: int, length: int) -> torch.Tensor:
+    """`shard` of each of `peers`, stacked [peers, batch, length]: the same tokens, and for a
+    Markov source one sampling pass for all of them."""
+    if not isinstance(source, MarkovSource):
+        return torch.stack([shard(source, seed, round_, peer, batch, length) for peer in peers])
+    draws = torch.cat([source.uniform(batch, length, _generator(seed, round_, peer)) for peer in peers], dim=1)
+    return source.from_uniform(draws).view(len(peers), batch, length)
 
 
 def uniform_loss(vocab_size: int) -> float:

@@ -224,6 +224,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         if launched:  # torchrun peers wait for the go of a round past the last: tell them to stop
             store.set(f"go/{len(records)}", json.dumps({"stop": True}).encode())
     finally:
+        if not launched:   # peers still waiting for a round's go (a failed join, an error) stop now
+            store.set(f"go/{len(records)}", json.dumps({"stop": True}).encode())
         _stop(workers)
         probe.close()
     result = RunResult(records, timings, probe.source.entropy_rate, stopped_early, {})

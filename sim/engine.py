@@ -11,8 +11,8 @@ keeping its own state, and their payloads are then built exactly as one peer's a
 every batched gradient, loss and payload against it.
 
 `batching`: "off" trains every peer alone; "on" batches every group of two or more; "auto"
-batches groups of at least `auto_group(device)` peers, where batching has paid in the
-benchmarks (benchmarks/test_bench_engine.py).
+does so where batching pays (`auto_batches`: small models), at most AUTO_GROUP peers at a
+time, and trains peers in turn on large models.
 
 Bitwise: in float64 the batched results equal the serial ones to round-off (the property
 checks 1e-12). In float32 they may differ in the last bits: vmap turns each peer's matrix
@@ -28,10 +28,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sim.align import prefix_dim
-from sim.data import shard
+from sim.data import shards
 from sim.distro import step_stacked
 from sim.errors import ConfigError
-from sim.model import is_mlp_sliced, local_shapes, mlp_layer, parameters_by_name
+from sim.model import is_mlp_sliced, local_shapes, mlp_layer, param_count, parameters_by_name
 from sim.peer import Peer, log_gradient_shapes, make_payload
 from sim.peer import log as peer_log
 from sim.wire import Payload
@@ -39,10 +39,19 @@ from sim.wire import Payload
 BATCHING = ("auto", "on", "off")
 
 
-def auto_group(device: torch.device) -> int:
-    """The smallest group `auto` batches: where one batched step beat the serial ones in
-    benchmarks/test_bench_engine.py (README: "Batched peers")."""
-    return 2 if device.type == "cuda" else 4
+AUTO_WORK = 2 ** 30   # parameters x tokens per peer up to which `auto` batches
+AUTO_GROUP = 16       # peers `auto` batches at most at once (their gradients coexist)
+
+
+def auto_batches(network) -> bool:
+    """Whether batching pays for this network's peers (benchmarks/test_bench_engine.py,
+    README "Batched peers"): on a small model a peer's step is a few hundred small kernel
+    calls and a batch of them runs in the time of a few peers (tiny and test-nanogpt-small:
+    1.2-1.3x faster from 2 peers). On nanogpt-20m-run (19M parameters x 4 x 512 tokens) two
+    batched peers took 1.85x as long as two in turn: the big matrix products already use
+    the machine, and the math attention kernel vmap needs materializes 512 x 512 scores."""
+    config = network.config
+    return param_count(config.model) * network.batch * config.seq_len <= AUTO_WORK
 
 
 def check_batching(batching: str) -> str:
@@ -54,15 +63,17 @@ def check_batching(batching: str) -> str:
 def train_peers(network, peers: Sequence[Peer], round_: int, faults: dict, batching: str = "auto"
                 ) -> list[tuple[Payload | None, float]]:
     """(payload, loss) of every peer, in order; batched by shape where `batching` says so."""
-    smallest = {"off": len(peers) + 1, "on": 2, "auto": auto_group(network.device)}[check_batching(batching)]
-    if len(peers) < smallest:   # no group can be large enough
+    if check_batching(batching) == "off" or len(peers) < 2 or (batching == "auto" and not auto_batches(network)):
         return [network.train(p, round_, faults.get(p.id)) for p in peers]
     groups: dict[tuple, list[Peer]] = {}
     for peer in peers:
         groups.setdefault(shape_of(network, peer, round_), []).append(peer)
+    if batching == "auto":   # each batch holds every member's gradient at once: bound the memory
+        groups = {(shape, i): members[i:i + AUTO_GROUP] for shape, members in groups.items()
+                  for i in range(0, len(members), AUTO_GROUP)}
     done = {}
     for group in groups.values():
-        if len(group) >= smallest:
+        if len(group) >= 2:
             done.update(zip((p.id for p in group), train_group(network, group, round_, faults)))
         else:
             done.update((p.id, network.train(p, round_, faults.get(p.id))) for p in group)
@@ -137,5 +148,5 @@ def group_gradients(network, group: Sequence[Peer], round_: int):
 
 def stacked_shards(network, group: Sequence[Peer], round_: int) -> torch.Tensor:
     """The group's shards, [peers, batch, seq_len + 1], in the group's order."""
-    return torch.stack([shard(network.source, network.seed, round_, p.id, network.batch, network.config.seq_len + 1)
-                        for p in group]).to(network.device)
+    return shards(network.source, network.seed, round_, [p.id for p in group], network.batch,
+                  network.config.seq_len + 1).to(network.device)

@@ -59,6 +59,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across fork and exec, so a child started by a large process (a test session
+    holding big models) would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure_step_here(config_path: str, tier: int, seed: int = 0) -> dict:
     """Peak memory of one training step at `tier`, in this process."""
     run = load_config(config_path)
@@ -74,7 +85,7 @@ def measure_step_here(config_path: str, tier: int, seed: int = 0) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = peak_rss_bytes() - before
     return {"config": run.name, "tier": tier, "device": device.type, "batch": batch, "seq_len": run.seq_len,
             "peak_bytes": peak}
 

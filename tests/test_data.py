@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sim.data import ByteCorpus, MarkovSource, make_source, shard
+from sim.data import ByteCorpus, MarkovSource, MarkovSpec, make_source, shard, shards
 from sim.errors import ConfigError
 
 
@@ -45,3 +45,12 @@ def test_a_bad_byte_corpus_is_a_config_error(tmp_path, vocab, content, fragment)
         ByteCorpus.load(tmp_path / "c.txt", vocab)
     with pytest.raises(ConfigError, match="is not a file"):
         ByteCorpus.load(tmp_path / "missing.txt", 256)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_many_peers_shards_at_once_are_each_peers_shard(order):
+    """Batched peers draw their shards in one sampling pass: it must hand every peer exactly
+    the tokens it would draw alone (else batching would change what a run trains on)."""
+    source = MarkovSource.random(64, seed=3, spec=MarkovSpec(order=order, states=16))
+    peers = [0, 5, 2, 7]
+    assert torch.equal(shards(source, 3, 4, peers, 3, 17), torch.stack([shard(source, 3, 4, p, 3, 17) for p in peers]))
