@@ -121,8 +121,8 @@ def group_gradients(network, group: Sequence[Peer], round_: int):
     gradients stacked [peers, *local shape] as `local_grads` and `helper_grads` give one peer's."""
     config, shared = network.config, network.shared is not None
     model = network.shared if shared else group[0].model   # the structure; the weights are passed in
-    helpers = network.helpers(group[0], round_)
-    model.set_tiers(group[0].tiers).set_helpers(helpers)
+    model.set_tiers(group[0].tiers).set_helpers(network.helpers(group[0], round_))
+    helpers = model.helpers   # as the serial path reads them: layers with no helper neuron left out
     named = parameters_by_name(model)
     if shared:
         params = {name: p.detach() for name, p in named.items()}
@@ -142,7 +142,7 @@ def group_gradients(network, group: Sequence[Peer], round_: int):
     local = {name: g.narrow(prefix_dim(name) + 1, 0, shapes[name][prefix_dim(name)]) if is_mlp_sliced(name) else g
              for name, g in grads.items()}
     slabs = {name: g.index_select(prefix_dim(name) + 1, helpers[mlp_layer(name)].to(g.device))
-             for name, g in grads.items() if is_mlp_sliced(name) and helpers.get(mlp_layer(name), torch.zeros(0)).numel()}
+             for name, g in grads.items() if is_mlp_sliced(name) and mlp_layer(name) in helpers}
     return model, helpers, local, slabs, losses.tolist()
 
 
