@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from sim.clock import WALL, Clock
 from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
@@ -153,7 +154,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                          out: str | Path | None = None, eval_every: int | None = None,
                          deadline_s: float | None = None, round_deadline_s: float | None = None,
                          on_round: Callable[[dict], None] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S,
-                         trouble: dict[int, dict] | None = None) -> RunResult:
+                         trouble: dict[int, dict] | None = None, join_clock: Clock = WALL) -> RunResult:
     """`simulate` with every peer in its own process, on CPU: the same records. The
     coordinator (this process) waits up to `round_deadline_s` (default: the config's
     max_round_train_time) after a round's first payload for the others; a peer whose
@@ -162,7 +163,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     left out for good. `deadline_s` ends the run at a round boundary, like
     --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": {round:
     seconds}} | {"never_join": True}}) makes peers misbehave, for tests of what only a
-    process boundary shows.
+    process boundary shows; `join_clock` times the wait for every peer to join.
 
     Under torchrun (RANK and WORLD_SIZE set), this process is rank 0, the coordinator:
     it hosts the store on MASTER_ADDR:MASTER_PORT and ranks 1..N run the peers (`run_peer`)."""
@@ -194,7 +195,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         for rank, worker in workers.items():
             if not trouble.get(rank, {}).get("never_join"):
                 worker.start()
-        _await_joins(store, len(probe.peers), workers, join_timeout_s)
+        _await_joins(store, len(probe.peers), workers, join_timeout_s, join_clock)
         start = time.perf_counter()
         for round_ in range(rounds):
             tick = time.perf_counter()
@@ -292,19 +293,19 @@ def _stop(workers: dict) -> None:
             worker.join()
 
 
-def _await_joins(store, peers: int, workers: dict, timeout_s: float) -> None:
-    until, waiting = time.monotonic() + timeout_s, set(range(peers))
+def _await_joins(store, peers: int, workers: dict, timeout_s: float, clock: Clock) -> None:
+    until, waiting = clock.now() + timeout_s, set(range(peers))
     while waiting:
         waiting = {p for p in waiting if not store.check([f"joined/{p}"])}
         for p in waiting:
             worker = workers.get(p)
             if worker is not None and worker.pid is not None and not worker.is_alive():
                 raise SimError(f"peer {p}'s process exited (code {worker.exitcode}) before joining the run")
-        if waiting and time.monotonic() > until:
+        if waiting and clock.now() > until:
             names = ", ".join(map(str, sorted(waiting)))
             raise SimError(f"peer{'s' if len(waiting) > 1 else ''} {names} did not join within {timeout_s:g} s: the "
                            f"run needs every peer's process to start and reach the store")
-        time.sleep(0.05)
+        clock.sleep(0.05)
 
 
 def _await(store, key: str, alive: Callable[[int], bool], peers: int, until: float) -> bytes:

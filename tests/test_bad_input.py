@@ -2,8 +2,6 @@
 one line on stderr and exit 2."""
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +10,7 @@ from sim.config import REPO_ROOT, load_config
 from sim.errors import ConfigError
 from sim.model import build_model
 from sim.tiers import layer_tiers, tier_width
+from tests.cli import matsim, matsim_here
 
 TINY = load_config("tiny")
 
@@ -30,10 +29,6 @@ def test_bad_input_raises_config_error_naming_the_value(call, fragment):
         call()
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "sim", *argv], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("argv, fragment", [
     (["--tiers=-1"], "tier -1 is negative"),
     (["--tiers=9"], "tier 9 is too deep"),
@@ -41,9 +36,15 @@ def run_cli(*argv):
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment):
-    result = run_cli("tiers", "--config-path", "tiny", *argv)
+    result = matsim_here("tiers", "--config-path", "tiny", *argv)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and fragment in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_python_m_sim_answers_bad_input_with_one_line_and_exit_status_2():
+    result = matsim("tiers", "--config-path", "tiny", "--tiers=9", timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "tier 9 is too deep" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
@@ -52,7 +53,7 @@ def test_cli_unknown_model_style_in_config_is_one_line_and_exit_2(tmp_path):
     shutil.copytree(REPO_ROOT / "configs" / "tiny", bad)
     hf = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**hf, "model_type": "mamba"}))
-    result = run_cli("tiers", "--config-path", str(bad))
+    result = matsim_here("tiers", "--config-path", str(bad))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "'mamba' is unknown" in result.stderr and "llama, nanogpt" in result.stderr
 

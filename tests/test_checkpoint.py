@@ -3,8 +3,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
 from sim.config import load_config
 from sim.errors import CheckpointError, ConfigError, DoubleSlicingError
 from sim.model import build_model, random_tokens
+from tests.cli import matsim, matsim_here
 
 TINY = load_config("tiny").model
 
@@ -134,14 +133,10 @@ def test_reads_a_checkpoint_written_by_transformers_save_pretrained(tmp_path):
     assert torch.equal(sliced.state_dict()[up], reference.state_dict()[up][: cfg.intermediate_size // 2])
 
 
-def matsim(*argv):
-    return subprocess.run([sys.executable, "-m", "sim", *argv], capture_output=True, text=True, timeout=300)
-
-
 def test_schema_hash_of_a_full_checkpoint_and_its_tier1_export_agree_from_the_cli(full, tmp_path):
-    assert matsim("export-tiers", "--checkpoint", str(full[0]), "--tiers", "1,2", "--out", str(tmp_path / "out")).returncode == 0
-    a = matsim("print-schema-hash", "--checkpoint", str(full[0]), "--matformer-tier", "0")
-    b = matsim("print-schema-hash", "--checkpoint", str(tmp_path / "out" / "tier1"), "--matformer-tier", "1")
+    assert matsim_here("export-tiers", "--checkpoint", str(full[0]), "--tiers", "1,2", "--out", str(tmp_path / "out")).returncode == 0
+    a = matsim_here("print-schema-hash", "--checkpoint", str(full[0]), "--matformer-tier", "0")
+    b = matsim_here("print-schema-hash", "--checkpoint", str(tmp_path / "out" / "tier1"), "--matformer-tier", "1")
     assert a.returncode == b.returncode == 0 and len(a.stdout.strip()) == 64 and a.stdout == b.stdout
 
 
@@ -159,7 +154,7 @@ def test_cli_checkpoint_errors_are_one_line_exit_2_and_overwrite_nothing(full, t
     save_checkpoint(build_model(TINY, device="cpu"), truncated)
     corrupt(truncated, "truncated")
     names = {"FULL": str(full[0]), "OUT": str(out), "NOWHERE": str(tmp_path / "nowhere"), "TRUNCATED": str(truncated)}
-    result = matsim(*[names.get(a, a) for a in argv])
+    result = matsim_here(*[names.get(a, a) for a in argv])
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr
     assert (out / "tier1" / "model.safetensors").read_bytes() == before
     assert not (out / "tier9").exists()
@@ -177,7 +172,7 @@ def test_memory_command_measures_each_tier_and_writes_table_data_and_chart(tmp_p
 
 def test_a_run_that_loads_a_checkpoint_prints_the_matformer_configuration_box(full, tmp_path):
     export_tiers(full[0], [1], tmp_path / "out")
-    result = matsim("tiers", "--config-path", "tiny", "--tiers", "1,2", "--no-step",
+    result = matsim_here("tiers", "--config-path", "tiny", "--tiers", "1,2", "--no-step",
                     "--checkpoint", str(tmp_path / "out" / "tier1"))
     assert result.returncode == 0, result.stderr
     box = result.stdout

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import matsim_here
+
 REPO = Path(__file__).resolve().parent.parent
 PROPERTY = "properties/test_zero_tail.py::test_tier_grads_are_zero_outside_the_prefix_and_equal_an_independent_tier_model"
 
@@ -46,5 +48,5 @@ def test_a_bad_record_is_one_line_and_exit_2(tmp_path, content, fragment):
     path = tmp_path / "record.json"
     if content is not None:
         path.write_text(content)
-    result = run(["-m", "sim", "reproduce", str(path)], dict(os.environ), timeout=120)
+    result = matsim_here("reproduce", str(path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr

@@ -1,13 +1,12 @@
 """Whole runs: determinism, shared weights vs replicas, the testnet CLI and analysis."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from sim.config import load_config
 from sim.run import simulate
+from tests.cli import matsim, matsim_here
 
 TINY = load_config("tiny")
 
@@ -40,10 +39,6 @@ def test_held_out_loss_is_measured_on_round_0_every_eval_every_rounds_and_the_la
     assert simulate(TINY, [0], seed=2, rounds=120, device="cpu").eval_rounds == [*range(0, 120, 3), 119]
 
 
-def matsim(*argv, timeout=300):
-    return subprocess.run([sys.executable, "-m", "sim", *argv], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize("argv, fragment", [
     (["--num-clients", "2"], "names 3 clients but --num-clients is 2"),
     (["--client-matformer-helper-fractions", "0,1.5,0"], "helper fraction 1.5 is outside [0, 1]"),
@@ -58,7 +53,7 @@ def matsim(*argv, timeout=300):
     (["--peer-batching", "on", "--backend", "distributed"], "--peer-batching on needs --backend inprocess"),
 ])
 def test_testnet_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, fragment):
-    result = matsim("testnet", "start", "--client-matformer-tiers", "0,1,1", "--out", str(tmp_path / "out"), *argv)
+    result = matsim_here("testnet", "start", "--client-matformer-tiers", "0,1,1", "--out", str(tmp_path / "out"), *argv)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -89,14 +84,14 @@ def test_analyze_passes_a_good_matrix_and_fails_a_heterogeneous_run_15_percent_o
                  seed=0, rounds=3, faults=None, echo=False)
     run_scenario("tiny", "0,1", None, tmp_path / "hetero", name="hetero", kind="heterogeneous", oracle="homogeneous",
                  seed=0, rounds=3, faults=None, echo=False)
-    good = matsim("analyze", str(tmp_path))
+    good = matsim_here("analyze", str(tmp_path))
     assert good.returncode == 0 and "verdict: PASS (2/2" in good.stdout, good.stdout
     assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     metrics = tmp_path / "hetero" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     records[-1]["eval_loss"] *= 1.2  # what a normalization bug looks like in the final loss
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    bad = matsim("analyze", str(tmp_path))
+    bad = matsim_here("analyze", str(tmp_path))
     assert bad.returncode == 1 and "verdict: FAIL (1/2" in bad.stdout
     rows = {row["scenario"]: row for row in json.loads((tmp_path / "analysis.json").read_text())}
     assert rows["hetero"]["criteria"]["final loss within 15% of homogeneous"] is False
