@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -340,17 +341,25 @@ def cmd_matrix(args) -> int:
         for scenario in scenarios:
             _matrix_scenario(scenario)
     else:  # spawned, one torch thread each: a fork after torch's thread pool started can deadlock
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_scenario_worker) as pool:
             for _ in pool.map(_matrix_scenario, scenarios):
                 pass
     console().print("=== Analysis ===")
     return cmd_analyze(argparse.Namespace(results=str(out)))
 
 
+def _scenario_worker() -> None:
+    """A matrix job's process: one torch thread (the other scenarios run on the other
+    cores), and it ends when the matrix process does, however that ends (a SIGTERM or
+    SIGKILL gives the pool no chance to stop its workers, which then ran on, writing)."""
+    torch.set_num_threads(1)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+
+
 def _matrix_scenario(scenario: dict) -> None:
     tick = time.perf_counter()
-    if multiprocessing.parent_process() is not None:
-        torch.set_num_threads(1)   # the other scenarios run on the other cores
     meta = run_scenario(**scenario)
     summary = json.loads((scenario["out"] / "summary.json").read_text())
     console().print(f"{meta['name']} ({meta['tiers']}{'; helpers ' + meta['helpers'] if meta['helpers'] else ''}): "

@@ -1,5 +1,9 @@
 """Whole runs: determinism, shared weights vs replicas, the testnet CLI and analysis."""
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +114,43 @@ def test_replica_max_diff_is_the_largest_difference_on_shared_elements():
         sliced["lm_head.weight"][2, 5] -= 0.25
     assert _replica_max_diff([full, copy, sliced]) == pytest.approx(0.5)
     assert _replica_max_diff([full, sliced]) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--only", "homogeneous,sideways"], "--only names unknown scenarios ['sideways']"),
+    (["--jobs", "0"], "--jobs 0 is invalid"),
+    (["--peer-batching", "sometimes"], "--peer-batching: invalid choice: 'sometimes'"),
+])
+def test_matrix_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, argv, fragment):
+    result = matsim_here("matrix", "--config-path", "tiny", "--skip-unit-tests", "--out", str(tmp_path / "out"), *argv)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_matrix_takes_its_scenario_processes_with_it(tmp_path):
+    """SIGKILL leaves a process pool no chance to stop its workers: they must notice."""
+    matrix = subprocess.Popen([sys.executable, "-m", "sim", "matrix", "--config-path", "tiny", "--skip-unit-tests",
+                               "--only", "homogeneous,no_suffix", "--jobs", "2", "--rounds", "100000",
+                               "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics = [tmp_path / name / "metrics.jsonl" for name in ("homogeneous", "no_suffix")]
+        assert poll(lambda: all(m.exists() for m in metrics)), "the scenarios never started"
+        workers = children(matrix.pid)
+    finally:
+        matrix.kill()
+        matrix.wait()
+    assert workers and poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers)), "workers outlived it"
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def poll(done, within_s: float = 120.0) -> bool:
+    """A hang guard, not a timing: generous enough for a machine 5x slower."""
+    until = time.monotonic() + within_s
+    while not done():
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.05)
+    return True
