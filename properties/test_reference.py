@@ -8,7 +8,10 @@ and then:
   element, and its sign agrees wherever the reference is clear of round-off (above that);
 - every replica holds the reference's weights: exactly where the sign is clear; where the
   aggregate is round-off (or exactly zero: a token with no gradient inside a block that
-  has one), a sign step may go either way, so the weights agree to 2 lr there.
+  has one), a sign step may go either way, so the weights agree to 2 lr there;
+- the round's record reports the reference's learning rate, each present peer's own
+  training loss (absent peers none) and their mean, and the full model's loss on the
+  held-out batch after the update: what every convergence criterion reads.
 Runs are float64; the next round starts from the replicas' weights again, so one
 round's round-off never compounds into the next check.
 """
@@ -20,9 +23,9 @@ from hypothesis import strategies as st
 from properties.profiles import scaled
 from properties.records import describe
 from sim.aggregate import ApplyRule, MeanSemantics
-from sim.config import DistroConfig, ModelConfig, load_config
+from sim.config import CosineSchedule, DistroConfig, ModelConfig, load_config
 from sim.faults import KINDS
-from sim.reference import DeMo, lossless_round, round_inputs
+from sim.reference import DeMo, held_out, learning_rate, loss_of, lossless_round, peer_loss, round_inputs
 from sim.run import Network, fault_plan, play_round
 
 TINY = load_config("tiny")
@@ -33,6 +36,7 @@ TINY_NANOGPT = TINY.replace(model=ModelConfig(**{**TINY.model.__dict__, "style":
 CHUNK = TINY.distro.compression_chunk
 LOSSLESS = DistroConfig(compression_chunk=CHUNK, compression_topk=CHUNK * CHUNK, quantize_1bit=False)
 CLOSE = 1e-9   # of a tensor's largest aggregate element
+SAME = 1e-12   # relative, for a scalar both sides compute in float64 in another order
 
 peer_tiers = st.integers(0, 2) | st.tuples(st.integers(0, 2), st.integers(0, 2))
 
@@ -51,7 +55,11 @@ def reference_runs(draw, lossless: bool):
         if lossless else [0.0] * peers
     kinds = draw(st.lists(st.sampled_from(KINDS), unique=True, max_size=4))
     faults = ",".join(f"{k}={draw(st.sampled_from([0.1, 0.2]))}" for k in kinds)
-    return dict(config=model.replace(distro=distro), tiers=tiers, fractions=fractions, faults=faults,
+    warmup = draw(st.integers(0, 3))
+    schedule = CosineSchedule(base_lr=draw(st.sampled_from([1e-2, 3e-3])), warmup_steps=warmup,
+                              warmup_init_lr=draw(st.sampled_from([0.0, 1e-3])), total_steps=draw(st.integers(warmup + 1, 8)),
+                              final_lr=draw(st.sampled_from([1e-3, 0.0])))
+    return dict(config=model.replace(distro=distro, lr_schedule=schedule), tiers=tiers, fractions=fractions, faults=faults,
                 semantics=draw(st.sampled_from(list(MeanSemantics))), shared=draw(st.booleans()),
                 rule=draw(st.sampled_from([ApplyRule.SIGN, ApplyRule.SGD])),
                 weight_decay=draw(st.sampled_from([0.0, 0.1])), rounds=draw(st.integers(3, 5)),
@@ -71,17 +79,33 @@ def play(case, reference_round):
                       shared_weights=case["shared"], apply_rule=case["rule"], weight_decay=case["weight_decay"],
                       device="cpu", dtype=torch.float64)
     plan = fault_plan(case["faults"], network, case["rounds"], case["seed"])
+    evaluation = held_out(cfg, case["seed"])
     try:
         for round_ in range(case["rounds"]):
             before = {n: p.detach().clone() for n, p in network._full_replica().named_parameters()}
-            record = play_round(network, plan, round_)
+            record = play_round(network, plan, round_, evaluate=True)
             peers = round_inputs(cfg, case["seed"], case["tiers"], case["fractions"], plan, round_)
-            lr = cfg.lr_schedule.lr(round_)
+            lr = learning_rate(cfg.lr_schedule, round_)
             expected = reference_round(network, before, peers, lr)
             assert record["contributing_peers"] == expected.contributing, (round_, record, expected.contributing)
             check_round(network, expected, lr, case["rule"], round_)
+            after = {n: p.detach() for n, p in network._full_replica().named_parameters()}
+            check_record(record, lr, {p.id: peer_loss(cfg.model, before, p) for p in peers},
+                         loss_of(cfg.model, after, evaluation).item(), round_)
     finally:
         network.close()
+
+
+def check_record(record, lr, losses, eval_loss, round_):
+    """The round's metrics line against the reference's rate and losses."""
+    assert record["lr"] == pytest.approx(lr, rel=SAME, abs=1e-300), f"round {round_}: lr {record['lr']} != {lr}"
+    reported = {int(p): v["loss"] for p, v in record["peers"].items() if v["present"]}
+    assert reported.keys() == losses.keys(), f"round {round_}: peers {sorted(reported)} reported, {sorted(losses)} present"
+    for peer, loss in losses.items():
+        assert reported[peer] == pytest.approx(loss, rel=CLOSE), f"round {round_}, peer {peer}: loss {reported[peer]} != {loss}"
+    assert all(v["loss"] is None for v in record["peers"].values() if not v["present"]), f"round {round_}: an absent peer's loss"
+    assert record["loss"] == pytest.approx(sum(losses.values()) / len(losses), rel=CLOSE), f"round {round_}: mean loss"
+    assert record["eval_loss"] == pytest.approx(eval_loss, rel=CLOSE), f"round {round_}: held-out loss"
 
 
 def check_round(network, expected, lr, rule, round_):

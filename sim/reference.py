@@ -5,8 +5,9 @@ It shares no code with sim/aggregate.py, sim/distro.py or sim/wire.py, nor with 
 model's tier slicing: every peer's tier-t model is its own narrow copy of the weights
 (prefix neurons, plus its helper neurons), run through a forward written out here;
 gradients are placed back into full-size zero tensors and combined element by element.
-Only the inputs come from the simulator's spec functions: the data shard, the helper
-neurons a peer trains (sim/helper.py), the learning rate.
+Only the inputs come from the simulator's spec functions: the data source and its shard
+sampler, the helper neurons a peer trains (sim/helper.py). The learning rate, the
+held-out batch and the losses a round's record reports are worked out here too.
 
 Two references:
 - `lossless_round`: DisTrO with top-k equal to the block size and no 1-bit, so a peer's
@@ -24,6 +25,11 @@ Two references:
   block sends nothing (the absent slot) instead of k zeros that count in the mean.
   Helper slabs are checked in lossless mode only.
 
+`learning_rate` is Psyche's cosine schedule written out (CosineLR in Psyche's
+shared/core/src/definitions.rs) with `step` the round; Psyche never runs past
+total_steps, where its formula would rise again, so past it the rate is final_lr.
+`held_out` is the batch every evaluation reads; `peer_loss` what a peer reports.
+
 `round_inputs` replays a fault plan naively: who is present (churn), at which tiers,
 whose payload counts (drop, late, corrupt and NaN lose it; a duplicate counts once; a
 byzantine payload counts, sign-flipped or scaled by 10) and whose DisTrO state steps.
@@ -35,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sim.config import ModelConfig, RunConfig
+from sim.config import CosineSchedule, ModelConfig, RunConfig
 from sim.data import make_source, shard
 from sim.faults import FaultPlan
 from sim.helper import helper_indices
@@ -47,6 +53,7 @@ FFN_AXIS = {("gate_proj", "weight"): 0, ("up_proj", "weight"): 0, ("gate_proj", 
             ("up_proj", "bias"): 0, ("down_proj", "weight"): 1}
 LOSING = ("drop", "late", "corrupt", "nan")   # faults whose payload does not count that round
 TIE = 1e-9   # relative gap under which two top-k candidates are a tie (see DeMo._send)
+HELD_OUT_SEQUENCES = 16   # at least, and at least a global batch
 
 
 def ffn_axis(name: str) -> int | None:
@@ -143,8 +150,10 @@ class Gradient:
     local: torch.Tensor         # what it trains of the tensor in its own (local) shape: its prefix
 
 
-def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> dict[str, Gradient]:
-    """Train the peer's own narrow copy of `weights` (full shapes) on its tokens."""
+def narrow_copy(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> tuple[dict, dict]:
+    """The peer's own model: copies of its prefix neurons and helper neurons of every FFN
+    tensor (and of every other tensor whole), leaves of their own autograd graph; with,
+    per FFN tensor, (its prefix width, the full-width indices of the neurons it holds)."""
     active, narrow = {}, {}
     for name, w in weights.items():
         axis = ffn_axis(name)
@@ -156,6 +165,18 @@ def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: Pee
         helpers = peer.helpers.get(layer, torch.zeros(0, dtype=torch.long))
         active[name] = (width, torch.cat([torch.arange(width), helpers.long()]))
         narrow[name] = w.detach().index_select(axis, active[name][1]).clone().requires_grad_()
+    return narrow, active
+
+
+def peer_loss(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> float:
+    """The training loss the peer reports: its own model's, on its tokens, before the round's update."""
+    with torch.no_grad():
+        return loss_of(cfg, narrow_copy(cfg, weights, peer)[0], peer.tokens).item()
+
+
+def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> dict[str, Gradient]:
+    """Train the peer's own narrow copy of `weights` (full shapes) on its tokens."""
+    narrow, active = narrow_copy(cfg, weights, peer)
     loss_of(cfg, narrow, peer.tokens).backward()
     grads = {}
     for name, w in weights.items():
@@ -358,6 +379,29 @@ class DeMo:
             total[tuple(region)] += dense
             cover[tuple(region)] += 1
         return combine({name: total}, {name: cover}, len(payloads), semantics)[name]
+
+
+# --- the schedule and the held-out batch -------------------------------------------
+
+def learning_rate(schedule: CosineSchedule, step: int) -> float:
+    """Psyche's CosineLR at `step`: linear warmup from warmup_init_lr, then a half cosine
+    from base_lr to final_lr at total_steps; final_lr past it."""
+    base, init, final = schedule.base_lr, schedule.warmup_init_lr, schedule.final_lr
+    warmup, total = schedule.warmup_steps, schedule.total_steps
+    if step < warmup:
+        return init + (base - init) * (step / warmup)
+    if step >= total:
+        return final
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def held_out(config: RunConfig, seed: int) -> torch.Tensor:
+    """The batch every evaluation of a run reads: drawn for no round and no peer (-1, -1),
+    from the chain's own seed where the config gives one (one task for every run seed), and
+    never a peer's training shard."""
+    source = make_source(config.data, config.model.vocab_size, seed, config.markov)
+    task = seed if config.markov.seed is None else config.markov.seed
+    return shard(source, task, -1, -1, max(HELD_OUT_SEQUENCES, config.global_batch_size), config.seq_len + 1)
 
 
 # --- replaying a fault plan --------------------------------------------------------

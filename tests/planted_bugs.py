@@ -17,6 +17,7 @@ import torch
 import sim.aggregate
 import sim.align
 import sim.checkpoint
+import sim.config
 import sim.distro
 import sim.engine
 import sim.helper
@@ -261,6 +262,30 @@ def _rejoin_keeping_the_stale_replica(self, peer_id, via="current", tier=None):
         self.peers[peer_id].model = stale.set_tiers(self.peers[peer_id].tiers)
 
 
+# --- what a round's record reports (the convergence criteria read it) -----------------
+
+def _lr_a_round_ahead(self, step):
+    """The schedule is read at the next round (a 1-based step fed a 0-based round)."""
+    return ORIGINAL["lr"](self, step + 1)
+
+
+def _eval_on_a_training_shard(self):
+    """The held-out loss is taken on peer 0's round-0 training shard."""
+    held_out = self.held_out
+    self.held_out = sim.run.shard(self.source, self.seed, 0, 0, held_out.shape[0], held_out.shape[1]).to(held_out.device)
+    try:
+        return ORIGINAL["eval_loss"](self)
+    finally:
+        self.held_out = held_out
+
+
+def _record_averaging_the_loss_over_counted_peers(self, round_, sent, rejected, contributing, *args, **kwargs):
+    """The round's training loss divides the present peers' sum by the payloads that counted."""
+    record = ORIGINAL["record"](self, round_, sent, rejected, contributing, *args, **kwargs)
+    record["loss"] = sum(s.loss for s in sent) / max(contributing[0], 1)
+    return record
+
+
 # --- batched peers (sim/engine.py) ----------------------------------------------------
 
 def _shards_in_another_order(network, group, round_):
@@ -290,6 +315,9 @@ ORIGINAL = {
     "align_sparse_grad": sim.aggregate.align_sparse_grad,
     "apply_elementwise": sim.aggregate._apply_elementwise,
     "shard": sim.run.shard,
+    "lr": sim.config.CosineSchedule.lr,
+    "eval_loss": sim.run.Network.eval_loss,
+    "record": sim.run.Network.record,
     "rejoin": sim.run.Network.rejoin,
     "stacked_shards": sim.engine.stacked_shards,
 }
@@ -384,6 +412,16 @@ BUGS = {
     "rejoined_peer_keeps_its_stale_replica": (
         "a churned peer rejoins with the replica it left with",
         [(sim.run.Network, "rejoin", _rejoin_keeping_the_stale_replica)]),
+    # What a round's record reports (METRICS below).
+    "lr_schedule_a_round_ahead": (
+        "the learning-rate schedule is read one round ahead",
+        [(sim.config.CosineSchedule, "lr", _lr_a_round_ahead)]),
+    "eval_on_a_training_shard": (
+        "the held-out loss is measured on a training shard",
+        [(sim.run.Network, "eval_loss", _eval_on_a_training_shard)]),
+    "mean_loss_over_counted_peers": (
+        "the round's training loss divides by the payloads that counted, not the peers that trained",
+        [(sim.run.Network, "record", _record_averaging_the_loss_over_counted_peers)]),
     "batched_peer_trains_on_anothers_batch": (
         "batched peers' batches stacked in another order than their weights and states",
         [(sim.engine, "stacked_shards", _shards_in_another_order)]),
@@ -399,6 +437,9 @@ INTEGRATION = ("narrow_payloads_zeroed_but_counted", "narrow_mlp_contributions_d
                "topk_keeps_the_smallest", "sign_flipped_for_narrow_peers", "one_parameter_never_updated",
                "late_payload_accepted_next_round", "helper_slab_placed_at_the_prefix", "weight_decay_applied_twice",
                "every_peer_trains_on_one_shard", "rejoined_peer_keeps_its_stale_replica")
+
+# Bugs in what a round's record reports: the lr, the losses the criteria read.
+METRICS = ("lr_schedule_a_round_ahead", "eval_on_a_training_shard", "mean_loss_over_counted_peers")
 
 LOSSLESS_REFERENCE = "test_reference::test_every_round_of_a_lossless_run_equals_the_exact_reference"
 COMPRESSED_REFERENCE = "test_reference::test_every_compressed_round_equals_an_independent_demo_step"
@@ -421,7 +462,7 @@ CATCHERS = {
     "sign_taken_before_the_mean": ["test_aggregate::test_coeff_mean_makes_every_coefficient_the_mean_over_the_peers_that_sent_it"],
     "error_feedback_dropped": ["test_distro::test_error_feedback_conserves_the_delta"],
     "helper_indices_from_the_whole_width": ["test_helper::test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix"],
-    **{bug: [LOSSLESS_REFERENCE] for bug in INTEGRATION},
+    **{bug: [LOSSLESS_REFERENCE] for bug in INTEGRATION + METRICS},
     "error_feedback_reset_every_step": [COMPRESSED_REFERENCE],
     "topk_keeps_the_smallest": [COMPRESSED_REFERENCE],
     "batched_peer_trains_on_anothers_batch": [BATCHED_EQUALS_SERIAL],
