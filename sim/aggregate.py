@@ -46,6 +46,11 @@ class MeanSemantics(enum.Enum):
     REGION_MEAN = "region_mean"
 
 
+def mean_semantics(flag: str) -> MeanSemantics:
+    """The semantics a config or flag names ("coeff", "peer", "region": sim.config.MEAN_SEMANTICS)."""
+    return MeanSemantics(f"{flag}_mean")
+
+
 @dataclass
 class Aggregate:
     """What one receiver computed from one round's payloads."""
@@ -359,27 +364,30 @@ def apply_update(params: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tens
                  betas=(0.9, 0.95), eps: float = 1e-8) -> None:
     """Apply a receiver's aggregate in place, to one replica's parameters or to several
     replicas of the same shapes at once (the step, a sign say, is then computed once).
-    Decoupled weight decay: param *= 1 - lr * wd."""
+    Decoupled weight decay: param *= 1 - lr * wd. AdamW's moments (`adam_state`) are the
+    update history's, so replicas that applied the same updates share one state and step alike."""
     replicas = [params] if isinstance(params, dict) else list(params)
     if rule is not ApplyRule.ADAMW:
         _apply_elementwise(replicas, updates, lr, rule, weight_decay)
         return
     if adam_state is None:
         raise SimError("ApplyRule.ADAMW needs an adam_state dict that persists across rounds")
-    if len(replicas) != 1:
-        raise SimError(f"ApplyRule.ADAMW keeps one adam_state per replica: got {len(replicas)} replicas, apply to one")
+    if not replicas:
+        return
     with torch.no_grad():
-        for name, param in replicas[0].items():
-            update = updates[name].to(device=param.device, dtype=param.dtype)
-            if weight_decay:
-                param.mul_(1 - lr * weight_decay)
-            m, v, t = adam_state.get(name, (torch.zeros_like(param), torch.zeros_like(param), 0))
+        for name, first in replicas[0].items():
+            update = updates[name].to(device=first.device, dtype=first.dtype)
+            m, v, t = adam_state.get(name, (torch.zeros_like(first), torch.zeros_like(first), 0))
             t += 1
             m.mul_(betas[0]).add_(update, alpha=1 - betas[0])
             v.mul_(betas[1]).addcmul_(update, update, value=1 - betas[1])
             m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-            param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+            step = lr * m_hat / (v_hat.sqrt() + eps)
             adam_state[name] = (m, v, t)
+            for param in (replica[name] for replica in replicas):
+                if weight_decay:
+                    param.mul_(1 - lr * weight_decay)
+                param.sub_(step)
 
 
 def _apply_elementwise(replicas: Sequence[dict[str, torch.Tensor]], updates: dict[str, torch.Tensor], lr: float,

@@ -92,6 +92,7 @@ def analyze(directory: str | Path) -> list[dict]:
             share = criteria.suffix_share(result.final_eval_loss, reference.final_eval_loss, baseline.final_eval_loss)
         rows.append({
             "scenario": name, "tiers": info["tiers"], "helpers": info.get("helpers") or "0", "kind": info["kind"],
+            "modes": info.get("modes", DEFAULT_MODES),
             "final_loss": result.final_eval_loss, "floor": result.loss_floor,
             "oracle": reference.final_eval_loss if reference is not None else None,
             "no_suffix": baseline.final_eval_loss if baseline is not None else None,
@@ -102,6 +103,16 @@ def analyze(directory: str | Path) -> list[dict]:
             "passed": all(judged.values()),
         })
     return rows
+
+
+# What a scenario.json from before runs named their modes ran with.
+DEFAULT_MODES = {"mean_semantics": "coeff", "apply_rule": "sign", "weight_decay": 0.0}
+
+
+def modes_label(modes: dict) -> str:
+    """e.g. "coeff, sign" or "peer, sgd, wd 0.1"."""
+    wd = modes.get("weight_decay", 0.0)
+    return f"{modes['mean_semantics']}, {modes['apply_rule']}" + (f", wd {wd:g}" if wd else "")
 
 
 STYLES = {"baseline": ("--", None), "no-suffix": (":", "black")}

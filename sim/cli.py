@@ -20,7 +20,7 @@ from rich.table import Table
 from sim import analyze as analysis
 from sim import memory
 from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint
-from sim.config import DEFAULT_CONFIG, MATRIX_CONFIG, load_config
+from sim.config import APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, load_config
 from sim.errors import ConfigError, SimError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
@@ -172,10 +172,12 @@ def cmd_memory(args) -> None:
 def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
                  oracle: str | None, seed: int, rounds: int | None, faults: str | None,
                  exit_after: float | None = None, eval_every: int | None = None, rotation_interval: int | None = None,
-                 backend: str = "inprocess", echo: bool = True, batching: str = "auto") -> dict:
-    """One testnet run: validated first, then metrics, summary, scenario.json and a log
-    whose lines carry `loss=` (the chapter's grep reads them) under `out`."""
-    run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval)
+                 backend: str = "inprocess", echo: bool = True, batching: str = "auto", semantics: str | None = None,
+                 apply_rule: str | None = None) -> dict:
+    """One testnet run: validated first, then metrics, summary, scenario.json (which names
+    the receivers' modes) and a log whose lines carry `loss=` (the chapter's grep reads
+    them) under `out`."""
+    run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval, semantics, apply_rule)
     rounds = rounds or run.total_steps
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "run.log", "w")
@@ -213,16 +215,21 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
         logfile.close()
     meta = {"name": name, "tiers": tiers_text, "helpers": helper_text, "kind": kind, "oracle": oracle,
             "rounds": len(result.records), "config": run.name, "config_path": str(run.path), "seed": seed,
-            "faults": faults or "none", "backend": backend, "peer_batching": batching}
+            "faults": faults or "none", "backend": backend, "peer_batching": batching, "modes": run.modes}
     (out / "scenario.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def scenario_inputs(config_path, tiers_text: str, helper_text: str | None, rotation_interval: int | None):
+def scenario_inputs(config_path, tiers_text: str, helper_text: str | None, rotation_interval: int | None,
+                    semantics: str | None = None, apply_rule: str | None = None):
     """(run config, per-client tiers, helper fractions) from the testnet flags."""
     run = load_config(config_path)
     if rotation_interval is not None:
         run = run.replace(helper_rotation_interval=rotation_interval)
+    if semantics is not None:
+        run = run.replace(mean_semantics=semantics)
+    if apply_rule is not None:
+        run = run.replace(apply_rule=apply_rule)
     return run, parse_client_tiers(tiers_text), parse_fractions(helper_text)
 
 
@@ -264,7 +271,8 @@ def cmd_testnet(args) -> None:
     if torchrun_rank():  # a peer rank under torchrun: rank 0 coordinates and writes every result
         run, tiers, helpers = scenario_inputs(args.config_path, args.client_matformer_tiers,
                                               args.client_matformer_helper_fractions,
-                                              args.matformer_helper_rotation_interval)
+                                              args.matformer_helper_rotation_interval,
+                                              args.matformer_mean_semantics, args.apply_rule)
         run_peer(run, tiers, helpers, args.faults, args.seed, rounds=args.rounds, eval_every=args.eval_every)
         return
     if torchrun_rank() == 0:
@@ -276,7 +284,7 @@ def cmd_testnet(args) -> None:
                         kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
                         exit_after=args.headless_exit_after_secs, eval_every=args.eval_every,
                         rotation_interval=args.matformer_helper_rotation_interval, backend=args.backend,
-                        batching=args.peer_batching)
+                        batching=args.peer_batching, semantics=args.matformer_mean_semantics, apply_rule=args.apply_rule)
     summary = json.loads((out / "summary.json").read_text())
     console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
                     f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
@@ -286,11 +294,12 @@ def cmd_testnet(args) -> None:
 def cmd_analyze(args) -> int:
     rows = analysis.analyze(args.results)
     out = console()
-    table = Table("scenario", "tiers", "helpers", "final loss", "floor", "oracle", "no-suffix", "vs oracle",
+    table = Table("scenario", "tiers", "helpers", "modes", "final loss", "floor", "oracle", "no-suffix", "vs oracle",
                   "suffix share", "errors", "NaN", "criteria", "verdict", title=f"MatFormer scenario matrix: {args.results}")
     number = lambda value, spec: "-" if value is None else format(value, spec)
     for row in rows:
-        table.add_row(row["scenario"], row["tiers"], row["helpers"], f"{row['final_loss']:.4f}", f"{row['floor']:.4f}",
+        table.add_row(row["scenario"], row["tiers"], row["helpers"], analysis.modes_label(row["modes"]),
+                      f"{row['final_loss']:.4f}", f"{row['floor']:.4f}",
                       number(row["oracle"], ".4f"), number(row["no_suffix"], ".4f"), number(row["vs_oracle"], "+.1%"),
                       number(row["suffix_share"], ".0%"), str(row["errors"]), str(row["nan"]),
                       f"{sum(row['criteria'].values())}/{len(row['criteria'])}",
@@ -334,7 +343,7 @@ def cmd_matrix(args) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     scenarios = [dict(config_path=args.config_path, tiers_text=tiers, helper_text=helpers, out=out / name, name=name,
                       kind=kind, oracle=oracle, seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose,
-                      batching=args.peer_batching)
+                      batching=args.peer_batching, semantics=args.matformer_mean_semantics, apply_rule=args.apply_rule)
                  for name, tiers, helpers, kind, oracle in analysis.MATRIX if name in chosen]
     console().print(f"=== Scenarios ({len(scenarios)}, {jobs} at a time) ===")
     if jobs == 1:
@@ -369,6 +378,16 @@ def _matrix_scenario(scenario: dict) -> None:
 
 BATCHING_HELP = ("train peers of one shape in one batched computation (sim/engine.py): auto where it pays, on "
                  "for every group of two or more, off peer by peer")
+
+
+def add_mode_flags(command) -> None:
+    """How receivers combine and apply payloads; unset, the config's ([matsim] in state.toml)."""
+    command.add_argument("--matformer-mean-semantics", choices=MEAN_SEMANTICS,
+                         help="each coefficient's mean over the peers that sent it (coeff, matsim's default), the "
+                              "sum over contributing peers (peer, Psyche's heterogeneous path), or the mean over "
+                              "the peers whose tier covers it (region)")
+    command.add_argument("--apply-rule", choices=APPLY_RULES,
+                         help="sign-SGD (sign, DisTrO's), plain SGD (sgd) or AdamW with the aggregate as its gradient")
 
 
 def _mib(n: int) -> str:
@@ -428,6 +447,7 @@ def build_parser() -> Parser:
                        help="distributed: one process per client on torch.distributed's store (CPU); same metrics")
     start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     start.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
+    add_mode_flags(start)
     start.set_defaults(run=cmd_testnet)
 
     analyze = commands.add_parser("analyze", help="table, PASS/FAIL criteria and loss-curve PNG of a results directory")
@@ -444,6 +464,7 @@ def build_parser() -> Parser:
     matrix.add_argument("--jobs", type=int, help="scenarios run at once, one process each (default: every core)")
     matrix.add_argument("--only", help="comma-separated scenario names (default: all of them)")
     matrix.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
+    add_mode_flags(matrix)
     matrix.set_defaults(run=cmd_matrix)
     replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")
     replay.add_argument("record")

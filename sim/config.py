@@ -21,6 +21,9 @@ from sim.tiers import max_tier
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "nanogpt-20m-run"
 MATRIX_CONFIG = "ffn-small"   # `make run`: the CI config of the convergence checks
+# Receivers' modes, by their flag names: sim/aggregate.py's MeanSemantics ("coeff" is COEFF_MEAN) and ApplyRule.
+MEAN_SEMANTICS = ("coeff", "peer", "region")
+APPLY_RULES = ("sign", "sgd", "adamw")
 STYLES = ("llama", "nanogpt")
 # Psyche's state.toml names the architecture, config.json names the model_type.
 ARCHITECTURES = {"HfLlama": "llama", "HfNanoGPT": "nanogpt"}
@@ -132,10 +135,14 @@ class DistroConfig:
     compression_chunk: int = 64
     compression_topk: int = 8
     quantize_1bit: bool = True
+    weight_decay: float = 0.0   # decoupled, applied by every receiver with the update
 
     def __post_init__(self):
         if not 0.0 <= self.compression_decay <= 1.0:
             raise ConfigError(f"compression_decay {self.compression_decay!r} is outside [0, 1]")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
+                or not 0.0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay {self.weight_decay!r} is invalid: expected a number >= 0")
         for name in ("compression_chunk", "compression_topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -182,6 +189,11 @@ class RunConfig:
     distro: DistroConfig = field(default_factory=DistroConfig)
     helper_rotation_interval: int = 4   # rounds per helper-mode rotation epoch (sim/helper.py)
     markov: MarkovSpec = field(default_factory=MarkovSpec)   # the "Dummy" source ([matsim.data])
+    # How receivers combine and apply payloads ([matsim] mean_semantics / apply_rule, or the
+    # testnet's --matformer-mean-semantics / --apply-rule): matsim's defaults; Psyche's
+    # heterogeneous path divides by contributing peers ("peer").
+    mean_semantics: str = "coeff"
+    apply_rule: str = "sign"
     path: Path | None = None
 
     def __post_init__(self):
@@ -192,6 +204,16 @@ class RunConfig:
         if self.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"max_seq_len {self.seq_len} exceeds max_position_embeddings "
                               f"{self.model.max_position_embeddings}")
+        if self.mean_semantics not in MEAN_SEMANTICS:
+            raise ConfigError(f"mean semantics {self.mean_semantics!r} is unknown: valid are {', '.join(MEAN_SEMANTICS)}")
+        if self.apply_rule not in APPLY_RULES:
+            raise ConfigError(f"apply rule {self.apply_rule!r} is unknown: valid are {', '.join(APPLY_RULES)}")
+
+    @property
+    def modes(self) -> dict:
+        """What receivers do with the payloads, as a run's record names it."""
+        return {"mean_semantics": self.mean_semantics, "apply_rule": self.apply_rule,
+                "weight_decay": self.distro.weight_decay}
 
     @property
     def client_batch(self) -> int:
@@ -296,5 +318,18 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> RunConfig:
         lr_schedule=_build(CosineSchedule, schedule[1], f"{state_path} [lr_schedule.Cosine]") if schedule else CosineSchedule(),
         distro=_build(DistroConfig, optimizer[1], f"{state_path} [optimizer.Distro]") if optimizer else DistroConfig(),
         markov=_build(MarkovSpec, _section(state, "matsim.data", str(state_path)), f"{state_path} [matsim.data]"),
+        **_modes(_section(state, "matsim", str(state_path)), str(state_path)),
         path=directory,
     )
+
+
+def _modes(table: dict, source: str) -> dict:
+    """[matsim] mean_semantics and apply_rule (and the [matsim.data] table, read on its own)."""
+    unknown = sorted(set(table) - {"data", "mean_semantics", "apply_rule"})
+    if unknown:
+        raise ConfigError(f"{source}: [matsim] has unknown keys {unknown}: valid are data, mean_semantics "
+                          f"({', '.join(MEAN_SEMANTICS)}) and apply_rule ({', '.join(APPLY_RULES)})")
+    for key, valid in (("mean_semantics", MEAN_SEMANTICS), ("apply_rule", APPLY_RULES)):
+        if key in table and table[key] not in valid:
+            raise ConfigError(f"{source}: [matsim] {key} = {table[key]!r} is unknown: valid are {', '.join(valid)}")
+    return {key: table[key] for key in ("mean_semantics", "apply_rule") if key in table}

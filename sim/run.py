@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sim.aggregate import ApplyRule, MeanSemantics, apply_update, receive_decoded
+from sim.aggregate import ApplyRule, MeanSemantics, apply_update, mean_semantics, receive_decoded
 from sim.align import align_prefix_grad
 from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
 from sim.config import RunConfig
@@ -103,15 +103,19 @@ class Network:
     from a fault plan; the whole-run state machine drives it rule by rule."""
 
     def __init__(self, config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
-                 seed: int = 0, *, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN, shared_weights: bool = False,
-                 apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0, device=None,
+                 seed: int = 0, *, semantics: MeanSemantics | None = None, shared_weights: bool = False,
+                 apply_rule: ApplyRule | None = None, weight_decay: float | None = None, device=None,
                  only: int | None = None, dtype: torch.dtype = torch.float32, batching: str = "auto"):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
         self.batching = check_batching(batching)
         if dtype not in VALUE_DTYPES:
             raise ConfigError(f"dtype {dtype} is unsupported: valid are {', '.join(map(str, VALUE_DTYPES))}")
-        self.config, self.seed, self.semantics = config, seed, semantics
-        self.apply_rule, self.weight_decay, self.dtype = apply_rule, weight_decay, dtype
+        # The receivers' modes: the config's ([matsim], the testnet flags) unless given here.
+        self.config, self.seed, self.semantics = config, seed, semantics or mean_semantics(config.mean_semantics)
+        self.apply_rule = apply_rule or ApplyRule(config.apply_rule)
+        self.weight_decay = config.distro.weight_decay if weight_decay is None else weight_decay
+        self.dtype = dtype
+        self.adam: dict[tuple, dict] = {}   # AdamW's moments per receiver shape: every replica of it steps alike
         self.device = torch.device(device or default_device())
         self.source = make_source(config.data, config.model.vocab_size, seed, config.markov)
         self.batch = max(1, config.global_batch_size // len(per_peer))
@@ -297,7 +301,8 @@ class Network:
             replicas.setdefault(key, []).append(params)
             results.append(aggregates[key])
         for key, same_shapes in replicas.items():
-            apply_update(same_shapes, aggregates[key].updates, lr, self.apply_rule, self.weight_decay)
+            apply_update(same_shapes, aggregates[key].updates, lr, self.apply_rule, self.weight_decay,
+                         adam_state=self.adam.setdefault(key, {}))
         return results
 
     def record(self, round_: int, sent: Sequence["Sent"], rejected: Counter, contributing: Sequence[int],
@@ -340,8 +345,8 @@ class Network:
 
 def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
              faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
-             out: str | Path | None = None, semantics: MeanSemantics = MeanSemantics.COEFF_MEAN,
-             shared_weights: bool = False, apply_rule: ApplyRule = ApplyRule.SIGN, weight_decay: float = 0.0,
+             out: str | Path | None = None, semantics: MeanSemantics | None = None,
+             shared_weights: bool = False, apply_rule: ApplyRule | None = None, weight_decay: float | None = None,
              device=None, deadline_s: float | None = None, eval_every: int | None = None,
              on_round: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32,
              batching: str = "auto") -> RunResult:
