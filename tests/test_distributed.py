@@ -33,13 +33,13 @@ def hard_timeout_and_no_leftovers():
     assert multiprocessing.active_children() == [], "a peer process outlived its test"
 
 
-@pytest.mark.parametrize("config, tiers, helpers, faults", [
-    ("tiny", [0, 1], None, None),
-    ("tiny", [0, 1, 2, (1, 0)], [0, 0.5, 0.25, 0], "drop=0.1,late=0.1,duplicate=0.1,corrupt=0.1,byzantine=0.1,churn=0.25"),
-    ("test-nanogpt-small", [0, 1, 1], None, "nan=0.2,corrupt=0.1"),
+@pytest.mark.parametrize("config, modes, tiers, helpers, faults", [
+    ("tiny", {"mean_semantics": "peer", "apply_rule": "adamw"}, [0, 1], None, None),   # Psyche's mean, AdamW's moments
+    ("tiny", {}, [0, 1, 2, (1, 0)], [0, 0.5, 0.25, 0], "drop=0.1,late=0.1,duplicate=0.1,corrupt=0.1,byzantine=0.1,churn=0.25"),
+    ("test-nanogpt-small", {}, [0, 1, 1], None, "nan=0.2,corrupt=0.1"),
 ])
-def test_distributed_metrics_equal_the_in_process_simulators_exactly(config, tiers, helpers, faults):
-    run = load_config(config)
+def test_distributed_metrics_equal_the_in_process_simulators_exactly(config, modes, tiers, helpers, faults):
+    run = load_config(config).replace(**modes)
     rounds = 6 if config == "tiny" else 3
     local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu", batching="off")
     remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds)
