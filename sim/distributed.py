@@ -154,7 +154,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                          out: str | Path | None = None, eval_every: int | None = None,
                          deadline_s: float | None = None, round_deadline_s: float | None = None,
                          on_round: Callable[[dict], None] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S,
-                         trouble: dict[int, dict] | None = None, join_clock: Clock = WALL) -> RunResult:
+                         trouble: dict[int, dict] | None = None, clock: Clock = WALL) -> RunResult:
     """`simulate` with every peer in its own process, on CPU: the same records. The
     coordinator (this process) waits up to `round_deadline_s` (default: the config's
     max_round_train_time) after a round's first payload for the others; a peer whose
@@ -163,7 +163,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     left out for good. `deadline_s` ends the run at a round boundary, like
     --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": {round:
     seconds}} | {"never_join": True}}) makes peers misbehave, for tests of what only a
-    process boundary shows; `join_clock` times the wait for every peer to join.
+    process boundary shows. `clock` times the wait for every peer to join and `deadline_s`.
 
     Under torchrun (RANK and WORLD_SIZE set), this process is rank 0, the coordinator:
     it hosts the store on MASTER_ADDR:MASTER_PORT and ranks 1..N run the peers (`run_peer`)."""
@@ -195,8 +195,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         for rank, worker in workers.items():
             if not trouble.get(rank, {}).get("never_join"):
                 worker.start()
-        _await_joins(store, len(probe.peers), workers, join_timeout_s, join_clock)
-        start = time.perf_counter()
+        _await_joins(store, len(probe.peers), workers, join_timeout_s, clock)
+        start = clock.now()
         for round_ in range(rounds):
             tick = time.perf_counter()
             store.set(f"go/{round_}", json.dumps({"dead": sorted(dead)}).encode())
@@ -207,7 +207,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
             missing = [p for p in present if p not in arrived]
             dead.update(p for p in missing if not alive(p))
             # Decided before the record, as simulate does, so the last round run is evaluated.
-            stopped_early = (deadline_s is not None and time.perf_counter() - start >= deadline_s
+            stopped_early = (deadline_s is not None and clock.now() - start >= deadline_s
                              and round_ + 1 < rounds)
             store.set(f"{round_}/arrived", json.dumps({"peers": arrived, "missing": missing, "overdue": overdue,
                                                        "last": stopped_early}).encode())

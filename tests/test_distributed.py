@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from sim.clock import SimulatedClock
+from sim.clock import ManualClock, SimulatedClock
 from sim.config import load_config
 from sim.distributed import simulate_distributed
 from sim.errors import SimError
@@ -67,13 +67,14 @@ def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_
 
 
 def test_a_deadline_ends_the_run_at_a_round_boundary_with_that_round_evaluated():
-    # Round 1 outlasts the 6 s deadline (a slow peer, inside the 20 s round deadline), so the
-    # run stops after it: not a round eval_every would evaluate. Round 0 has 6 s, even on a
-    # loaded CI runner.
-    result = simulate_distributed(TINY, [0, 1], seed=2, rounds=50, eval_every=10, deadline_s=6.0,
-                                  round_deadline_s=20, trouble={1: {"slow": {1: 8.0}}})
-    assert result.stopped_early and len(result.records) == 2
-    assert result.records[-1]["eval_loss"] is not None
+    """The run's clock moves 4 s as each round's record arrives, whatever the machine's speed:
+    the check after round 1 sees 4 s, the one after round 2 sees 8 s, past the 6 s deadline,
+    so round 2 is the last, and evaluated although eval_every (10) would not evaluate it."""
+    clock = ManualClock()
+    result = simulate_distributed(TINY, [0, 1], seed=2, rounds=50, eval_every=10, deadline_s=6.0, clock=clock,
+                                  on_round=lambda record: clock.advance(4.0))
+    assert result.stopped_early and len(result.records) == 3
+    assert result.records[-1]["eval_loss"] is not None and result.records[1]["eval_loss"] is None
 
 
 def test_a_peer_that_never_joins_is_a_clear_error_not_a_hang():
@@ -82,7 +83,7 @@ def test_a_peer_that_never_joins_is_a_clear_error_not_a_hang():
     clock = SimulatedClock()
     with pytest.raises(SimError, match=r"^peers? (0, )?1 did not join within 20 s"):
         simulate_distributed(TINY, [0, 1], seed=2, rounds=3, join_timeout_s=20, trouble={1: {"never_join": True}},
-                             join_clock=clock)
+                             clock=clock)
     assert 20 < clock.now() < 20.1
 
 
