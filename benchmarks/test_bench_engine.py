@@ -8,6 +8,7 @@
   of tiny, mixed tiers, 6 rounds), serial and batched ("auto").
 - Peak RSS of a round of 64 peers of tiny and 16 of test-nanogpt-small, serial and batched,
   each in a fresh process."""
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ def test_bench_batched_round_over_serial(benchmark, config, tiers):
     benchmark.group = f"batched peers, {config}, {len(peers)} peers at tiers {pattern}"
     run = load_config(config)
     if benchmark.disabled and run.seq_len > 64:   # run once as a test (xdist): the same code, a smoke size
-        run = run.replace(seq_len=16)
+        run = run.replace(seq_len=16, model=dataclasses.replace(run.model, num_hidden_layers=2))
     serial, batched = (Network(run, peers, seed=0, device="cpu", batching=b) for b in ("off", "on"))
     counter, ratios = iter(range(10**6)), []
 

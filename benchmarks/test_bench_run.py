@@ -108,12 +108,13 @@ def test_bench_rounds_per_second_of_4_processes_vs_in_process(benchmark, backend
     from sim.distributed import simulate_distributed
     from sim.run import simulate
     benchmark.group = "rounds per second, tiny, 4 peers (0,1,1,2)"
-    run = (lambda: simulate(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=12, device="cpu")) \
+    rounds = 4 if benchmark.disabled else 12   # run once as a test (xdist): the same code, a smoke size
+    run = (lambda: simulate(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=rounds, device="cpu")) \
         if backend == "in-process-baseline" else \
-        (lambda: simulate_distributed(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=12))
+        (lambda: simulate_distributed(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=rounds))
     result = benchmark.pedantic(run, rounds=1)
     walls = sorted(t["wall_s"] for t in result.timings[1:])  # round 0 warms up
     per_second = 1 / walls[len(walls) // 2]
     benchmark.extra_info["rounds_per_second"] = per_second
     print(f"\n{backend}: {per_second:.1f} rounds/s")
-    assert len(result.records) == 12
+    assert len(result.records) == rounds

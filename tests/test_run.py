@@ -154,3 +154,21 @@ def poll(done, within_s: float = 120.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_analyze_warns_when_the_no_suffix_baseline_ends_where_the_oracle_does(tmp_path):
+    """A matrix whose baseline matches its oracle has no power over FFN-side bugs: say so."""
+    import shutil
+    from sim.cli import run_scenario
+    run_scenario("tiny", "0,0", None, tmp_path / "homogeneous", name="homogeneous", kind="baseline", oracle=None,
+                 seed=0, rounds=2, faults=None, echo=False)
+    shutil.copytree(tmp_path / "homogeneous", tmp_path / "no_suffix")
+    meta = json.loads((tmp_path / "no_suffix" / "scenario.json").read_text())
+    (tmp_path / "no_suffix" / "scenario.json").write_text(json.dumps({**meta, "name": "no_suffix", "tiers": "2,2",
+                                                                       "kind": "no-suffix", "oracle": "homogeneous"}))
+    assert "warning: the no-suffix baseline ends +0.0% from the oracle" in matsim_here("analyze", str(tmp_path)).stdout
+    metrics = tmp_path / "no_suffix" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["eval_loss"] *= 1.05
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "warning" not in matsim_here("analyze", str(tmp_path)).stdout
