@@ -12,7 +12,7 @@ from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
 from sim.config import load_config
 from sim.errors import CheckpointError, ConfigError, DoubleSlicingError
 from sim.model import build_model, random_tokens
-from tests.cli import matsim, matsim_here
+from tests.cli import matsim_here
 
 TINY = load_config("tiny").model
 
@@ -161,7 +161,7 @@ def test_cli_checkpoint_errors_are_one_line_exit_2_and_overwrite_nothing(full, t
 
 
 def test_memory_command_measures_each_tier_and_writes_table_data_and_chart(tmp_path):
-    result = matsim("memory", "--config-path", "tiny", "--tiers", "0,1", "--out", str(tmp_path))
+    result = matsim_here("memory", "--config-path", "tiny", "--tiers", "0,1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     records = json.loads((tmp_path / "memory.json").read_text())
     assert [r["tier"] for r in records] == [0, 1] and all(r["peak_bytes"] > 0 for r in records)

@@ -130,10 +130,10 @@ def test_matrix_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, argv, fr
 def test_a_killed_matrix_takes_its_scenario_processes_with_it(tmp_path):
     """SIGKILL leaves a process pool no chance to stop its workers: they must notice."""
     matrix = subprocess.Popen([sys.executable, "-m", "sim", "matrix", "--config-path", "tiny", "--skip-unit-tests",
-                               "--only", "homogeneous,no_suffix", "--jobs", "2", "--rounds", "100000",
+                               "--only", "homogeneous", "--jobs", "2", "--rounds", "100000",
                                "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        metrics = [tmp_path / name / "metrics.jsonl" for name in ("homogeneous", "no_suffix")]
+        metrics = [tmp_path / "homogeneous" / "metrics.jsonl"]   # a scenario running in a pool worker
         assert poll(lambda: all(m.exists() for m in metrics)), "the scenarios never started"
         workers = children(matrix.pid)
     finally:
