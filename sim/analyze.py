@@ -105,6 +105,20 @@ def analyze(directory: str | Path) -> list[dict]:
     return rows
 
 
+SEPARATION = 0.01   # how much worse than its oracle the no-suffix baseline must end for the matrix to have power
+
+
+def powerless(rows: list[dict]) -> list[str]:
+    """Why no criterion of this matrix can fail on its data, if so: a check that cannot fail
+    is not a check. A no-suffix baseline ending within SEPARATION of its oracle means the
+    data never needed the FFN suffix, so no bug on the FFN side can move a loss."""
+    return [f"the no-suffix baseline ends {row['final_loss'] / row['oracle'] - 1:+.1%} from the oracle (under "
+            f"+{SEPARATION:.0%}): on this run's data the FFN suffix made no difference, so no criterion here can "
+            f"see a bug on the FFN side"
+            for row in rows if row["kind"] == "no-suffix" and row["oracle"] is not None
+            and row["final_loss"] < row["oracle"] * (1 + SEPARATION)]
+
+
 # What a scenario.json from before runs named their modes ran with.
 DEFAULT_MODES = {"mean_semantics": "coeff", "apply_rule": "sign", "weight_decay": 0.0}
 

@@ -54,8 +54,8 @@ def test_a_peer_killed_mid_round_is_left_out_and_the_others_complete_every_round
     assert all(r["replica_max_diff"] == 0.0 and r["receivers_agree"] for r in result.records)
 
 
-@pytest.mark.parametrize("slow", [0])  # the lowest peer, which reports rounds: the reporter must move for that round
-def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_stale(slow):
+def test_a_slow_peer_past_the_deadline_misses_the_round_and_its_payload_arrives_stale():
+    slow = 0   # the lowest peer, which reports rounds: the reporter must move for that round
     result = simulate_distributed(TINY, [0, 1, 1], seed=2, rounds=4, round_deadline_s=3.0,
                                   trouble={slow: {"slow": {1: 6.0}}})
     assert result.records[1]["missing"] == [slow]
