@@ -30,7 +30,7 @@ def bare_peers(network, round_):
     """What the peers would do with no harness: forward, backward, DisTrO compress."""
     for peer in network.present():
         peer.model.set_tiers(peer.tiers)
-        tokens = shard(network.source, network.seed, round_, peer.id, network.batch, network.config.seq_len + 1)
+        tokens = shard(network.source, network.seed, round_, peer.id, network.batch(round_), network.config.seq_len + 1)
         train_and_compress(peer.model, peer.state, tokens, 1e-3, peer.id, round_)
 
 

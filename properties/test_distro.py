@@ -93,6 +93,33 @@ def test_an_all_zero_block_sends_only_absent_slots():
     assert torch.count_nonzero(decompress(sparse)) == 0
 
 
+@given(shapes, chunks, st.integers(1, 8), st.data())
+def test_sent_zero_blocks_go_out_at_their_lowest_indices_and_as_plus_one_under_one_bit(shape, chunk, topk, data):
+    """zero_blocks "sent" (DeMo, Psyche): a block with fewer than k nonzero coefficients
+    sends its nonzero ones and then zeros at the lowest free indices, which Psyche's 1-bit
+    quantizer (the sign bit of +0.0 is clear) sends as +1; "absent" sends those nowhere.
+    Catches: 1-bit zeros kept at 0 in Psyche's mode (its +1 pushes never modelled), zeros
+    dropped to the absent slot in it, ties among zeros broken in another order."""
+    x = torch.zeros(shape, dtype=torch.float64)
+    x.view(-1)[: data.draw(st.integers(0, x.numel()))] = 1.0   # some blocks all zero, some not
+    for mode in ("sent", "absent"):
+        state = DistroState.fresh(DistroConfig(0.5, chunk, topk, quantize_1bit=True, zero_blocks=mode))
+        sent, _ = state.step("w", x, lr=1.0)   # the first step's delta is x itself
+        plain = compress(x, chunk, topk, zero_blocks=mode)
+        numel, k = sent.grid.block_numel, sent.indices.shape[-1]
+        zeros = plain.values == 0
+        if mode == "absent":
+            assert torch.equal(sent.indices == numel, zeros) and bool((sent.values[zeros] == 0).all())
+            continue
+        assert bool((sent.indices < numel).all())
+        assert bool((sent.values[zeros] == 1).all()) and set(sent.values.unique().tolist()) <= {-1.0, 1.0}
+        # A block's zero entries take the lowest indices its nonzero entries leave free.
+        for idx, val in zip(sent.indices.reshape(-1, k), plain.values.reshape(-1, k)):
+            taken = set(idx[val != 0].tolist())
+            free = [i for i in range(numel) if i not in taken][: int((val == 0).sum())]
+            assert sorted(idx[val == 0].tolist()) == free
+
+
 @given(shapes, chunks, st.integers(0, 2), st.sampled_from(["mean", "sum"]), st.data())
 def test_pair_decode_equals_decoding_the_scattered_coefficients(shape, chunk, lead, reduce, data):
     """decode_pairs builds blocks from (index, value) pairs; it must equal scattering them into

@@ -74,7 +74,7 @@ def serial_gradients(network, peer, round_):
     model.set_tiers(peer.tiers).set_helpers(network.helpers(peer, round_))
     model.zero_grad(set_to_none=True)
     from sim.data import shard
-    tokens = shard(network.source, network.seed, round_, peer.id, network.batch, network.config.seq_len + 1)
+    tokens = shard(network.source, network.seed, round_, peer.id, network.batch(round_), network.config.seq_len + 1)
     model(tokens[:, :-1], tokens[:, 1:])[1].backward()
     return local_grads(model), helper_grads(model)
 

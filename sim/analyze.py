@@ -120,13 +120,17 @@ def powerless(rows: list[dict]) -> list[str]:
 
 
 # What a scenario.json from before runs named their modes ran with.
-DEFAULT_MODES = {"mean_semantics": "coeff", "apply_rule": "sign", "weight_decay": 0.0}
+DEFAULT_MODES = {"mean_semantics": "coeff", "apply_rule": "sign", "weight_decay": 0.0, "zero_blocks": "absent"}
 
 
 def modes_label(modes: dict) -> str:
-    """e.g. "coeff, sign" or "peer, sgd, wd 0.1"."""
-    wd = modes.get("weight_decay", 0.0)
-    return f"{modes['mean_semantics']}, {modes['apply_rule']}" + (f", wd {wd:g}" if wd else "")
+    """e.g. "coeff, sign", "peer, sgd, wd 0.1, zero blocks sent", or "AdamW (local)" where
+    nothing is exchanged."""
+    if "optimizer" in modes:
+        return f"{modes['optimizer']} (local)"
+    wd, zeros = modes.get("weight_decay", 0.0), modes.get("zero_blocks", "absent")
+    return (f"{modes['mean_semantics']}, {modes['apply_rule']}" + (f", wd {wd:g}" if wd else "")
+            + (f", zero blocks {zeros}" if zeros != "absent" else ""))
 
 
 STYLES = {"baseline": ("--", None), "no-suffix": (":", "black")}

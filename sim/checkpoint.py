@@ -18,6 +18,7 @@ in by renames, so an interrupted save leaves the previous checkpoint loadable.
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from sim.tiers import tier_width, width_tier
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+INDEX, SHARD = "model.safetensors.index.json", "model-{:05d}-of-{:05d}.safetensors"   # sharded, as HF writes them
 LOAD_STRATEGIES = ("auto", "sliced", "universal")
 
 
@@ -77,21 +79,64 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(model: MatFormerLM, directory: str | Path) -> Path:
-    """Write `model`'s stored weights and metadata to `directory`, atomically."""
+def save_checkpoint(model: MatFormerLM, directory: str | Path, max_shard_bytes: int | None = None) -> Path:
+    """Write `model`'s stored weights and metadata to `directory`, atomically; past
+    `max_shard_bytes`, as shards with an index, as HF's save_pretrained writes them."""
+    tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters()}
+    return save_tensors(tensors, checkpoint_config(model), directory, max_shard_bytes)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], hf: dict, directory: str | Path,
+                 max_shard_bytes: int | None = None) -> Path:
+    """A checkpoint directory from its tensors and config.json, written beside and swapped in
+    by renames (an interrupted save leaves the previous checkpoint loadable)."""
     directory = Path(directory)
     staging, backup = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".bak")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters()}
-    _fsync_write(staging / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    _fsync_write(staging / CONFIG, json.dumps(checkpoint_config(model), indent=2, sort_keys=True).encode())
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _fsync_write(staging / WEIGHTS, safetensors.torch.save(shards[0], metadata={"format": "pt"}))
+    else:
+        files = [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
+        for file, shard in zip(files, shards):
+            _fsync_write(staging / file, safetensors.torch.save(shard, metadata={"format": "pt"}))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in sorted(shard)}}
+        _fsync_write(staging / INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
+    _fsync_write(staging / CONFIG, json.dumps(hf, indent=2, sort_keys=True).encode())
     if directory.exists():
         shutil.rmtree(backup, ignore_errors=True)
         os.rename(directory, backup)
     os.rename(staging, directory)
     shutil.rmtree(backup, ignore_errors=True)
     return directory
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Tensors in name order, cut into shards of at most `max_bytes` (a tensor larger than
+    that gets a shard of its own, as HF does)."""
+    shards, size = [{}], 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "200000", "200KB", "5GB" (powers of 1000) or "5GiB" (powers of 1024), as
+    HF's max_shard_size reads them."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match or int(match[1]) < 1:
+        raise ConfigError(f"shard size {text!r} is invalid: expected a positive byte count such as 200000, 200KB, "
+                          f"5GB or 5GiB")
+    unit = (match[2] or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(match[1]) * scale
 
 
 # --- reading --------------------------------------------------------------
@@ -105,9 +150,10 @@ def _resolve(directory: str | Path) -> Path:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint path {str(directory)!r} does not exist or is not a directory: "
                               f"expected a directory with {WEIGHTS} and {CONFIG}")
-    for required in (WEIGHTS, CONFIG):
-        if not (directory / required).is_file():
-            raise CheckpointError(f"checkpoint {str(directory)!r} has no {required}")
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"checkpoint {str(directory)!r} has no {CONFIG}")
+    if not (directory / WEIGHTS).is_file() and not (directory / INDEX).is_file():
+        raise CheckpointError(f"checkpoint {str(directory)!r} has no {WEIGHTS} (nor {INDEX}, for sharded weights)")
     return directory
 
 
@@ -120,11 +166,36 @@ def read_checkpoint(directory: str | Path) -> tuple[Path, dict, dict[str, torch.
         raise CheckpointError(f"{directory / CONFIG} is not valid JSON ({err})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{directory / CONFIG} must hold a JSON object")
+    if (directory / WEIGHTS).is_file():
+        return directory, hf, _load_safetensors(directory / WEIGHTS)
+    return directory, hf, _load_shards(directory)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = safetensors.torch.load_file(directory / WEIGHTS)
+        return safetensors.torch.load_file(path)
     except (safetensors.SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{directory / WEIGHTS} is not a valid safetensors file ({err})") from None
-    return directory, hf, tensors
+        raise CheckpointError(f"{path} is not a valid safetensors file ({err})") from None
+
+
+def _load_shards(directory: Path) -> dict[str, torch.Tensor]:
+    """Sharded weights: every tensor the index's weight_map names, from its shard."""
+    try:
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory / INDEX} is not a safetensors index with a weight_map ({err!r})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{directory / INDEX}: weight_map must map tensor names to shard files")
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        if not isinstance(file, str) or Path(file).name != file or not (directory / file).is_file():
+            raise CheckpointError(f"{directory / INDEX} names shard {file!r}, which is not a file in {directory}")
+        shard = _load_safetensors(directory / file)
+        for name in (n for n, f in weight_map.items() if f == file):
+            if name not in shard:
+                raise CheckpointError(f"{directory / INDEX} puts {name!r} in {file}, which does not hold it")
+            tensors[name] = shard[name]
+    return tensors
 
 
 def _stored_width(tensors: dict[str, torch.Tensor], where: Path) -> int:
@@ -223,9 +294,9 @@ def load_checkpoint(directory: str | Path, tier: int = 0, strategy: str = "auto"
                            cfg.intermediate_size, helper, reason)
 
 
-def export_tiers(directory: str | Path, tiers, out: str | Path) -> list[Path]:
-    """Sliced checkpoints `out/tier{t}` for each tier (Psyche's export_matformer_tiers.py).
-    Everything is validated before anything is written."""
+def export_tiers(directory: str | Path, tiers, out: str | Path, max_shard_bytes: int | None = None) -> list[Path]:
+    """Sliced checkpoints `out/tier{t}` for each tier (Psyche's export_matformer_tiers.py),
+    sharded past `max_shard_bytes`. Everything is validated before anything is written."""
     path, cfg, stored_tier, tensors = checkpoint_layout(directory)
     for t in tiers:
         tier_width(cfg.intermediate_size, t)
@@ -236,7 +307,8 @@ def export_tiers(directory: str | Path, tiers, out: str | Path) -> list[Path]:
     written = []
     for t in tiers:
         sliced = MatFormerLM(cfg, stored_widths=[cfg.intermediate_size >> t] * cfg.num_hidden_layers)
-        written.append(save_checkpoint(load_prefix(sliced, source.state_dict()), Path(out) / f"tier{t}"))
+        written.append(save_checkpoint(load_prefix(sliced, source.state_dict()), Path(out) / f"tier{t}",
+                                       max_shard_bytes))
     return written
 
 

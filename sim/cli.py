@@ -1,5 +1,6 @@
 """`matsim` command line. User errors become one line on stderr and exit 2."""
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -19,12 +20,13 @@ from rich.table import Table
 
 from sim import analyze as analysis
 from sim import memory
-from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint
-from sim.config import APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, load_config
+from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint, parse_size
+from sim.config import (APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, ZERO_BLOCKS, load_config,
+                        remote_data_error)
 from sim.errors import ConfigError, SimError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
-from sim.run import simulate, validate_assignment
+from sim.run import check_every, simulate, validate_assignment
 from sim.schema import checkpoint_schema_hash
 from sim.distributed import run_peer, simulate_distributed, torchrun_rank
 from sim.engine import BATCHING
@@ -119,7 +121,8 @@ def startup_summary(info: LoadInfo) -> Panel:
 
 
 def cmd_export_tiers(args) -> None:
-    written = export_tiers(args.checkpoint, parse_int_list(args.tiers, "--tiers"), args.out)
+    written = export_tiers(args.checkpoint, parse_int_list(args.tiers, "--tiers"), args.out,
+                           parse_size(args.max_shard_size) if args.max_shard_size else None)
     for path in written:
         print(f"wrote {path} (schema {checkpoint_schema_hash(path)[:16]})")
 
@@ -172,12 +175,14 @@ def cmd_memory(args) -> None:
 def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
                  oracle: str | None, seed: int, rounds: int | None, faults: str | None,
                  exit_after: float | None = None, eval_every: int | None = None, rotation_interval: int | None = None,
-                 backend: str = "inprocess", echo: bool = True, batching: str = "auto", semantics: str | None = None,
-                 apply_rule: str | None = None) -> dict:
+                 backend: str = "inprocess", echo: bool = True, batching: str = "auto", modes: dict | None = None,
+                 data_location: str | None = None, checkpoints: dict | None = None,
+                 model_config: str | None = None) -> dict:
     """One testnet run: validated first, then metrics, summary, scenario.json (which names
     the receivers' modes) and a log whose lines carry `loss=` (the chapter's grep reads
     them) under `out`."""
-    run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval, semantics, apply_rule)
+    run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval, modes,
+                                          data_location, model_config)
     rounds = rounds or run.total_steps
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "run.log", "w")
@@ -208,29 +213,39 @@ def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Pat
         options = {} if backend == "distributed" else {"batching": batching}   # one process per peer: nothing to batch
         runner = simulate_distributed if backend == "distributed" else simulate
         result = runner(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after,
-                        eval_every=eval_every, on_round=line, **options)
+                        eval_every=eval_every, on_round=line, **(checkpoints or {}), **options)
     finally:
         if bar:
             bar.stop()
         logfile.close()
     meta = {"name": name, "tiers": tiers_text, "helpers": helper_text, "kind": kind, "oracle": oracle,
             "rounds": len(result.records), "config": run.name, "config_path": str(run.path), "seed": seed,
-            "faults": faults or "none", "backend": backend, "peer_batching": batching, "modes": run.modes}
+            "faults": faults or "none", "backend": backend, "peer_batching": batching, "modes": run.modes,
+            "optimizer": run.optimizer, "lr_schedule": repr(run.lr_schedule), "data_location": run.data_location,
+            "data": run.data, "checkpoint": run.checkpoint,
+            "overrides": [{"key": k, "config": was, "used": used} for k, was, used in run.overrides],
+            "init_checkpoint": str((checkpoints or {}).get("init_checkpoint")) if (checkpoints or {}).get(
+                "init_checkpoint") else None}
     (out / "scenario.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
 def scenario_inputs(config_path, tiers_text: str, helper_text: str | None, rotation_interval: int | None,
-                    semantics: str | None = None, apply_rule: str | None = None):
+                    modes: dict | None = None, data_location: str | None = None,
+                    model_config: str | None = None):
     """(run config, per-client tiers, helper fractions) from the testnet flags."""
-    run = load_config(config_path)
+    run = load_config(config_path, data_location=data_location, model_config=model_config)
     if rotation_interval is not None:
         run = run.replace(helper_rotation_interval=rotation_interval)
-    if semantics is not None:
-        run = run.replace(mean_semantics=semantics)
-    if apply_rule is not None:
-        run = run.replace(apply_rule=apply_rule)
-    return run, parse_client_tiers(tiers_text), parse_fractions(helper_text)
+    return with_modes(run, modes), parse_client_tiers(tiers_text), parse_fractions(helper_text)
+
+
+def with_modes(run, modes: dict | None):
+    """The run with the mode flags that were given (None: the config's)."""
+    given = {key: value for key, value in (modes or {}).items() if value is not None}
+    if "zero_blocks" in given:
+        run = run.replace(distro=dataclasses.replace(run.distro, zero_blocks=given.pop("zero_blocks")))
+    return run.replace(**given)
 
 
 def parse_fractions(text: str | None) -> list[float] | None:
@@ -245,12 +260,16 @@ def parse_fractions(text: str | None) -> list[float] | None:
 
 def _validate_testnet(args) -> None:
     """Everything that can be wrong with the flags, before anything is written."""
-    run = load_config(args.config_path)
+    run = load_config(args.config_path, data_location=args.data_location, model_config=args.model_config)
+    if run.data is None:
+        raise remote_data_error(run)
+    args.client_matformer_tiers = client_tiers_flag(args, run)
     tiers = parse_client_tiers(args.client_matformer_tiers)
     if args.num_clients is not None and len(tiers) != args.num_clients:
         raise ConfigError(f"--client-matformer-tiers {args.client_matformer_tiers} names {len(tiers)} clients but "
                           f"--num-clients is {args.num_clients}: give one tier per client")
     validate_assignment(run, tiers, parse_fractions(args.client_matformer_helper_fractions))
+    _validate_checkpoints(args, run, tiers)
     parse_fault_spec(args.faults)
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds {args.rounds} is invalid: expected an integer >= 1")
@@ -265,6 +284,38 @@ def _validate_testnet(args) -> None:
                           "per peer, so there is nothing to batch (auto or off)")
 
 
+def checkpoint_flags(args) -> dict:
+    """simulate's checkpoint arguments from the testnet's flags."""
+    return {"init_checkpoint": args.init_checkpoint, "checkpoint_every": args.checkpoint_every,
+            "max_shard_bytes": parse_size(args.max_shard_size) if args.max_shard_size else None}
+
+
+def _validate_checkpoints(args, run, tiers) -> None:
+    """--checkpoint-every, --max-shard-size and --init-checkpoint, before anything is written:
+    the checkpoint must be the config's model and hold every client's widest tier."""
+    check_every(args.checkpoint_every)
+    checkpoint_flags(args)
+    if args.init_checkpoint:
+        for widest in sorted({min(t) if isinstance(t, tuple) else t for t in tiers}):
+            _, info = load_checkpoint(args.init_checkpoint, widest, "auto", expected=run.model, device="cpu")
+        if info.sliced:   # every client then holds a narrow model: there is no full model to evaluate or save
+            raise ConfigError(f"--init-checkpoint {args.init_checkpoint} is an export sliced to tier "
+                              f"{info.stored_tier}: a run needs one client holding the full weights; start from "
+                              f"the full checkpoint (clients load it at their own tiers)")
+
+
+def client_tiers_flag(args, run) -> str:
+    """The per-client tier list: --client-matformer-tiers, or Psyche's one-client flag
+    --matformer-tier given to every client (--num-clients of them, else the config's
+    min_clients), so Psyche's launch scripts translate one to one."""
+    if args.matformer_tier is None:
+        return args.client_matformer_tiers or DEFAULT_CLIENT_TIERS
+    if args.client_matformer_tiers is not None:
+        raise ConfigError(f"--matformer-tier {args.matformer_tier} and --client-matformer-tiers "
+                          f"{args.client_matformer_tiers} both set the tiers: give one of them")
+    return ",".join([str(args.matformer_tier)] * (args.num_clients or run.min_clients))
+
+
 def cmd_testnet(args) -> None:
     _validate_testnet(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(name)s %(message)s")
@@ -272,8 +323,9 @@ def cmd_testnet(args) -> None:
         run, tiers, helpers = scenario_inputs(args.config_path, args.client_matformer_tiers,
                                               args.client_matformer_helper_fractions,
                                               args.matformer_helper_rotation_interval,
-                                              args.matformer_mean_semantics, args.apply_rule)
-        run_peer(run, tiers, helpers, args.faults, args.seed, rounds=args.rounds, eval_every=args.eval_every)
+                                              mode_flags(args), args.data_location, args.model_config)
+        run_peer(run, tiers, helpers, args.faults, args.seed, rounds=args.rounds, eval_every=args.eval_every,
+                 init_checkpoint=args.init_checkpoint, checkpoint_every=args.checkpoint_every)
         return
     if torchrun_rank() == 0:
         args.backend = "distributed"
@@ -284,7 +336,8 @@ def cmd_testnet(args) -> None:
                         kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
                         exit_after=args.headless_exit_after_secs, eval_every=args.eval_every,
                         rotation_interval=args.matformer_helper_rotation_interval, backend=args.backend,
-                        batching=args.peer_batching, semantics=args.matformer_mean_semantics, apply_rule=args.apply_rule)
+                        batching=args.peer_batching, modes=mode_flags(args), data_location=args.data_location,
+                        model_config=args.model_config, checkpoints=checkpoint_flags(args))
     summary = json.loads((out / "summary.json").read_text())
     console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
                     f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
@@ -345,7 +398,7 @@ def cmd_matrix(args) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     scenarios = [dict(config_path=args.config_path, tiers_text=tiers, helper_text=helpers, out=out / name, name=name,
                       kind=kind, oracle=oracle, seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose,
-                      batching=args.peer_batching, semantics=args.matformer_mean_semantics, apply_rule=args.apply_rule)
+                      batching=args.peer_batching, modes=mode_flags(args))
                  for name, tiers, helpers, kind, oracle in analysis.MATRIX if name in chosen]
     console().print(f"=== Scenarios ({len(scenarios)}, {jobs} at a time) ===")
     if jobs == 1:
@@ -378,6 +431,8 @@ def _matrix_scenario(scenario: dict) -> None:
                     f"(floor {summary['loss_floor']:.4f}) in {time.perf_counter() - tick:.0f} s", highlight=False)
 
 
+DEFAULT_CLIENT_TIERS = "0,1,1"
+SHARD_HELP = "write checkpoints as shards of at most this size (bytes, or e.g. 200KB, 5GB, 5GiB), as save_pretrained does"
 BATCHING_HELP = ("train peers of one shape in one batched computation (sim/engine.py): auto where it pays, on "
                  "for every group of two or more, off peer by peer")
 
@@ -390,6 +445,15 @@ def add_mode_flags(command) -> None:
                               "the peers whose tier covers it (region)")
     command.add_argument("--apply-rule", choices=APPLY_RULES,
                          help="sign-SGD (sign, DisTrO's), plain SGD (sgd) or AdamW with the aggregate as its gradient")
+    command.add_argument("--zero-blocks", choices=ZERO_BLOCKS,
+                         help="exact-zero top-k coefficients (an all-zero DCT block's): sent nowhere (absent, "
+                              "matsim's default) or at their indices as DeMo and Psyche send them (sent: zeros that "
+                              "count in the mean, +1 under 1-bit signs)")
+
+
+def mode_flags(args) -> dict:
+    return {"mean_semantics": args.matformer_mean_semantics, "apply_rule": args.apply_rule,
+            "zero_blocks": args.zero_blocks}
 
 
 def _mib(n: int) -> str:
@@ -413,6 +477,7 @@ def build_parser() -> Parser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--tiers", required=True, help="comma-separated tiers, e.g. 1,2")
     export.add_argument("--out", required=True, help="directory; each tier goes to OUT/tier<t>")
+    export.add_argument("--max-shard-size", help=SHARD_HELP)
     export.set_defaults(run=cmd_export_tiers)
 
     schema = commands.add_parser("print-schema-hash", help="hash of the tier-0 canonical schema of a checkpoint")
@@ -434,7 +499,14 @@ def build_parser() -> Parser:
     start.add_argument("--headless-exit-after-secs", type=float, help="end cleanly at the first round boundary after this")
     start.add_argument("--num-clients", type=int)
     start.add_argument("--config-path", default="test-nanogpt-small")
-    start.add_argument("--client-matformer-tiers", default="0,1,1")
+    start.add_argument("--client-matformer-tiers", help=f"one tier per client (default {DEFAULT_CLIENT_TIERS})")
+    start.add_argument("--matformer-tier", type=int,
+                       help="Psyche's per-client flag: this tier for every client (--num-clients of them)")
+    start.add_argument("--data-location",
+                       help="dummy (the synthetic source) or PATH (a byte corpus), in place of the config's data; "
+                            "the run records the substitution")
+    start.add_argument("--model-config", help="a config.json (or a directory holding one) for a model the config "
+                                              "names on a hub")
     start.add_argument("--client-matformer-helper-fractions", help="one fraction in [0, 1] per client (helper mode)")
     start.add_argument("--matformer-helper-rotation-interval", type=int,
                        help="rounds per helper rotation epoch (default: the config's, else 4)")
@@ -449,6 +521,11 @@ def build_parser() -> Parser:
                        help="distributed: one process per client on torch.distributed's store (CPU); same metrics")
     start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     start.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
+    start.add_argument("--checkpoint-every", type=int,
+                       help="also save OUT/checkpoint every N rounds (it is always saved after the last round)")
+    start.add_argument("--init-checkpoint", help="start every client from this checkpoint, loaded at its tier "
+                                                 "(auto strategy)")
+    start.add_argument("--max-shard-size", help=SHARD_HELP)
     add_mode_flags(start)
     start.set_defaults(run=cmd_testnet)
 

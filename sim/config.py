@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sim.data import MarkovSpec
 from sim.errors import ConfigError
+from sim.schedule import SCHEDULES, CosineSchedule, Schedule, cold_start_factor
 from sim.tiers import max_tier
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,7 @@ MATRIX_CONFIG = "ffn-small"   # `make run`: the CI config of the convergence che
 # Receivers' modes, by their flag names: sim/aggregate.py's MeanSemantics ("coeff" is COEFF_MEAN) and ApplyRule.
 MEAN_SEMANTICS = ("coeff", "peer", "region")
 APPLY_RULES = ("sign", "sgd", "adamw")
+ZERO_BLOCKS = ("absent", "sent")   # sim/distro.py
 STYLES = ("llama", "nanogpt")
 # Psyche's state.toml names the architecture, config.json names the model_type.
 ARCHITECTURES = {"HfLlama": "llama", "HfNanoGPT": "nanogpt"}
@@ -136,13 +138,19 @@ class DistroConfig:
     compression_topk: int = 8
     quantize_1bit: bool = True
     weight_decay: float = 0.0   # decoupled, applied by every receiver with the update
+    clip_grad_norm: float | None = None   # each peer clips its own gradient's norm before compressing
+    # matsim's [matsim] zero_blocks, not Psyche's key: how exact-zero top-k coefficients (an
+    # all-zero block's) go out: "absent" (matsim) or "sent" at their indices, as DeMo and Psyche do.
+    zero_blocks: str = "absent"
 
     def __post_init__(self):
         if not 0.0 <= self.compression_decay <= 1.0:
             raise ConfigError(f"compression_decay {self.compression_decay!r} is outside [0, 1]")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
-                or not 0.0 <= self.weight_decay < math.inf:
-            raise ConfigError(f"weight_decay {self.weight_decay!r} is invalid: expected a number >= 0")
+        _check_number("weight_decay", self.weight_decay, "optimizer.Distro")
+        if self.clip_grad_norm is not None:
+            _check_number("clip_grad_norm", self.clip_grad_norm, "optimizer.Distro")
+        if self.zero_blocks not in ZERO_BLOCKS:
+            raise ConfigError(f"zero blocks {self.zero_blocks!r} is unknown: valid are {', '.join(ZERO_BLOCKS)}")
         for name in ("compression_chunk", "compression_topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -150,29 +158,36 @@ class DistroConfig:
 
 
 @dataclass(frozen=True)
-class CosineSchedule:
-    """Psyche's [model.LLM.lr_schedule.Cosine]."""
-    base_lr: float = 1e-3
-    warmup_steps: int = 0
-    warmup_init_lr: float = 0.0
-    total_steps: int = 100
-    final_lr: float = 1e-4
+class AdamWConfig:
+    """Psyche's [model.LLM.optimizer.AdamW]: every client steps its own torch AdamW on its own
+    gradient, and nothing is exchanged (Psyche's trainer returns no DisTrO results for it)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    clip_grad_norm: float | None = None
 
     def __post_init__(self):
-        for name in ("base_lr", "warmup_init_lr", "final_lr"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"lr_schedule {name} {value!r} is invalid: expected a finite number >= 0")
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ConfigError(f"lr_schedule warmup_steps {self.warmup_steps} / total_steps {self.total_steps} "
-                              f"are invalid: expected warmup_steps >= 0 and total_steps >= 1")
+        betas = self.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"optimizer.AdamW betas {betas!r} is invalid: expected a list of two numbers in "
+                              f"[0, 1), e.g. [0.9, 0.95]")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        _check_number("weight_decay", self.weight_decay, "optimizer.AdamW")
+        _check_number("eps", self.eps, "optimizer.AdamW", positive=True)
+        if self.clip_grad_norm is not None:
+            _check_number("clip_grad_norm", self.clip_grad_norm, "optimizer.AdamW")
 
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_init_lr + (self.base_lr - self.warmup_init_lr) * step / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (1 + math.cos(math.pi * progress))
+
+def _check_number(name: str, value, where: str, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{where} {name} {value!r} is invalid: expected a finite number "
+                          f"{'> 0' if positive else '>= 0'}")
+
+
+# Psyche's OptimizerDefinition variants.
+OPTIMIZERS = ("Distro", "AdamW", "Dummy")
 
 
 @dataclass(frozen=True)
@@ -180,13 +195,26 @@ class RunConfig:
     name: str
     model: ModelConfig
     seq_len: int
-    global_batch_size: int
+    global_batch_size: int          # Psyche's global_batch_size_start
     total_steps: int
     min_clients: int = 1
     max_round_train_time: float = 30.0
-    data: str = "Dummy"
-    lr_schedule: CosineSchedule = field(default_factory=CosineSchedule)
+    # What the run reads: "Dummy" (the synthetic source) or a local byte corpus; None when
+    # state.toml names data matsim cannot reach (data_location says what; --data-location substitutes).
+    data: str | None = "Dummy"
+    data_location: str = "Dummy"    # the config's own data_location, as Psyche's form and value
+    lr_schedule: Schedule = field(default_factory=CosineSchedule)
+    optimizer: str = "Distro"
     distro: DistroConfig = field(default_factory=DistroConfig)
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)
+    # Psyche's [config] keys that change what a round is: the global batch ramps linearly from
+    # global_batch_size (start) to global_batch_size_end over the first warmup tokens; the
+    # first epoch's first cold_start_warmup_steps scale the rate up from 0.
+    global_batch_size_end: int | None = None
+    global_batch_size_warmup_tokens: int = 0
+    cold_start_warmup_steps: int = 0
+    rounds_per_epoch: int | None = None
+    checkpoint: str = "Dummy"       # the config's checkpoint form: where Psyche's run starts from
     helper_rotation_interval: int = 4   # rounds per helper-mode rotation epoch (sim/helper.py)
     markov: MarkovSpec = field(default_factory=MarkovSpec)   # the "Dummy" source ([matsim.data])
     # How receivers combine and apply payloads ([matsim] mean_semantics / apply_rule, or the
@@ -194,16 +222,25 @@ class RunConfig:
     # heterogeneous path divides by contributing peers ("peer").
     mean_semantics: str = "coeff"
     apply_rule: str = "sign"
+    overrides: tuple = ()           # (key, what the config said, what the run used): substitutions a run records
     path: Path | None = None
 
     def __post_init__(self):
         for name in ("seq_len", "global_batch_size", "total_steps", "min_clients", "helper_rotation_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} {value!r} is invalid: expected an integer >= 1")
+            _check_count(name, getattr(self, name), 1)
+        for name in ("global_batch_size_warmup_tokens", "cold_start_warmup_steps"):
+            _check_count(name, getattr(self, name), 0)
+        if self.rounds_per_epoch is not None:
+            _check_count("rounds_per_epoch", self.rounds_per_epoch, 1)
+        end = self.global_batch_size_end
+        if end is not None and (_check_count("global_batch_size_end", end, 1) or end < self.global_batch_size):
+            raise ConfigError(f"global_batch_size_end {end} is below global_batch_size_start "
+                              f"{self.global_batch_size}: Psyche's batch only ramps up")
         if self.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"max_seq_len {self.seq_len} exceeds max_position_embeddings "
                               f"{self.model.max_position_embeddings}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown: valid are {', '.join(OPTIMIZERS)}")
         if self.mean_semantics not in MEAN_SEMANTICS:
             raise ConfigError(f"mean semantics {self.mean_semantics!r} is unknown: valid are {', '.join(MEAN_SEMANTICS)}")
         if self.apply_rule not in APPLY_RULES:
@@ -212,16 +249,43 @@ class RunConfig:
     @property
     def modes(self) -> dict:
         """What receivers do with the payloads, as a run's record names it."""
+        if self.optimizer != "Distro":   # nothing is exchanged: each client's own optimizer, or none
+            return {"optimizer": self.optimizer}
         return {"mean_semantics": self.mean_semantics, "apply_rule": self.apply_rule,
-                "weight_decay": self.distro.weight_decay}
+                "weight_decay": self.distro.weight_decay, "zero_blocks": self.distro.zero_blocks}
 
     @property
     def client_batch(self) -> int:
         """Sequences one client trains per round: its share of the global batch (Psyche splits it)."""
         return max(1, self.global_batch_size // self.min_clients)
 
+    def lr(self, step: int) -> float:
+        """The rate of round `step`: the schedule, times the cold start's warmup factor."""
+        return self.lr_schedule.lr(step) * cold_start_factor(step, self.cold_start_warmup_steps)
+
+    def global_batch(self, step: int) -> int:
+        """Sequences in round `step`'s global batch: Psyche's get_batch_size at the tokens the
+        rounds before it consumed (its data index times the sequence length)."""
+        end = self.global_batch_size_end or self.global_batch_size
+        data_index, batch = 0, self.global_batch_size
+        for _ in range(step + 1):
+            tokens = data_index * self.seq_len
+            if tokens >= self.global_batch_size_warmup_tokens:
+                batch = end
+            else:   # Rust's f64::round: halves away from zero
+                exact = self.global_batch_size + (end - self.global_batch_size) * (
+                    tokens / self.global_batch_size_warmup_tokens)
+                batch = math.floor(exact + 0.5)
+            data_index += batch
+        return batch
+
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_count(name: str, value, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"{name} {value!r} is invalid: expected an integer >= {least}")
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -232,7 +296,7 @@ def resolve_config_path(path: str | Path) -> Path:
     bundled = REPO_ROOT / "configs" / str(path)
     if candidate.parent == Path(".") and bundled.is_dir():
         return bundled
-    available = sorted(p.name for p in (REPO_ROOT / "configs").iterdir() if p.is_dir())
+    available = sorted(p.name for p in (REPO_ROOT / "configs").iterdir() if (p / "state.toml").is_file())
     raise ConfigError(f"config path {str(path)!r} does not exist: give a directory holding state.toml and "
                       f"config.json, or one of the bundled configs: {', '.join(available)}")
 
@@ -246,24 +310,91 @@ def _section(table: dict, dotted: str, source: str) -> dict:
     return node
 
 
-def _one_of(table: dict, dotted: str, allowed: tuple[str, ...], source: str) -> tuple[str, dict] | None:
-    """Psyche encodes enums as a table with one key: [model.LLM.optimizer.Distro]."""
-    node = _section(table, dotted, source)
-    if not node:
+def _variant(value, key: str, allowed: tuple[str, ...], source: str, units: tuple[str, ...] = ()
+             ) -> tuple[str, object] | None:
+    """Psyche's enums in TOML: a unit variant (one of `units`) is a string (optimizer =
+    "Dummy"), any other a table with one key ([model.LLM.optimizer.Distro], data_location =
+    { Server = "..." })."""
+    if value is None:
         return None
-    if len(node) != 1 or next(iter(node)) not in allowed:
-        raise ConfigError(f"{source}: [{dotted}] has {sorted(node)}: matsim supports exactly one of {list(allowed)}")
-    key, value = next(iter(node.items()))
-    return key, value
+    if isinstance(value, str) and value in units:
+        return value, {}
+    if isinstance(value, str) and value in allowed:
+        raise ConfigError(f"{source}: model.LLM.{key} = {value!r} names a variant with fields: write it as a "
+                          f"table, [model.LLM.{key}.{value}]")
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in allowed:
+        return next(iter(value.items()))
+    raise ConfigError(f"{source}: model.LLM.{key} {value!r} is unknown: valid are {', '.join(allowed)}")
 
 
-def _data_location(value, source: str) -> str:
-    if value == "Dummy":
-        return "Dummy"
-    if isinstance(value, dict) and set(value) == {"Local"} and isinstance(value["Local"], str):
-        return value["Local"]
-    raise ConfigError(f"{source}: data_location {value!r} is not supported: use \"Dummy\" (the synthetic "
-                      f"Markov source) or {{ Local = \"path/to/file\" }} (a byte corpus)")
+DATA_LOCATIONS = ("Dummy", "Local", "Server", "Http", "WeightedHttp", "Preprocessed")
+CHECKPOINTS = ("Hub", "Dummy", "Ephemeral", "P2P", "Gcs", "P2PGcs")
+DATA_FLAG = "--data-location dummy|PATH"
+MODEL_FLAG = "--model-config PATH"
+
+
+def _data_location(value, source: str, directory: Path) -> tuple[str | None, str]:
+    """(what the run reads, the config's form as a label): Dummy and existing Local paths are
+    read here; the other forms are data matsim cannot reach (the run then needs DATA_FLAG)."""
+    kind, detail = _variant(value, "data_location", DATA_LOCATIONS, source, units=("Dummy",))
+    if kind == "Dummy":
+        return "Dummy", "Dummy"
+    if kind == "Http":
+        if not isinstance(detail, dict) or not {"location", "token_size_in_bytes", "shuffle"} <= set(detail):
+            raise ConfigError(f"{source}: model.LLM.data_location.Http needs location, token_size_in_bytes and "
+                              f"shuffle, got {detail!r}")
+        where = _variant(detail["location"], "data_location.Http.location", ("SingleUrl", "NumberedFiles", "Gcp"),
+                         source)
+        return None, f"Http {where[0]} {json.dumps(where[1], sort_keys=True)}"
+    if not isinstance(detail, str) or not detail:
+        raise ConfigError(f"{source}: model.LLM.data_location.{kind} {detail!r} is invalid: expected a non-empty "
+                          f"string")
+    label = f"{kind} {detail}"
+    # A Local path as Psyche reads it (from where the run starts), else beside state.toml.
+    for candidate in (Path(detail), directory / detail) if kind == "Local" else ():
+        if candidate.is_file():
+            return str(candidate), label
+    return None, label
+
+
+def remote_data_error(config: RunConfig) -> ConfigError:
+    return ConfigError(f"model.LLM.data_location is {config.data_location}, which matsim cannot read on this machine "
+                       f"(remote, or not a local file): run with {DATA_FLAG} (the synthetic source, or a local byte "
+                       f"corpus); the run records the substitution")
+
+
+def _checkpoint(value, source: str) -> tuple[str, Path | None]:
+    """(the checkpoint form as a label, a local directory it names, if any)."""
+    if value is None:
+        return "Dummy", None
+    kind, detail = _variant(value, "checkpoint", CHECKPOINTS, source, units=("Ephemeral",))
+    if kind == "Ephemeral":
+        return kind, None
+    key = "bucket" if kind in ("Gcs", "P2PGcs") else "repo_id"
+    if not isinstance(detail, dict) or not isinstance(detail.get(key), str):
+        raise ConfigError(f"{source}: model.LLM.checkpoint.{kind} needs {key} (a string), got {detail!r}")
+    if kind != "Dummy" and not detail[key]:   # Psyche's Model::check: an empty repo is a bad checkpoint
+        raise ConfigError(f"{source}: model.LLM.checkpoint.{kind} {key} is empty: name a repository")
+    local = Path(detail[key]) if key == "repo_id" and detail[key] and Path(detail[key]).is_dir() else None
+    return f"{kind} {detail[key]}" if detail[key] else kind, local
+
+
+def _model_config(directory: Path, model_config: str | Path | None, checkpoint: str, local: Path | None,
+                  state_path: Path) -> Path:
+    """Where the model's config.json comes from: --model-config, else beside state.toml, else
+    in the checkpoint's local directory."""
+    if model_config is not None:
+        given = Path(model_config)
+        found = given / "config.json" if given.is_dir() else given
+        if not found.is_file():
+            raise ConfigError(f"--model-config {str(model_config)!r} is not a config.json file or a directory "
+                              f"holding one")
+        return found
+    for candidate in (directory / "config.json", local / "config.json" if local else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    raise ConfigError(f"{state_path}: the model's config.json is neither beside it nor in model.LLM.checkpoint "
+                      f"({checkpoint}; matsim fetches nothing from a hub): give it with {MODEL_FLAG}")
 
 
 def _build(cls, values: dict, source: str):
@@ -274,18 +405,34 @@ def _build(cls, values: dict, source: str):
     return cls(**values)
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG) -> RunConfig:
-    """Load and validate configs/<name>/state.toml + config.json."""
+def _llm_table(state: dict, source: str) -> dict:
+    """[model.LLM], with [model_extra_data] (newer Psyche configs keep architecture, data,
+    schedule, optimizer and checkpoint there) merged in; a key set in both must agree."""
+    llm = dict(_section(state, "model.LLM", source))
+    for key, value in _section(state, "model_extra_data", source).items():
+        if key in llm and llm[key] != value:
+            raise ConfigError(f"{source}: {key} differs between [model.LLM] and [model_extra_data]: keep one")
+        llm[key] = value
+    return llm
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None = None,
+                model_config: str | Path | None = None) -> RunConfig:
+    """Load and validate configs/<name>/state.toml + config.json. `data_location` ("dummy" or
+    a file) replaces the config's data, `model_config` its config.json; the run records both."""
     directory = resolve_config_path(path)
-    state_path, hf_path = directory / "state.toml", directory / "config.json"
-    for required in (state_path, hf_path):
-        if not required.is_file():
-            raise ConfigError(f"config directory {str(directory)!r} has no {required.name}: "
-                              f"a config is a directory with state.toml and config.json")
+    state_path = directory / "state.toml"
+    if not state_path.is_file():
+        raise ConfigError(f"config directory {str(directory)!r} has no state.toml: a config is a directory with "
+                          f"state.toml and config.json")
     try:
         state = tomllib.loads(state_path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{state_path}: not valid TOML ({err})") from None
+    source = str(state_path)
+    run, llm = _section(state, "config", source), _llm_table(state, source)
+    checkpoint, local = _checkpoint(llm.get("checkpoint"), source)
+    hf_path = _model_config(directory, model_config, checkpoint, local, state_path)
     try:
         hf = json.loads(hf_path.read_text())
     except json.JSONDecodeError as err:
@@ -294,42 +441,83 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> RunConfig:
         raise ConfigError(f"{hf_path}: expected a JSON object, got {type(hf).__name__}")
 
     model = ModelConfig.from_hf_dict(hf, source=str(hf_path))
-    run, llm = _section(state, "config", str(state_path)), _section(state, "model.LLM", str(state_path))
     architecture = llm.get("architecture")
-    if architecture is not None and ARCHITECTURES.get(architecture) != model.style:
+    # --model-config substitutes the model, its architecture included (the run records it).
+    if architecture is not None and ARCHITECTURES.get(architecture) != model.style and model_config is None:
         raise ConfigError(f"{state_path}: architecture {architecture!r} contradicts config.json model_type "
                           f"{model.style!r}: valid pairs are {ARCHITECTURES}")
-
-    schedule = _one_of(state, "model.LLM.lr_schedule", ("Cosine",), str(state_path))
-    optimizer = _one_of(state, "model.LLM.optimizer", ("Distro",), str(state_path))
     if "max_seq_len" not in llm or "total_steps" not in run or "global_batch_size_start" not in run:
         raise ConfigError(f"{state_path}: needs model.LLM.max_seq_len, config.total_steps and "
                           f"config.global_batch_size_start")
+    schedule = _variant(llm.get("lr_schedule"), "lr_schedule", tuple(SCHEDULES), source)
+    optimizer = _variant(llm.get("optimizer"), "optimizer", OPTIMIZERS, source, units=("Dummy",)) or ("Distro", {})
+    distro_table = optimizer[1] if optimizer[0] == "Distro" else {}
+    missing = sorted({"betas", "weight_decay", "eps"} - set(optimizer[1])) if optimizer[0] == "AdamW" else []
+    if missing:   # Psyche's AdamW has no defaults for these
+        raise ConfigError(f"{source}: [model.LLM.optimizer.AdamW] needs {', '.join(missing)}")
+    data, data_label = _data_location(llm.get("data_location", "Dummy"), source, directory)
+    overrides = []
+    if data_location is not None:
+        data = _data_override(data_location)
+        overrides.append(("data_location", data_label, data))
+    if model_config is not None:
+        beside = directory / "config.json"
+        said = str(beside) if beside.is_file() else f"{architecture or 'model'} from checkpoint {checkpoint}"
+        overrides.append(("model_config", said, str(hf_path)))
+    modes = _modes(_section(state, "matsim", source), source)
+    if "zero_blocks" in distro_table:
+        raise ConfigError(f"{source}: zero_blocks is matsim's key, not Psyche's: set it under [matsim]")
+    distro = _build(DistroConfig, {**distro_table, **({"zero_blocks": modes.pop("zero_blocks")}
+                                                       if "zero_blocks" in modes else {})},
+                    f"{state_path} [optimizer.Distro]")
     return RunConfig(
         name=state.get("run_id", directory.name),
         model=model,
         seq_len=llm["max_seq_len"],
         global_batch_size=run["global_batch_size_start"],
+        global_batch_size_end=run.get("global_batch_size_end"),
+        global_batch_size_warmup_tokens=run.get("global_batch_size_warmup_tokens", 0),
+        cold_start_warmup_steps=llm.get("cold_start_warmup_steps", 0),
+        rounds_per_epoch=run.get("rounds_per_epoch"),
         total_steps=run["total_steps"],
         min_clients=run.get("min_clients", 1),
         max_round_train_time=run.get("max_round_train_time", 30.0),
         helper_rotation_interval=run.get("matformer_helper_rotation_interval", 4),
-        data=_data_location(llm.get("data_location", "Dummy"), str(state_path)),
-        lr_schedule=_build(CosineSchedule, schedule[1], f"{state_path} [lr_schedule.Cosine]") if schedule else CosineSchedule(),
-        distro=_build(DistroConfig, optimizer[1], f"{state_path} [optimizer.Distro]") if optimizer else DistroConfig(),
-        markov=_build(MarkovSpec, _section(state, "matsim.data", str(state_path)), f"{state_path} [matsim.data]"),
-        **_modes(_section(state, "matsim", str(state_path)), str(state_path)),
+        data=data, data_location=data_label,
+        checkpoint=checkpoint,
+        lr_schedule=_build(SCHEDULES[schedule[0]], schedule[1], f"{state_path} [lr_schedule.{schedule[0]}]")
+        if schedule else CosineSchedule(),
+        optimizer=optimizer[0],
+        distro=distro,
+        adamw=_build(AdamWConfig, optimizer[1], f"{state_path} [optimizer.AdamW]")
+        if optimizer[0] == "AdamW" else AdamWConfig(),
+        markov=_build(MarkovSpec, _section(state, "matsim.data", source), f"{state_path} [matsim.data]"),
+        **modes,
+        overrides=tuple(overrides),
         path=directory,
     )
 
 
+def _data_override(value: str) -> str:
+    if value.lower() == "dummy":
+        return "Dummy"
+    if not Path(value).is_file():
+        raise ConfigError(f"--data-location {value!r} is neither dummy nor a local file: give dummy (the synthetic "
+                          f"source) or the path of a byte corpus")
+    return value
+
+
 def _modes(table: dict, source: str) -> dict:
     """[matsim] mean_semantics and apply_rule (and the [matsim.data] table, read on its own)."""
-    unknown = sorted(set(table) - {"data", "mean_semantics", "apply_rule"})
+    unknown = sorted(set(table) - {"data", *MODES})
     if unknown:
-        raise ConfigError(f"{source}: [matsim] has unknown keys {unknown}: valid are data, mean_semantics "
-                          f"({', '.join(MEAN_SEMANTICS)}) and apply_rule ({', '.join(APPLY_RULES)})")
-    for key, valid in (("mean_semantics", MEAN_SEMANTICS), ("apply_rule", APPLY_RULES)):
+        raise ConfigError(f"{source}: [matsim] has unknown keys {unknown}: valid are data, "
+                          + ", ".join(f"{key} ({', '.join(valid)})" for key, valid in MODES.items()))
+    for key, valid in MODES.items():
         if key in table and table[key] not in valid:
             raise ConfigError(f"{source}: [matsim] {key} = {table[key]!r} is unknown: valid are {', '.join(valid)}")
-    return {key: table[key] for key in ("mean_semantics", "apply_rule") if key in table}
+    return {key: table[key] for key in MODES if key in table}
+
+
+# [matsim]'s mode keys (and the testnet's flags), with their values.
+MODES = {"mean_semantics": MEAN_SEMANTICS, "apply_rule": APPLY_RULES, "zero_blocks": ZERO_BLOCKS}

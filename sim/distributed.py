@@ -34,12 +34,14 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from sim.checkpoint import checkpoint_config, save_tensors
 from sim.clock import WALL, Clock
 from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
 from sim.faults import FaultPlan
-from sim.run import Network, RunResult, Sent, count_churn, evaluates, fault_plan, run_length, summary
+from sim.run import (CHECKPOINT, Network, RunResult, Sent, check_every, count_churn, evaluates, fault_plan, run_length,
+                     saves_checkpoint, summary)
 from sim.tiers import layer_tiers
 
 JOIN_TIMEOUT_S = 120.0
@@ -80,14 +82,15 @@ def _get(store, key: str, timeout_s: float) -> bytes | None:
 
 
 def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, fractions, plan: FaultPlan, seed: int,
-                 rounds: int, eval_every: int, wait_s: float, trouble: dict) -> None:
+                 rounds: int, eval_every: int, wait_s: float, trouble: dict, saving: dict | None = None) -> None:
     """One peer's process: join, then, round by round in step with the coordinator, run its
     send half, deliver what the coordinator says arrived to its own replica, and (when it is
     the lowest peer whose payload arrived) publish the round's record.
     `trouble` ({"crash": round, "slow": {round: seconds}}) makes this process misbehave."""
     torch.set_num_threads(1)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-    network = Network(config, tiers, fractions, seed, device="cpu", only=rank)
+    saving = saving or {}
+    network = Network(config, tiers, fractions, seed, device="cpu", only=rank, init_checkpoint=saving.get("init"))
     me = network.peers[rank]
     store.set(f"joined/{rank}", b"1")
     for round_ in range(rounds):
@@ -123,6 +126,11 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
                 evaluates(round_, eval_every, rounds, arrival["last"])), plan.leaving(round_))
             if arrival["missing"]:
                 record["missing"] = arrival["missing"]
+            if saving.get("out") and saves_checkpoint(round_, saving.get("every"), rounds, arrival["last"]):
+                # The coordinator holds no replica: the reporter hands it the weights to save.
+                store.set(f"{round_}/checkpoint/config", json.dumps(checkpoint_config(me.model)).encode())
+                store.set(f"{round_}/checkpoint", safetensors.torch.save(
+                    {n: p.detach().contiguous() for n, p in me.model.named_parameters()}))
             store.set(f"{round_}/record", json.dumps(record, sort_keys=True).encode())
 
 
@@ -154,7 +162,9 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                          out: str | Path | None = None, eval_every: int | None = None,
                          deadline_s: float | None = None, round_deadline_s: float | None = None,
                          on_round: Callable[[dict], None] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S,
-                         trouble: dict[int, dict] | None = None, clock: Clock = WALL) -> RunResult:
+                         trouble: dict[int, dict] | None = None, clock: Clock = WALL,
+                         init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
+                         max_shard_bytes: int | None = None) -> RunResult:
     """`simulate` with every peer in its own process, on CPU: the same records. The
     coordinator (this process) waits up to `round_deadline_s` (default: the config's
     max_round_train_time) after a round's first payload for the others; a peer whose
@@ -164,10 +174,17 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": {round:
     seconds}} | {"never_join": True}}) makes peers misbehave, for tests of what only a
     process boundary shows. `clock` times the wait for every peer to join and `deadline_s`.
+    Checkpoints (`init_checkpoint`, `checkpoint_every`, out/checkpoint) as `simulate` has them:
+    the round's reporter hands the coordinator its weights to save.
 
     Under torchrun (RANK and WORLD_SIZE set), this process is rank 0, the coordinator:
     it hosts the store on MASTER_ADDR:MASTER_PORT and ranks 1..N run the peers (`run_peer`)."""
+    if config.optimizer != "Distro":
+        raise ConfigError(f"the distributed backend carries payloads between processes, and under optimizer "
+                          f"{config.optimizer} peers send none: use --backend inprocess")
     rounds, eval_every = run_length(config, rounds, eval_every)
+    check_every(checkpoint_every)
+    saving = {"init": init_checkpoint, "every": checkpoint_every, "out": out is not None}
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
     plan = fault_plan(faults, probe, rounds, seed)
     fractions = [p.helper_fraction for p in probe.peers]
@@ -184,7 +201,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         context = multiprocessing.get_context("spawn")
         workers = {rank: context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
                                          args=(rank, "127.0.0.1", store.port, config, list(tiers), fractions, plan,
-                                               seed, rounds, eval_every, wait_s, trouble.get(rank, {})))
+                                               seed, rounds, eval_every, wait_s, trouble.get(rank, {}), saving))
                    for rank in range(len(probe.peers))}
 
     def alive(peer: int) -> bool:
@@ -216,6 +233,10 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                 raise SimError(f"round {round_}: no peer's payload arrived within {wait_s * 10:g} s")
             records.append(json.loads(_await(store, f"{round_}/record", alive, len(probe.peers),
                                              time.perf_counter() + wait_s * 4)))
+            if out and saves_checkpoint(round_, checkpoint_every, rounds, stopped_early):
+                save_tensors(safetensors.torch.load(store.get(f"{round_}/checkpoint")),
+                             json.loads(store.get(f"{round_}/checkpoint/config")), Path(out) / CHECKPOINT,
+                             max_shard_bytes)
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if on_round:
                 on_round(records[-1])
@@ -253,15 +274,18 @@ def _check_world(peers: int) -> None:
 
 def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
              faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
-             eval_every: int | None = None, round_deadline_s: float | None = None) -> None:
+             eval_every: int | None = None, round_deadline_s: float | None = None,
+             init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None) -> None:
     """A torchrun rank r >= 1: peer r - 1 of the run the coordinator (rank 0) drives. It takes
-    the same arguments as the coordinator, so it derives the same plan without asking."""
+    the same arguments as the coordinator, so it derives the same plan without asking (the
+    testnet's coordinator always writes results, so checkpoints are always handed over)."""
     rounds, eval_every = run_length(config, rounds, eval_every)
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
     _check_world(len(probe.peers))
     peer_process(torchrun_rank() - 1, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), config, list(tiers),
                  [p.helper_fraction for p in probe.peers], fault_plan(faults, probe, rounds, seed), seed, rounds,
-                 eval_every, round_deadline_s or config.max_round_train_time, {})
+                 eval_every, round_deadline_s or config.max_round_train_time, {},
+                 {"init": init_checkpoint, "every": checkpoint_every, "out": True})
     probe.close()
 
 

@@ -7,9 +7,14 @@ every block are kept. 1-D tensors use 1-D blocks. A sparse tensor is then
 (indices, values) of shape [*blocks, k], indices counting within a block.
 
 Index `block_numel` is the "absent" slot: an exactly-zero coefficient (only
-an all-zero block has them among its top-k) is sent there, so that 1-bit
-signs never turn a zero into +-1 and an absent coefficient never dilutes a
-mean. Decoders scatter into one extra slot per block and drop it.
+a block with fewer than k nonzero coefficients, such as an all-zero one, has them
+among its top-k) is sent there, so that 1-bit signs never turn a zero into +-1 and
+an absent coefficient never dilutes a mean. Decoders scatter into one extra slot
+per block and drop it. That is matsim's default (zero_blocks "absent"); DeMo's
+reference optimizer and Psyche send those zeros at their top-k indices, where they
+count in the receivers' per-coefficient mean, and Psyche's 1-bit quantizer (the
+sign bit of +0.0 is clear) turns them into +1 (zero_blocks "sent"). Ties among
+equal magnitudes, zeros included, go to the lowest index (`top_k`).
 """
 import functools
 import math
@@ -137,15 +142,17 @@ class Sparse:
     values: torch.Tensor
 
 
-def compress(x: torch.Tensor, chunk: int, topk: int, lead: int = 0) -> Sparse:
+def compress(x: torch.Tensor, chunk: int, topk: int, lead: int = 0, zero_blocks: str = "absent") -> Sparse:
     """Top-k DCT coefficients of x per block; with `lead` leading dimensions, of each tensor
-    of a stack (indices and values then [*lead, *blocks, k])."""
+    of a stack (indices and values then [*lead, *blocks, k]). Exact zeros among them go to
+    the absent slot, or with `zero_blocks` "sent" stay at their indices (see the module doc)."""
     grid = ChunkGrid.of(x.shape[lead:], chunk)
     coeffs = grid.encode(x)
     k = min(topk, grid.block_numel)
     indices = top_k(coeffs, k)
     values = coeffs.gather(-1, indices)
-    indices = torch.where(values == 0, grid.block_numel, indices)  # exact zeros go to the absent slot
+    if zero_blocks == "absent":
+        indices = torch.where(values == 0, grid.block_numel, indices)
     return Sparse(grid, indices, values)
 
 
@@ -167,8 +174,12 @@ def top_k(coeffs: torch.Tensor, k: int) -> torch.Tensor:
     return rank.topk(k, dim=-1, sorted=False).indices
 
 
-def quantize_1bit(sparse: Sparse) -> Sparse:
-    """Values -> +-1. Absent entries keep value 0 (they are dropped on decode anyway)."""
+def quantize_1bit(sparse: Sparse, zero_blocks: str = "absent") -> Sparse:
+    """Values -> +-1. Absent entries keep value 0 (they are dropped on decode anyway); with
+    `zero_blocks` "sent", a value's sign bit decides as in Psyche's
+    quantize_nozeros_tensor_to_boolean_sign, so a +0.0 goes out as +1."""
+    if zero_blocks == "sent":
+        return Sparse(sparse.grid, sparse.indices, torch.where(sparse.values.signbit(), -1.0, 1.0).to(sparse.values))
     return Sparse(sparse.grid, sparse.indices, sparse.values.sign())
 
 
@@ -238,7 +249,7 @@ def step_stacked(states: Sequence[DistroState], name: str, grads: torch.Tensor, 
         deltas.append(torch.zeros_like(grads[0]) if delta is None else delta)
     delta = torch.stack(deltas)
     delta.mul_(cfg.compression_decay).add_(grads, alpha=lr)
-    sparse = compress(delta, cfg.compression_chunk, cfg.compression_topk, lead=1)
+    sparse = compress(delta, cfg.compression_chunk, cfg.compression_topk, lead=1, zero_blocks=cfg.zero_blocks)
     transmitted = sparse.grid.decode_pairs(sparse.indices, sparse.values)
     if sparse.indices.shape[-1] == sparse.grid.block_numel:
         # Lossless (top-k keeps every coefficient): nothing is left behind. Subtracting would
@@ -249,5 +260,5 @@ def step_stacked(states: Sequence[DistroState], name: str, grads: torch.Tensor, 
         delta.sub_(transmitted)
     for state, own in zip(states, delta.unbind(0)):
         state.delta[name] = own
-    sent = quantize_1bit(sparse) if cfg.quantize_1bit else sparse
+    sent = quantize_1bit(sparse, cfg.zero_blocks) if cfg.quantize_1bit else sparse
     return [Sparse(sent.grid, i, v) for i, v in zip(sent.indices.unbind(0), sent.values.unbind(0))], transmitted

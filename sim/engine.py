@@ -32,7 +32,7 @@ from sim.data import shards
 from sim.distro import step_stacked
 from sim.errors import ConfigError
 from sim.model import is_mlp_sliced, local_shapes, mlp_layer, param_count, parameters_by_name
-from sim.peer import Peer, log_gradient_shapes, make_payload
+from sim.peer import Peer, clip_stacked, log_gradient_shapes, make_payload
 from sim.peer import log as peer_log
 from sim.wire import Payload
 
@@ -43,7 +43,7 @@ AUTO_WORK = 2 ** 30   # parameters x tokens per peer up to which `auto` batches
 AUTO_GROUP = 16       # peers `auto` batches at most at once (their gradients coexist)
 
 
-def auto_batches(network) -> bool:
+def auto_batches(network, round_: int) -> bool:
     """Whether batching pays for this network's peers (benchmarks/test_bench_engine.py,
     README "Batched peers"): on a small model a peer's step is a few hundred small kernel
     calls and a batch of them runs in the time of a few peers (tiny and test-nanogpt-small:
@@ -51,7 +51,7 @@ def auto_batches(network) -> bool:
     batched peers took 1.85x as long as two in turn: the big matrix products already use
     the machine, and the math attention kernel vmap needs materializes 512 x 512 scores."""
     config = network.config
-    return param_count(config.model) * network.batch * config.seq_len <= AUTO_WORK
+    return param_count(config.model) * network.batch(round_) * config.seq_len <= AUTO_WORK
 
 
 def check_batching(batching: str) -> str:
@@ -63,7 +63,7 @@ def check_batching(batching: str) -> str:
 def train_peers(network, peers: Sequence[Peer], round_: int, faults: dict, batching: str = "auto"
                 ) -> list[tuple[Payload | None, float]]:
     """(payload, loss) of every peer, in order; batched by shape where `batching` says so."""
-    if check_batching(batching) == "off" or len(peers) < 2 or (batching == "auto" and not auto_batches(network)):
+    if check_batching(batching) == "off" or len(peers) < 2 or (batching == "auto" and not auto_batches(network, round_)):
         return [network.train(p, round_, faults.get(p.id)) for p in peers]
     groups: dict[tuple, list[Peer]] = {}
     for peer in peers:
@@ -105,7 +105,7 @@ def train_group(network, group: Sequence[Peer], round_: int, faults: dict) -> li
     if not ok:
         return results
     take = (lambda t: t) if len(ok) == len(group) else (lambda t: t[ok])
-    states, lr = [group[i].state for i in ok], config.lr_schedule.lr(round_)
+    states, lr = [group[i].state for i in ok], config.lr(round_)
     sent = {name: step_stacked(states, name, take(g), lr)[0] for name, g in local.items()}
     helper_sent = {name: step_stacked(states, "helper:" + name, take(g), lr, anchor=helpers[mlp_layer(name)])[0]
                    for name, g in slabs.items()}
@@ -138,6 +138,7 @@ def group_gradients(network, group: Sequence[Peer], round_: int):
     # it peer by peer.
     with sdpa_kernel(SDPBackend.MATH):
         grads, losses = vmap(grad_and_value(loss_of), in_dims=(None if shared else 0, 0))(params, tokens)
+    grads = clip_stacked(grads, config.distro.clip_grad_norm)
     shapes = local_shapes(config.model, model.layer_tiers)
     local = {name: g.narrow(prefix_dim(name) + 1, 0, shapes[name][prefix_dim(name)]) if is_mlp_sliced(name) else g
              for name, g in grads.items()}
@@ -148,5 +149,5 @@ def group_gradients(network, group: Sequence[Peer], round_: int):
 
 def stacked_shards(network, group: Sequence[Peer], round_: int) -> torch.Tensor:
     """The group's shards, [peers, batch, seq_len + 1], in the group's order."""
-    return shards(network.source, network.seed, round_, [p.id for p in group], network.batch,
+    return shards(network.source, network.seed, round_, [p.id for p in group], network.batch(round_),
                   network.config.seq_len + 1).to(network.device)

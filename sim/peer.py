@@ -31,6 +31,7 @@ def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Ten
     model.zero_grad(set_to_none=True)
     loss = model(tokens[:, :-1], tokens[:, 1:])[1]
     loss.backward()
+    clip_gradient(model, state.config.clip_grad_norm)
     grads = local_grads(model)
     if log.isEnabledFor(logging.DEBUG):
         log_gradient_shapes(model, grads, peer, round_)
@@ -44,6 +45,38 @@ def train_and_compress(model: MatFormerLM, state: DistroState, tokens: torch.Ten
                      for name, grad in slabs.items()}
     return make_payload(peer, round_, model.layer_tiers, params, state.config.quantize_1bit, helpers,
                         helper_params), loss.item()
+
+
+def clip_gradient(model: MatFormerLM, max_norm: float | None) -> None:
+    """Psyche's clip_grad_norm: each peer scales its own whole gradient (helper neurons
+    included) to norm at most `max_norm` (None or 0: no clipping)."""
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def clip_stacked(grads: dict[str, torch.Tensor], max_norm: float | None) -> dict[str, torch.Tensor]:
+    """`clip_gradient` for peers stacked along dim 0 ({name: [peers, *shape]}): each peer's
+    whole gradient scaled by torch's clip coefficient, max_norm / (norm + 1e-6), at most 1."""
+    if not max_norm:
+        return grads
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {name: g * scale.view(-1, *[1] * (g.ndim - 1)) for name, g in grads.items()}
+
+
+def train_locally(model: MatFormerLM, optimizer: torch.optim.Optimizer | None, tokens: torch.Tensor, lr: float,
+                  max_norm: float | None) -> float:
+    """A Psyche client under AdamW (`optimizer`) or Dummy (None): forward+backward on its
+    shard, then its own optimizer step on its own replica; nothing leaves the peer."""
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+    if optimizer is not None:
+        loss.backward()
+        clip_gradient(model, max_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return loss.item()
 
 
 def make_payload(peer: int, round_: int, tiers, params: dict, quantized: bool, helpers: dict[int, torch.Tensor],

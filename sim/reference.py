@@ -25,9 +25,10 @@ Two references:
   block sends nothing (the absent slot) instead of k zeros that count in the mean.
   Helper slabs are checked in lossless mode only.
 
-`learning_rate` is Psyche's cosine schedule written out (CosineLR in Psyche's
-shared/core/src/definitions.rs) with `step` the round; Psyche never runs past
-total_steps, where its formula would rise again, so past it the rate is final_lr.
+`learning_rate` is Psyche's four schedules written out (shared/core/src/definitions.rs)
+with `step` the round, quirks included (Cosine is not clamped past total_steps), times
+the cold-start factor; `global_batch` Psyche's batch ramp (get_batch_size at each
+round's data index).
 `held_out` is the batch every evaluation reads; `peer_loss` what a peer reports.
 
 `round_inputs` replays a fault plan naively: who is present (churn), at which tiers,
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sim.config import CosineSchedule, ModelConfig, RunConfig
+from sim.config import ModelConfig, RunConfig
 from sim.data import make_source, shard
 from sim.faults import FaultPlan
 from sim.helper import helper_indices
@@ -138,6 +139,7 @@ class PeerInput:
     factor: float | None = 1.0                 # its payload's weight: None when it does not count this round
     steps: bool = True                         # its DisTrO state advances (not when its NaN guard withholds)
     fresh: bool = False                        # it (re)joined this round: a fresh DisTrO state
+    clip: float | None = None                  # Distro's clip_grad_norm: its whole gradient's norm at most this
 
 
 @dataclass
@@ -178,6 +180,11 @@ def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: Pee
     """Train the peer's own narrow copy of `weights` (full shapes) on its tokens."""
     narrow, active = narrow_copy(cfg, weights, peer)
     loss_of(cfg, narrow, peer.tokens).backward()
+    if peer.clip:
+        norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in narrow.values()))
+        scale = min(1.0, peer.clip / (norm + 1e-6))
+        for p in narrow.values():
+            p.grad *= scale
     grads = {}
     for name, w in weights.items():
         grad, axis = narrow[name].grad, ffn_axis(name)
@@ -223,6 +230,9 @@ class Round:
     weights: dict[str, torch.Tensor]      # after applying it
     contributing: int
     checked: dict[str, torch.Tensor] | None = None   # DeMo: elements no top-k tie reached (None: all)
+    # DeMo: each tensor's largest coefficient sent, the size of the terms its aggregate sums, so
+    # of its round-off where they cancel (+1 and a byzantine -1 make an aggregate of exact zeros).
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 def combine(totals: dict, covers: dict, contributing: int, semantics: str) -> dict[str, torch.Tensor]:
@@ -245,8 +255,10 @@ def apply(weights: dict[str, torch.Tensor], update: dict[str, torch.Tensor], lr:
 
 
 def lossless_round(cfg: ModelConfig, chunk: int, weights: dict[str, torch.Tensor], peers: Sequence[PeerInput],
-                   lr: float, semantics: str, rule: str = "sign", weight_decay: float = 0.0) -> Round:
-    """One round in lossless DisTrO mode from the full `weights` every replica holds."""
+                   lr: float, semantics: str, rule: str = "sign", weight_decay: float = 0.0,
+                   zero_blocks: str = "absent") -> Round:
+    """One round in lossless DisTrO mode from the full `weights` every replica holds. With
+    `zero_blocks` "sent", an all-zero block's zeros count in COEFF_MEAN like any others."""
     counted = [p for p in peers if p.factor is not None]
     totals = {n: torch.zeros_like(w) for n, w in weights.items()}
     covers = {n: torch.zeros_like(w) for n, w in weights.items()}
@@ -254,7 +266,8 @@ def lossless_round(cfg: ModelConfig, chunk: int, weights: dict[str, torch.Tensor
         for name, g in peer_gradients(cfg, weights, peer).items():
             delta = lr * peer.factor
             totals[name] += delta * (g.prefix + g.helper)
-            cover = sent_blocks(g.local, g.covered, chunk, ffn_axis(name)) if semantics == "coeff_mean" else g.covered
+            absent = semantics == "coeff_mean" and zero_blocks == "absent"
+            cover = sent_blocks(g.local, g.covered, chunk, ffn_axis(name)) if absent else g.covered
             covers[name] += cover + g.helper_covered
     update = combine(totals, covers, len(counted), semantics)
     return Round(update, apply(weights, update, lr, rule, weight_decay), len(counted))
@@ -278,8 +291,9 @@ def dct_matrix(n: int, dtype) -> torch.Tensor:
 class DeMo:
     """Per-peer DeMo state and one round of its compressed exchange (see the module doc)."""
 
-    def __init__(self, chunk: int, topk: int, decay: float, quantize: bool):
+    def __init__(self, chunk: int, topk: int, decay: float, quantize: bool, zero_blocks: str = "absent"):
         self.chunk, self.topk, self.decay, self.quantize = chunk, topk, decay, quantize
+        self.zero_blocks = zero_blocks   # "sent": exact zeros go out and count, as +1 under 1-bit (DeMo, Psyche)
         self.delta: dict[int, dict[str, torch.Tensor]] = {}
 
     def _tiles(self, x: torch.Tensor):
@@ -310,9 +324,9 @@ class DeMo:
         k = min(self.topk, coeffs.shape[-1])
         magnitudes = coeffs.abs().sort(dim=-1, descending=True).values
         tied = torch.zeros(coeffs.shape[:-1], dtype=torch.bool)
-        if k < coeffs.shape[-1]:
-            tied = magnitudes[..., k - 1] - magnitudes[..., k] <= TIE * magnitudes[..., 0]
-        idx = coeffs.abs().topk(k, dim=-1).indices
+        if k < coeffs.shape[-1]:   # exact zeros are no tie: among equals, the lowest index goes first
+            tied = (magnitudes[..., k - 1] - magnitudes[..., k] <= TIE * magnitudes[..., 0]) & (magnitudes[..., k - 1] > 0)
+        idx = coeffs.abs().sort(dim=-1, descending=True, stable=True).indices[..., :k]
         val = coeffs.gather(-1, idx)
         if k == coeffs.shape[-1]:
             delta.zero_()
@@ -344,12 +358,14 @@ class DeMo:
                             checked[name].narrow(ffn_axis(name), 0, delta.shape[ffn_axis(name)])
                         region &= ~self.tied[peer.id, name]
                 if peer.factor is not None:
-                    val = val.sign() if self.quantize else val
+                    if self.quantize:   # "sent": the sign bit decides, so +0.0 goes out as +1
+                        val = torch.where(val.signbit(), -1.0, 1.0).to(val) if self.zero_blocks == "sent" else val.sign()
                     sent.setdefault(peer.id, {})[name] = (idx, val * peer.factor, tuple(g.local.shape))
-        update = {}
+        update, terms = {}, {}
         for name, w in weights.items():
             update[name] = self._combine(name, w, [s[name] for s in sent.values()], semantics)
-        return Round(update, apply(weights, update, lr, rule, weight_decay), len(sent), checked)
+            terms[name] = max((float(s[name][1].abs().max()) for s in sent.values() if s[name][1].numel()), default=0.0)
+        return Round(update, apply(weights, update, lr, rule, weight_decay), len(sent), checked, terms)
 
     def adopt(self, peer: int, name: str, residual: torch.Tensor) -> None:
         """Take the implementation's residual on the blocks where this peer's top-k was tied."""
@@ -362,7 +378,7 @@ class DeMo:
             coeffs, sizes, mats = self._tiles(torch.zeros_like(w))
             total, count = torch.zeros_like(coeffs), torch.zeros_like(coeffs)
             for idx, val, shape in payloads:
-                present = (val != 0).to(w.dtype)
+                present = torch.ones_like(val) if self.zero_blocks == "sent" else (val != 0).to(w.dtype)
                 region = [slice(None)] * (coeffs.ndim - 1)
                 if axis is not None:
                     region[axis] = slice(0, shape[axis] // sizes[axis])
@@ -383,16 +399,48 @@ class DeMo:
 
 # --- the schedule and the held-out batch -------------------------------------------
 
-def learning_rate(schedule: CosineSchedule, step: int) -> float:
-    """Psyche's CosineLR at `step`: linear warmup from warmup_init_lr, then a half cosine
-    from base_lr to final_lr at total_steps; final_lr past it."""
-    base, init, final = schedule.base_lr, schedule.warmup_init_lr, schedule.final_lr
-    warmup, total = schedule.warmup_steps, schedule.total_steps
+def learning_rate(config: RunConfig, step: int) -> float:
+    """Psyche's get_lr at `step` for each of its four schedules (definitions.rs), times the
+    cold-start factor of Trainer::get_lr (the first epoch's first cold_start_warmup_steps)."""
+    s = config.lr_schedule.__dict__
+    base, init, warmup = s["base_lr"], s["warmup_init_lr"], s["warmup_steps"]
+    kind = type(config.lr_schedule).__name__
     if step < warmup:
-        return init + (base - init) * (step / warmup)
-    if step >= total:
-        return final
-    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        rate = init + (base - init) * (step / warmup)
+    elif kind == "ConstantSchedule":
+        rate = base
+    elif kind == "LinearSchedule":
+        total, final = s["total_steps"], s["final_lr"]
+        rate = base + (final - base) * ((step - warmup) / (total - warmup)) if step < total else final
+    elif kind == "CosineSchedule":   # no clamp: past total_steps Psyche's cosine climbs back
+        final = s["final_lr"]
+        rate = final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (s["total_steps"] - warmup)))
+    else:
+        stable, cosine, linear = warmup + s["stable_steps"], s["cosine_decay_steps"], s["linear_decay_steps"]
+        mid, low = s["cosine_decay_final_lr"], s["linear_decay_final_lr"]
+        if step < stable:
+            rate = base
+        elif step < stable + cosine:
+            rate = mid + (base - mid) * 0.5 * (1.0 + math.cos(math.pi * (step - stable) / cosine))
+        elif step < stable + cosine + linear:
+            rate = mid - (mid - low) * ((step - stable - cosine) / linear)
+        else:
+            rate = low
+    cold = config.cold_start_warmup_steps
+    return rate * (step / cold if cold and step <= cold else 1.0)
+
+
+def global_batch(config: RunConfig, step: int) -> int:
+    """Sequences in round `step`'s global batch: Psyche's CoordinatorConfig::get_batch_size at
+    the tokens the rounds before consumed (a linear ramp over the warmup tokens, rounded)."""
+    start, warm = config.global_batch_size, config.global_batch_size_warmup_tokens
+    end = config.global_batch_size_end or start
+    consumed, batch = 0, start
+    for _ in range(step + 1):
+        tokens = consumed * config.seq_len
+        batch = end if tokens >= warm else int(start + (end - start) * (tokens / warm) + 0.5)
+        consumed += batch
+    return batch
 
 
 def held_out(config: RunConfig, seed: int) -> torch.Tensor:
@@ -425,7 +473,7 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
             if f.kind == "churn" and f.round == r:
                 away.add(f.peer)
     source = make_source(config.data, config.model.vocab_size, seed, config.markov)
-    batch = max(1, config.global_batch_size // len(tiers))
+    batch = max(1, global_batch(config, round_) // len(tiers))
     faults = {f.peer: f for f in plan.faults if f.round == round_ and f.kind != "churn"}
     quantized = config.distro.quantize_1bit
     peers = []
@@ -444,5 +492,6 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
                                              config.helper_rotation_interval) for layer, t in enumerate(layer_tiers)}
         tokens = shard(source, seed, round_, peer, batch, config.seq_len + 1)
         peers.append(PeerInput(peer, layer_tiers, tokens, helpers, factor,
-                               steps=not (kind == "nan" and quantized), fresh=peer in fresh))
+                               steps=not (kind == "nan" and quantized), fresh=peer in fresh,
+                               clip=config.distro.clip_grad_norm))
     return peers

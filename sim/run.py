@@ -20,7 +20,7 @@ import torch
 from sim.aggregate import ApplyRule, MeanSemantics, apply_update, mean_semantics, receive_decoded
 from sim.align import align_prefix_grad
 from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
-from sim.config import RunConfig
+from sim.config import RunConfig, remote_data_error
 from sim.data import make_source, shard
 from sim.engine import check_batching, train_peers
 from sim.distro import DistroState, Sparse
@@ -28,12 +28,13 @@ from sim.errors import ConfigError
 from sim.faults import FaultPlan, parse_fault_spec, plan_faults
 from sim.helper import helper_indices
 from sim.model import build_model, default_device, parameters_by_name
-from sim.peer import Peer, train_and_compress
+from sim.peer import Peer, train_and_compress, train_locally
 from sim.tiers import layer_tiers, layer_widths
 from sim.wire import VALUE_DTYPES, Payload, decode_payload, encode_payload
 
 EVAL_SEQUENCES = 16
 JOIN_VIA = ("current", "checkpoint", "sliced-checkpoint")
+CHECKPOINT = "checkpoint"   # a run's checkpoint, in its results directory
 EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of the run's time
 
 
@@ -105,7 +106,8 @@ class Network:
     def __init__(self, config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
                  seed: int = 0, *, semantics: MeanSemantics | None = None, shared_weights: bool = False,
                  apply_rule: ApplyRule | None = None, weight_decay: float | None = None, device=None,
-                 only: int | None = None, dtype: torch.dtype = torch.float32, batching: str = "auto"):
+                 only: int | None = None, dtype: torch.dtype = torch.float32, batching: str = "auto",
+                 init_checkpoint: str | Path | None = None):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
         self.batching = check_batching(batching)
         if dtype not in VALUE_DTYPES:
@@ -117,26 +119,50 @@ class Network:
         self.dtype = dtype
         self.adam: dict[tuple, dict] = {}   # AdamW's moments per receiver shape: every replica of it steps alike
         self.device = torch.device(device or default_device())
+        if config.data is None:
+            raise remote_data_error(config)
         self.source = make_source(config.data, config.model.vocab_size, seed, config.markov)
-        self.batch = max(1, config.global_batch_size // len(per_peer))
+        self.clients = len(per_peer)   # the global batch is split over the run's starting clients
         # Held-out batch: at least 16 sequences, so the loss a criterion reads is a measurement, not noise.
         # A source with its own seed (one task for every run) has one held-out batch for every run too:
         # runs of different seeds are then compared on the same tokens.
         task = seed if config.markov.seed is None else config.markov.seed
         self.held_out = shard(self.source, task, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
                               config.seq_len + 1).to(self.device)
-        self.shared = build_model(config.model, 0, seed=seed, device=self.device, dtype=dtype) if shared_weights else None
+        if shared_weights and config.optimizer != "Distro":
+            raise ConfigError(f"shared-weights mode needs the Distro optimizer: under {config.optimizer} every "
+                              f"client steps its own replica and nothing is exchanged")
+        self.local_optimizers: dict[int, torch.optim.Optimizer] = {}   # AdamW runs: each client's own
+        self.init_checkpoint = init_checkpoint
+        self.shared = self._initial_model(0, 0.0)[0] if shared_weights else None
         # `only`: this process holds that peer's replica alone (sim/distributed.py; -1: none).
-        self.peers = [self._new_peer(i, t, f, None if shared_weights or only not in (None, i)
-                                     else build_model(config.model, t, seed=seed, device=self.device, dtype=dtype))
+        self.peers = [self._new_peer(i, t, *((None, f) if shared_weights or only not in (None, i)
+                                             else self._initial_model(t, f)))
                       for i, (t, f) in enumerate(zip(per_peer, fractions))]
+        if init_checkpoint is not None and only is None and self.shared is None \
+                and not any(_holds_full(p.model) for p in self.peers):
+            raise ConfigError(f"init checkpoint {str(init_checkpoint)!r} is a sliced export: a run needs one peer "
+                              f"holding the full weights; start from the full checkpoint")
         self.away: set[int] = set()
         self.carried: list[bytes] = []   # late payloads: they arrive next round
         self.aggregates: list = []       # each receiver's Aggregate of the last round (the exact reference reads them)
         self._scratch = tempfile.TemporaryDirectory(prefix="matsim-")
 
-    def _new_peer(self, peer_id, tiers, fraction, model) -> Peer:
+    def _new_peer(self, peer_id, tiers, model, fraction) -> Peer:
         return Peer(peer_id, tuple(tiers), fraction, DistroState.fresh(self.config.distro), model)
+
+    def _initial_model(self, tiers, helper_fraction: float):
+        """(a peer's starting replica at `tiers`, the helper fraction it can serve): a fresh init
+        from the run's seed, or the run's init checkpoint loaded at the peer's widest tier with
+        the auto strategy (a sliced export holds no suffix: helper mode is then auto-disabled,
+        and a tier wider than it stores is an error)."""
+        if self.init_checkpoint is None:
+            return build_model(self.config.model, tiers, seed=self.seed, device=self.device,
+                               dtype=self.dtype), helper_fraction
+        widest = min(tiers) if isinstance(tiers, (tuple, list)) else tiers
+        model, info = load_checkpoint(self.init_checkpoint, widest, "auto", helper_fraction, device=self.device,
+                                      expected=self.config.model, dtype=self.dtype)
+        return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 
     def helpers(self, peer: Peer, round_: int) -> dict[int, torch.Tensor]:
         """The suffix neurons `peer` trains this round, per layer (none at fraction 0 or tier 0)."""
@@ -146,6 +172,10 @@ class Network:
         widths = layer_widths(full, peer.tiers, self.config.model.num_hidden_layers)
         return {layer: helper_indices(self.seed, round_, layer, width, full, peer.helper_fraction,
                                       self.config.helper_rotation_interval) for layer, width in enumerate(widths)}
+
+    def batch(self, round_: int) -> int:
+        """Sequences each peer trains in round `round_`: its share of that round's global batch."""
+        return max(1, self.config.global_batch(round_) // self.clients)
 
     def present(self) -> list[Peer]:
         return [p for p in self.peers if p.id not in self.away]
@@ -179,6 +209,7 @@ class Network:
             peer.tiers = layer_tiers(tier, self.config.model.num_hidden_layers)
             validate_assignment(self.config, [peer.tiers], None)
         peer.state = DistroState.fresh(self.config.distro)
+        self.local_optimizers.pop(peer_id, None)
         if self.shared is None:  # copy before counting it present: it must not be its own donor
             peer.model, peer.helper_fraction = self._copy_of_current(via, peer.tiers, peer.helper_fraction,
                                                                      f"peer{peer_id}")
@@ -193,7 +224,7 @@ class Network:
         model, fraction = None, fractions[0]
         if self.shared is None:
             model, fraction = self._copy_of_current(via, per_peer[0], fraction, f"peer{len(self.peers)}")
-        self.peers.append(self._new_peer(len(self.peers), per_peer[0], fraction, model))
+        self.peers.append(self._new_peer(len(self.peers), per_peer[0], model, fraction))
         return self.peers[-1].id
 
     def _copy_of_current(self, via: str, tiers, helper_fraction: float, tag: str):
@@ -216,11 +247,12 @@ class Network:
         return self.shared if self.shared is not None else next(
             p.model for p in self.present() if p.model is not None and _holds_full(p.model))
 
-    def checkpoint(self, path: str | Path) -> Path:
-        return save_checkpoint(self._full_replica(), path)
+    def checkpoint(self, path: str | Path, max_shard_bytes: int | None = None) -> Path:
+        return save_checkpoint(self._full_replica(), path, max_shard_bytes)
 
     def restore(self, path: str | Path) -> None:
         """Every replica loads the checkpoint; DisTrO states restart (they belong to the old timeline)."""
+        self.local_optimizers.clear()
         for peer in self.peers:
             peer.state = DistroState.fresh(self.config.distro)
             if self.shared is None:
@@ -236,6 +268,8 @@ class Network:
         the payloads; every receiver aggregates what arrived and applies it. With
         `evaluate`, the record's eval_loss is the full model's held-out loss, else None."""
         faults, peers = faults or {}, self.present()
+        if self.config.optimizer != "Distro":
+            return self.local_round(round_, peers, evaluate)
         # Every peer trains (peers of one shape batched, sim/engine.py), then every payload is
         # encoded: the same bytes as peer by peer, but the encoder's code stays warm after the
         # first payload (on a small model, caches gone cold over each forward/backward cost more
@@ -249,6 +283,30 @@ class Network:
         return self.record(round_, sent, received[0].rejected, [r.contributing_peers for r in received],
                            _replica_max_diff(receivers), evaluate)
 
+    def local_round(self, round_: int, peers: Sequence[Peer], evaluate: bool) -> dict:
+        """A round under Psyche's AdamW or Dummy optimizer, where its trainer produces no DisTrO
+        results: every client steps its own AdamW on its own gradient (Dummy: no step at all),
+        nothing is sent, and the replicas drift apart (replica_max_diff measures by how much)."""
+        sent = []
+        for peer in peers:
+            model = peer.model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
+            optimizer = None
+            if self.config.optimizer == "AdamW":
+                adamw = self.config.adamw
+                optimizer = self.local_optimizers.setdefault(peer.id, torch.optim.AdamW(
+                    model.parameters(), betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay))
+            loss = train_locally(model, optimizer, self.tokens(peer, round_), self.config.lr(round_),
+                                 self.config.adamw.clip_grad_norm)
+            sent.append(Sent(peer.id, loss, None))
+        receivers = self.receivers()
+        self.aggregates = []
+        return self.record(round_, sent, Counter(), [0] * len(receivers), _replica_max_diff(receivers), evaluate)
+
+    def tokens(self, peer: Peer, round_: int) -> torch.Tensor:
+        """The shard `peer` trains on in `round_`."""
+        return shard(self.source, self.seed, round_, peer.id, self.batch(round_), self.config.seq_len + 1
+                     ).to(self.device)
+
     def send(self, peer: Peer, round_: int, fault=None) -> "Sent":
         """One peer's half of a round: train, compress, encode, and let `fault` act on what leaves it."""
         return self.post(peer, *self.train(peer, round_, fault), fault)
@@ -258,8 +316,7 @@ class Network:
         no payload when its NaN guard withholds it (the nan fault's poison)."""
         model = self.shared if self.shared is not None else peer.model
         model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
-        tokens = shard(self.source, self.seed, round_, peer.id, self.batch, self.config.seq_len + 1).to(self.device)
-        return train_and_compress(model, peer.state, tokens, self.config.lr_schedule.lr(round_), peer.id, round_,
+        return train_and_compress(model, peer.state, self.tokens(peer, round_), self.config.lr(round_), peer.id, round_,
                                   poison=fault is not None and fault.kind == "nan" and self.config.distro.quantize_1bit)
 
     @torch.inference_mode()  # no autograd in a sender's or receiver's wire work: skip its bookkeeping per call
@@ -291,7 +348,7 @@ class Network:
         receiver shapes), so each is done once per round and per distinct shape, then applied to
         every replica of that shape in one pass. Returns each receiver's Aggregate."""
         cfg, distro = self.config.model, self.config.distro
-        lr = self.config.lr_schedule.lr(round_)
+        lr = self.config.lr(round_)
         decoded = [decode_payload(data, cfg, distro, self.dtype) for data in arrived]
         aggregates, replicas, results = {}, {}, []
         for params in receivers:
@@ -313,7 +370,7 @@ class Network:
         rejected = Counter(rejected)
         rejected["non_finite"] += sum(s.withheld for s in sent)
         return {
-            "round": round_, "lr": self.config.lr_schedule.lr(round_),
+            "round": round_, "lr": self.config.lr(round_),
             "loss": sum(losses.values()) / len(losses),
             "eval_loss": self.eval_loss() if evaluate else None,
             "peers": {str(p.id): {"tier": _tier_label(p.tiers), "helper": p.helper_fraction, "loss": losses.get(p.id),
@@ -349,15 +406,20 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
              shared_weights: bool = False, apply_rule: ApplyRule | None = None, weight_decay: float | None = None,
              device=None, deadline_s: float | None = None, eval_every: int | None = None,
              on_round: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32,
-             batching: str = "auto") -> RunResult:
+             batching: str = "auto", init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
+             max_shard_bytes: int | None = None) -> RunResult:
     """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training
     under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05").
 
     The held-out loss is measured on round 0, every `eval_every`-th round and the last
-    round run (default: about EVAL_POINTS points per run)."""
+    round run (default: about EVAL_POINTS points per run). With `out`, the full model is saved
+    to out/checkpoint every `checkpoint_every` rounds and after the last round run (atomic;
+    sharded past `max_shard_bytes`); `init_checkpoint` starts every peer from a checkpoint."""
     rounds, eval_every = run_length(config, rounds, eval_every)
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
-                      apply_rule=apply_rule, weight_decay=weight_decay, device=device, dtype=dtype, batching=batching)
+                      apply_rule=apply_rule, weight_decay=weight_decay, device=device, dtype=dtype, batching=batching,
+                      init_checkpoint=init_checkpoint)
+    check_every(checkpoint_every)
     plan = fault_plan(faults, network, rounds, seed)
     out = Path(out) if out else None
     if out:
@@ -378,6 +440,8 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
                 metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
                 timing_file.write(json.dumps(timings[-1]) + "\n")
                 metrics_file.flush()
+            if out and saves_checkpoint(round_, checkpoint_every, rounds, stopped_early):
+                network.checkpoint(out / CHECKPOINT, max_shard_bytes)
             if on_round:
                 on_round(record)
             if stopped_early:
@@ -416,6 +480,17 @@ def run_length(config: RunConfig, rounds: int | None, eval_every: int | None) ->
     return rounds, eval_every
 
 
+def saves_checkpoint(round_: int, every: int | None, rounds: int, last: bool = False) -> bool:
+    """Whether a run writes its checkpoint after round `round_`: every `every` rounds, and
+    after the last round run (the run's end, or the one a deadline made last)."""
+    return (every is not None and (round_ + 1) % every == 0) or round_ + 1 == rounds or last
+
+
+def check_every(every: int | None) -> None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"checkpoint every {every!r} rounds is invalid: expected an integer >= 1")
+
+
 def evaluates(round_: int, eval_every: int, rounds: int, last: bool = False) -> bool:
     """Whether a round's record carries the held-out loss: round 0, every eval_every-th,
     the last of the run, and the one a deadline made last."""
@@ -434,7 +509,12 @@ def fault_plan(faults: FaultPlan | str | None, network: Network, rounds: int, se
     """A FaultPlan as given, or drawn from a spec ("drop=0.1,churn=0.05") for this network."""
     if isinstance(faults, FaultPlan):
         return faults
-    return plan_faults(parse_fault_spec(faults), len(network.peers), rounds, seed,
+    spec = parse_fault_spec(faults)
+    on_payloads = sorted(kind for kind, rate in spec.items() if rate and kind != "churn")
+    if on_payloads and network.config.optimizer != "Distro":
+        raise ConfigError(f"faults {', '.join(on_payloads)} act on payloads, and under optimizer "
+                          f"{network.config.optimizer} peers send none: only churn applies")
+    return plan_faults(spec, len(network.peers), rounds, seed,
                        max(max(p.tiers) for p in network.peers))
 
 

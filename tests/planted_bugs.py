@@ -22,6 +22,7 @@ import sim.distro
 import sim.engine
 import sim.helper
 import sim.model
+import sim.peer
 import sim.run
 import sim.schema
 import sim.wire
@@ -204,7 +205,7 @@ def _aligned_blocks_into_the_last(name, sent, positions, grid):
     return torch.cat([positions.new_full(pad, -1), positions], dim=dim)
 
 
-def _compress_keeping_the_smallest(x, chunk, topk, lead=0):
+def _compress_keeping_the_smallest(x, chunk, topk, lead=0, zero_blocks="absent"):
     """top-k with largest=False: the k smallest coefficients of every block go out."""
     grid = sim.distro.ChunkGrid.of(x.shape[lead:], chunk)
     coeffs = grid.encode(x)
@@ -263,6 +264,29 @@ def _rejoin_keeping_the_stale_replica(self, peer_id, via="current", tier=None):
 
 
 # --- what a round's record reports (the convergence criteria read it) -----------------
+
+def _one_bit_zeros_stay_zero(sparse, zero_blocks="absent"):
+    """Psyche's 1-bit mode modelled with sign(): a sent zero goes out as 0, not as +1."""
+    return sim.distro.Sparse(sparse.grid, sparse.indices, sparse.values.sign())
+
+
+def _clip_ignored(model, max_norm):
+    """clip_grad_norm read from the config and never applied."""
+
+
+def _clip_stacked_ignored(grads, max_norm):
+    return grads
+
+
+def _batch_ramp_ignored(self, step):
+    """Every round trains global_batch_size_start: the batch schedule is read but never ramps."""
+    return self.global_batch_size
+
+
+def _cold_start_ignored(self, step):
+    """The cold-start warmup factor left out of the round's rate."""
+    return self.lr_schedule.lr(step)
+
 
 def _lr_a_round_ahead(self, step):
     """The schedule is read at the next round (a 1-based step fed a 0-based round)."""
@@ -403,6 +427,18 @@ BUGS = {
     "helper_slab_placed_at_the_prefix": (
         "a helper slab is placed at rows 0..h-1 instead of at its neurons",
         [(sim.aggregate, "align_sparse_grad", _align_sparse_at_the_prefix)]),
+    "one_bit_zeros_sent_as_zero": (
+        "Psyche's 1-bit mode sends an all-zero block's top-k as 0 instead of +1 (sign bit of +0.0)",
+        [(sim.distro, "quantize_1bit", _one_bit_zeros_stay_zero)]),
+    "clip_grad_norm_ignored": (
+        "Distro's clip_grad_norm is read and never applied",
+        [(sim.peer, "clip_gradient", _clip_ignored), (sim.engine, "clip_stacked", _clip_stacked_ignored)]),
+    "batch_ramp_ignored": (
+        "the global batch stays at global_batch_size_start: Psyche's ramp is never applied",
+        [(sim.config.RunConfig, "global_batch", _batch_ramp_ignored)]),
+    "cold_start_warmup_ignored": (
+        "the first epoch's cold-start warmup factor is left out of the rate",
+        [(sim.config.RunConfig, "lr", _cold_start_ignored)]),
     "weight_decay_applied_twice": (
         "decoupled weight decay applied twice per round",
         [(sim.aggregate, "_apply_elementwise", _apply_decaying_twice)]),
@@ -441,6 +477,10 @@ INTEGRATION = ("narrow_payloads_zeroed_but_counted", "narrow_mlp_contributions_d
 # Bugs in what a round's record reports: the lr, the losses the criteria read.
 METRICS = ("lr_schedule_a_round_ahead", "eval_on_a_training_shard", "mean_loss_over_counted_peers")
 
+# Bugs in following Psyche's config surface and modes (its optimizer's clipping, batch ramp,
+# cold start, 1-bit zeros).
+PSYCHE = ("clip_grad_norm_ignored", "batch_ramp_ignored", "cold_start_warmup_ignored")
+
 LOSSLESS_REFERENCE = "test_reference::test_every_round_of_a_lossless_run_equals_the_exact_reference"
 COMPRESSED_REFERENCE = "test_reference::test_every_compressed_round_equals_an_independent_demo_step"
 BATCHED_EQUALS_SERIAL = "test_engine::test_batched_peers_compute_the_gradients_and_send_the_payloads_each_would_alone"
@@ -465,6 +505,9 @@ CATCHERS = {
     **{bug: [LOSSLESS_REFERENCE] for bug in INTEGRATION + METRICS},
     "error_feedback_reset_every_step": [COMPRESSED_REFERENCE],
     "topk_keeps_the_smallest": [COMPRESSED_REFERENCE],
+    **{bug: [LOSSLESS_REFERENCE] for bug in PSYCHE},
+    "one_bit_zeros_sent_as_zero": [
+        "test_distro::test_sent_zero_blocks_go_out_at_their_lowest_indices_and_as_plus_one_under_one_bit"],
     "batched_peer_trains_on_anothers_batch": [BATCHED_EQUALS_SERIAL],
     "batched_distro_state_advanced_twice": [BATCHED_EQUALS_SERIAL],
 }

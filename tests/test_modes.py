@@ -1,6 +1,8 @@
 """The receivers' modes a run chooses (state.toml's [matsim] table and Distro weight_decay,
-the testnet's --matformer-mean-semantics and --apply-rule), each pinned on a small
-concrete case: one round of tiny, lossless DisTrO (the whole delta goes out), float64."""
+the testnet's --matformer-mean-semantics, --apply-rule and --zero-blocks), each pinned on
+a small concrete case: one round of tiny, lossless DisTrO (the whole delta goes out),
+float64."""
+import dataclasses
 import json
 import shutil
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from sim.aggregate import ApplyRule, MeanSemantics
+from sim.analyze import modes_label
 from sim.config import REPO_ROOT, DistroConfig, load_config
 from sim.run import Network
 from tests.cli import matsim_here
@@ -57,6 +60,37 @@ def test_region_semantics_counts_a_peer_whose_block_is_all_zero():
     assert bool((same | halved).all()) and bool(halved.any()) and bool((same & clear).any())
 
 
+def zero_blocks(config, mode: str):
+    return config.replace(distro=dataclasses.replace(config.distro, zero_blocks=mode))
+
+
+def test_sent_zero_blocks_count_in_the_per_coefficient_mean_as_deme_and_psyche_count_them():
+    """The REGION_MEAN case again under COEFF_MEAN: where one peer's embedding block is all
+    zero, matsim's absent slot leaves the other peer's coefficients whole; sent as DeMo and
+    Psyche (unquantized) send them, its zeros count and halve them: the aggregate equals
+    REGION_MEAN's everywhere (lossless: the zeros go out at every index of the block)."""
+    name, small = "model.embed_tokens.weight", LOSSLESS.replace(seq_len=4, global_batch_size=2)
+    absent = one_round(zero_blocks(small, "absent"), [0, 0])[1][name]
+    sent = one_round(zero_blocks(small, "sent"), [0, 0])[1][name]
+    region = one_round(small.replace(mean_semantics="region"), [0, 0])[1][name]
+    torch.testing.assert_close(sent, region, rtol=1e-9, atol=1e-15)
+    assert not torch.allclose(sent, absent, rtol=1e-6)
+
+
+def test_psyches_one_bit_signs_turn_a_block_without_gradient_into_plus_one_pushes():
+    """Tiny with a chain over 16 of its 64 tokens: the input-embedding rows of tokens 16-63
+    never get a gradient. Under 1-bit signs (k = 4 of 64 coefficients per block), the absent
+    slot leaves them exactly where they started; sent as Psyche sends them, their top-k zeros
+    arrive as +1 (the sign bit of +0.0 is clear), and every round moves those rows."""
+    compressed = TINY.replace(markov=dataclasses.replace(TINY.markov, states=16),
+                              distro=dataclasses.replace(TINY.distro, quantize_1bit=True))
+    name, unseen = "model.embed_tokens.weight", slice(16, 64)
+    absent, _ = one_round(zero_blocks(compressed, "absent"), [0, 0], rounds=3)
+    sent, update = one_round(zero_blocks(compressed, "sent"), [0, 0], rounds=3)
+    assert bool((absent[name][unseen] == 0).all())
+    assert bool((update[name][unseen] != 0).any()) and bool((sent[name][unseen] != 0).any())
+
+
 def test_each_apply_rule_steps_by_its_own_law():
     """One round from the same aggregate: sign moves each element by lr x sign(aggregate), SGD
     by lr x aggregate; AdamW's first step is sign-like (m / sqrt(v) = u / |u|), its second not."""
@@ -101,20 +135,24 @@ def test_state_toml_names_the_modes_and_the_network_uses_them(tmp_path):
 
 def test_testnet_flags_override_the_config_and_the_record_and_analysis_name_the_modes(tmp_path):
     result = matsim_here("testnet", "start", "--config-path", "tiny", "--client-matformer-tiers", "0,1", "--rounds", "2",
-                         "--matformer-mean-semantics", "peer", "--apply-rule", "sgd", "--out", str(tmp_path / "run"))
+                         "--matformer-mean-semantics", "peer", "--apply-rule", "sgd", "--zero-blocks", "sent",
+                         "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "run" / "scenario.json").read_text())
-    assert meta["modes"] == {"mean_semantics": "peer", "apply_rule": "sgd", "weight_decay": 0.0}
+    assert meta["modes"] == {"mean_semantics": "peer", "apply_rule": "sgd", "weight_decay": 0.0, "zero_blocks": "sent"}
     analysis = matsim_here("analyze", str(tmp_path))
     assert "peer, sgd" in analysis.stdout
-    assert json.loads((tmp_path / "analysis.json").read_text())[0]["modes"]["mean_semantics"] == "peer"
+    row = json.loads((tmp_path / "analysis.json").read_text())[0]
+    assert modes_label(row["modes"]) == "peer, sgd, zero blocks sent"
 
 
 @pytest.mark.parametrize("where, text, fragment", [
     ("", '[matsim]\nmean_semantics = "median"\n', "[matsim] mean_semantics = 'median' is unknown: valid are coeff, peer, region"),
     ("", '[matsim]\napply_rule = "adam"\n', "[matsim] apply_rule = 'adam' is unknown: valid are sign, sgd, adamw"),
     ("", '[matsim]\nsemantics = "peer"\n', "[matsim] has unknown keys ['semantics']"),
-    ("[model.LLM.optimizer.Distro]", "weight_decay = -0.1\n", "weight_decay -0.1 is invalid: expected a number >= 0"),
+    ("", '[matsim]\nzero_blocks = "zeros"\n', "[matsim] zero_blocks = 'zeros' is unknown: valid are absent, sent"),
+    ("[model.LLM.optimizer.Distro]", 'zero_blocks = "sent"\n', "zero_blocks is matsim's key, not Psyche's"),
+    ("[model.LLM.optimizer.Distro]", "weight_decay = -0.1\n", "weight_decay -0.1 is invalid: expected a finite number >= 0"),
 ])
 def test_a_bad_mode_in_state_toml_is_one_line_naming_the_key_and_exit_2(tmp_path, where, text, fragment):
     with_state(tmp_path, where, text, load=False)
@@ -127,6 +165,7 @@ def test_a_bad_mode_in_state_toml_is_one_line_naming_the_key_and_exit_2(tmp_path
 @pytest.mark.parametrize("argv, fragment", [
     (["--matformer-mean-semantics", "median"], "--matformer-mean-semantics: invalid choice: 'median'"),
     (["--apply-rule", "adam"], "--apply-rule: invalid choice: 'adam'"),
+    (["--zero-blocks", "zeros"], "--zero-blocks: invalid choice: 'zeros'"),
 ])
 def test_a_bad_mode_flag_is_one_line_and_exit_2(tmp_path, argv, fragment):
     result = matsim_here("testnet", "start", "--config-path", "tiny", "--out", str(tmp_path / "out"), *argv)

@@ -1,0 +1,7 @@
+#!/bin/sh
+# Run every state.toml under a Psyche checkout's config/ folder for 3 rounds and print a
+# table: config, ran or the reason, overrides used. scripts/psyche_configs.sh PSYCHE_CHECKOUT
+set -e
+here="$(cd "$(dirname "$0")/.." && pwd)"
+[ -x "$here/.venv/bin/python" ] || make -C "$here" .venv/.installed
+exec "$here/.venv/bin/python" "$here/scripts/psyche_configs.py" "$@"
