@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sim import analyze as analysis
-from sim import memory
+from sim import memory, vectors
 from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint, parse_size
 from sim.config import (APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, ZERO_BLOCKS, load_config,
                         remote_data_error)
@@ -548,7 +549,55 @@ def build_parser() -> Parser:
     replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")
     replay.add_argument("record")
     replay.set_defaults(run=lambda args: reproduce(args.record))
+
+    vec = commands.add_parser("vectors", help="conformance vectors: export matsim's cases, check an implementation")
+    vec_commands = vec.add_subparsers(dest="vectors_command", required=True)
+    export = vec_commands.add_parser("export", help="write the cases (vectors/FORMAT.md) to a directory")
+    export.add_argument("--out", required=True)
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--cases-per-op", type=int, default=16)
+    export.set_defaults(run=cmd_vectors_export)
+    check = vec_commands.add_parser("check", help="run an implementation over the cases (line-delimited JSON)")
+    check.add_argument("directory")
+    check.add_argument("--impl", required=True, help='the implementation\'s command, e.g. "python -m sim.conformance"')
+    check.add_argument("--only", help="one op")
+    check.add_argument("--fail-fast", action="store_true")
+    check.add_argument("--timeout", type=float, default=30.0, help="seconds per case (default 30)")
+    check.add_argument("--report", help="JSON report (default DIRECTORY.report.json beside the directory)")
+    check.set_defaults(run=cmd_vectors_check)
     return parser
+
+
+def cmd_vectors_export(args) -> None:
+    start = time.perf_counter()
+    out = vectors.export(args.out, args.seed, args.cases_per_op)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    console().print(f"wrote {out}: {len(list(out.glob('*.json'))) - 1} ops, {size / 2**20:.1f} MiB in "
+                    f"{time.perf_counter() - start:.1f} s", highlight=False)
+
+
+def cmd_vectors_check(args) -> int:
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout} is invalid: expected seconds > 0")
+    results = vectors.check(args.directory, args.impl, args.only, args.fail_fast, args.timeout)
+    by_op: dict[str, Counter] = {}
+    for result in results:
+        by_op.setdefault(result.op, Counter())[result.status] += 1
+    table = Table("op", "cases", "pass", "fail", "error", "skipped", "verdict")
+    for op, counts in sorted(by_op.items()):
+        bad = counts["fail"] + counts["error"]
+        verdict = "FAIL" if bad else "skipped" if counts["skipped"] == sum(counts.values()) else "PASS"
+        table.add_row(op, str(sum(counts.values())), str(counts["pass"]), str(counts["fail"]), str(counts["error"]),
+                      str(counts["skipped"]), verdict)
+    console().print(table)
+    for result in results:
+        if result.status in ("fail", "error"):
+            console().print(f"{result.status.upper()} {result.case}: {result.reason}", highlight=False, markup=False)
+    report = Path(args.report) if args.report else Path(str(Path(args.directory).resolve()) + ".report.json")
+    report.write_text(json.dumps({"impl": args.impl, "directory": str(args.directory),
+                                  "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    console().print(f"report: {report}", highlight=False)
+    return 1 if any(r.status in ("fail", "error") for r in results) else 0
 
 
 def main(argv=None) -> int:

@@ -86,7 +86,8 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
     """One peer's process: join, then, round by round in step with the coordinator, run its
     send half, deliver what the coordinator says arrived to its own replica, and (when it is
     the lowest peer whose payload arrived) publish the round's record.
-    `trouble` ({"crash": round, "slow": {round: seconds}}) makes this process misbehave."""
+    `trouble` ({"crash": round, "slow": [rounds]}) makes this process misbehave: a slow peer
+    sends only once the coordinator has closed the round without it, whatever the speed."""
     torch.set_num_threads(1)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     saving = saving or {}
@@ -104,7 +105,8 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
         sent = network.send(me, round_, plan.on_payloads(round_).get(rank))
         if trouble.get("crash") == round_:
             os._exit(17)  # killed mid-round: trained, never sent
-        time.sleep(trouble.get("slow", {}).get(round_, 0.0))
+        if round_ in trouble.get("slow", ()):
+            _get(store, f"{round_}/arrived", wait_s * 4 + JOIN_TIMEOUT_S)
         store.set(f"{round_}/sent/{rank}", _pack(sent))
         arrival = json.loads(_get(store, f"{round_}/arrived", wait_s * 4 + JOIN_TIMEOUT_S))
         everyone = [sent if p == rank else _unpack(store.get(f"{round_}/sent/{p}"))
@@ -171,7 +173,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     payload is not there is left out of that round ("missing" in the record; its payload,
     if it comes, is delivered next round as stale), and a peer whose process has died is
     left out for good. `deadline_s` ends the run at a round boundary, like
-    --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": {round:
+    --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": [rounds]}
     seconds}} | {"never_join": True}}) makes peers misbehave, for tests of what only a
     process boundary shows. `clock` times the wait for every peer to join and `deadline_s`.
     Checkpoints (`init_checkpoint`, `checkpoint_every`, out/checkpoint) as `simulate` has them:

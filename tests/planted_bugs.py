@@ -515,8 +515,8 @@ CATCHERS = {
 
 def plant(monkeypatch, name: str) -> None:
     """Switch bug `name` on for the rest of the monkeypatch's scope. A replaced function is
-    also replaced in the property modules that imported it by name, so properties that
-    call it directly see the bug too."""
+    also replaced in the property modules (and the conformance adapter) that imported it by
+    name, so properties that call it directly see the bug too."""
     if name not in BUGS:
         raise KeyError(f"planted bug {name!r} is unknown: the catalog has {', '.join(sorted(BUGS))}")
     # COEFF_MEAN's alignment is cached per sender shape: a bug planted there needs empty caches,
@@ -530,6 +530,6 @@ def plant(monkeypatch, name: str) -> None:
             continue
         original = getattr(target, attribute)
         monkeypatch.setattr(target, attribute, replacement)
-        for module in [m for n, m in sys.modules.items() if n.startswith("properties.")]:
+        for module in [m for n, m in sys.modules.items() if n.startswith("properties.") or n == "sim.conformance"]:
             if getattr(module, attribute, None) is original:
                 monkeypatch.setattr(module, attribute, replacement)

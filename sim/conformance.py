@@ -1,0 +1,182 @@
+"""The reference adapter: matsim's own implementation behind the conformance protocol.
+
+    python -m sim.conformance        # reads requests on stdin, answers on stdout
+
+The protocol (vectors/FORMAT.md) is line-delimited JSON: the checker sends
+{"hello": {"format", "version", "dir"}}, the adapter answers {"hello": {"implementation",
+"ops"}}; then one request per case, {"id", "op", "inputs"}, one answer per request,
+{"id", "outputs"} or {"id", "error": {"kind", "message"}}. A tensor input is
+{"tensor": {"file", "key"}}, a tensor in DIR's safetensors file `file`; a tensor output is
+{"dtype", "shape", "data"} (data flat, row-major).
+
+`OPS` is also what `matsim vectors export` computes expected outputs with: each op reads
+its inputs as the vectors store them and returns its outputs by name.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from sim.aggregate import ApplyRule, aggregate, apply_update, mean_semantics
+from sim.align import align_prefix_grad, prefix_dim
+from sim.config import DistroConfig, ModelConfig
+from sim.distro import ChunkGrid, DistroState, Sparse, chunk_size, compress, quantize_1bit
+from sim.helper import helper_indices
+from sim.schema import schema_hash
+from sim.wire import Payload
+
+FORMAT, VERSION = "matsim-vectors", 1
+
+
+def _prefix_dim(i):
+    return {"dim": prefix_dim(i["name"])}
+
+
+def _align_prefix_grad(i):
+    return {"aligned": align_prefix_grad(i["name"], i["grad"], i["target_shape"]).contiguous()}
+
+
+def _chunk_size(i):
+    return {"size": chunk_size(i["n"], i["chunk"])}
+
+
+def _dct_encode(i):
+    return {"coeffs": ChunkGrid.of(tuple(i["x"].shape), i["chunk"]).encode(i["x"])}
+
+
+def _dct_decode(i):
+    return {"x": ChunkGrid.of(tuple(i["shape"]), i["chunk"]).decode(i["coeffs"])}
+
+
+def _compress(i):
+    sparse = compress(i["x"], i["chunk"], i["topk"], zero_blocks=i["zero_blocks"])
+    return {"indices": sparse.indices.long(), "values": sparse.values}
+
+
+def _quantize_1bit(i):
+    grid = ChunkGrid.of(tuple(i["shape"]), i["chunk"])
+    return {"values": quantize_1bit(Sparse(grid, i["indices"], i["values"]), i["zero_blocks"]).values}
+
+
+def _error_feedback(i):
+    """DisTrO steps over a sequence of gradients: what each step sends, and what is left."""
+    config = DistroConfig(compression_decay=i["decay"], compression_chunk=i["chunk"], compression_topk=i["topk"],
+                          quantize_1bit=i["quantize_1bit"], zero_blocks=i["zero_blocks"])
+    state, sent = DistroState.fresh(config), []
+    for grad, lr in zip(i["grads"], i["lrs"]):
+        sent.append(state.step("w", grad, lr)[0])
+    return {"indices": torch.stack([s.indices.long() for s in sent]), "values": torch.stack([s.values for s in sent]),
+            "residual": state.delta["w"]}
+
+
+def _aggregate(i):
+    """Payloads of peers at their tiers, combined into the receiver's shapes."""
+    distro = DistroConfig(compression_chunk=i["chunk"], compression_topk=1, quantize_1bit=i["quantized"])
+    payloads = []
+    for peer, sent in enumerate(i["payloads"]):
+        params = {name: Sparse(ChunkGrid.of(tuple(p["shape"]), i["chunk"]), p["indices"], p["values"])
+                  for name, p in sent["params"].items()}
+        payloads.append(Payload(peer, 0, tuple(sent["tiers"]), params, i["quantized"]))
+    shapes = {name: tuple(shape) for name, shape in i["receiver_shapes"].items()}
+    result = aggregate(payloads, shapes, distro, mean_semantics(i["semantics"]))
+    return {"updates": {name: u.contiguous() for name, u in result.updates.items()},
+            "contributing_peers": result.contributing_peers}
+
+
+def _apply_update(i):
+    params = {name: p.clone() for name, p in i["params"].items()}
+    apply_update(params, i["updates"], i["lr"], ApplyRule(i["rule"]), i["weight_decay"])
+    return {"params": params}
+
+
+def _schema_hash(i):
+    return {"hash": schema_hash(ModelConfig.from_hf_dict(i["config"], source="case config"))}
+
+
+def _helper_indices(i):
+    return {"indices": helper_indices(i["seed"], i["round"], i["layer"], i["width"], i["full"], i["fraction"],
+                                      i["rotation_interval"])}
+
+
+OPS = {"prefix_dim": _prefix_dim, "align_prefix_grad": _align_prefix_grad, "chunk_size": _chunk_size,
+       "dct_encode": _dct_encode, "dct_decode": _dct_decode, "compress": _compress, "quantize_1bit": _quantize_1bit,
+       "error_feedback": _error_feedback, "aggregate": _aggregate, "apply_update": _apply_update,
+       "schema_hash": _schema_hash, "helper_indices": _helper_indices}
+
+
+def error_kind(err: Exception) -> str:
+    """The kind an error is reported as: matsim's exception class (UnsupportedParameter, ...)."""
+    return type(err).__name__
+
+
+# --- values as the protocol carries them -------------------------------------------
+
+def encode(value):
+    """An output as JSON: tensors as {"dtype", "shape", "data"}, containers as they are."""
+    if isinstance(value, torch.Tensor):
+        return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
+                "data": value.detach().cpu().reshape(-1).tolist()}
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    return value
+
+
+def resolve(value, directory: Path, files: dict):
+    """An input as a request carries it, with every {"tensor": {"file", "key"}} loaded."""
+    if isinstance(value, dict):
+        if set(value) == {"tensor"}:
+            ref = value["tensor"]
+            if ref["file"] not in files:
+                files[ref["file"]] = safetensors.torch.load_file(directory / ref["file"])
+            return files[ref["file"]][ref["key"]]
+        return {k: resolve(v, directory, files) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, directory, files) for v in value]
+    return value
+
+
+def answer(request: dict, directory: Path, files: dict) -> dict:
+    op = request.get("op")
+    if op not in OPS:
+        return {"id": request.get("id"), "error": {"kind": "UnknownOp", "message": f"op {op!r} is not implemented"}}
+    try:
+        outputs = OPS[op](resolve(request["inputs"], directory, files))
+    except Exception as err:   # noqa: BLE001 - any failure is this case's answer; the adapter serves on
+        return {"id": request["id"], "error": {"kind": error_kind(err), "message": str(err)}}
+    return {"id": request["id"], "outputs": encode(outputs)}
+
+
+def serve(lines, out) -> None:
+    directory, files = None, {}
+    for line in lines:
+        request = json.loads(line)
+        if "hello" in request:
+            directory = Path(request["hello"]["dir"])
+            reply = {"hello": {"implementation": "matsim", "format": FORMAT, "version": VERSION, "ops": sorted(OPS)}}
+        else:
+            reply = answer(request, directory, files)
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def main() -> None:
+    """Serve stdin. MATSIM_PLANT=<bug> first plants a bug of tests/planted_bugs.py, to show
+    that the vectors catch it (README: "Conformance vectors")."""
+    torch.set_num_threads(1)
+    bug = os.environ.get("MATSIM_PLANT")
+    if bug:
+        import pytest
+
+        from tests.planted_bugs import plant
+        plant(pytest.MonkeyPatch(), bug)
+    serve(sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    from sim.conformance import main as served   # the module proper, where a planted bug lands
+    served()

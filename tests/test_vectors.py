@@ -1,0 +1,163 @@
+"""Conformance vectors (`matsim vectors export|check`, sim/vectors.py) and the reference
+adapter (`python -m sim.conformance`): deterministic exports, 100% on matsim itself, a
+failing case for every planted bug of an exported op, and bad directories or misbehaving
+implementations reported in one line or per case, never a traceback or a hang."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim import conformance, vectors
+from tests.cli import matsim_here
+from tests.planted_bugs import plant
+
+REFERENCE = f"{sys.executable} -m sim.conformance"
+HANG_GUARD_S = 120   # generous: an honest answer takes milliseconds
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return vectors.export(tmp_path_factory.mktemp("vectors") / "v", seed=7, cases_per_op=4)
+
+
+def test_export_twice_with_one_seed_writes_byte_identical_directories(tmp_path, exported):
+    again = vectors.export(tmp_path / "again", seed=7, cases_per_op=4)
+    files = sorted(p.name for p in exported.iterdir())
+    assert files == sorted(p.name for p in again.iterdir()) and "manifest.json" in files
+    assert all((exported / f).read_bytes() == (again / f).read_bytes() for f in files)
+    other = vectors.export(tmp_path / "other", seed=8, cases_per_op=4)
+    assert (other / "compress.safetensors").read_bytes() != (exported / "compress.safetensors").read_bytes()
+
+
+def test_every_case_names_its_op_inputs_expectation_tolerance_flags_and_origin(exported):
+    cases = vectors.load(exported)
+    assert {c["op"] for c in cases} == set(vectors.CASES)
+    for case in cases:
+        assert {"id", "op", "inputs", "expected", "tolerance", "flags", "made"} <= set(case)
+        assert ("outputs" in case["expected"]) != ("error" in case["expected"])
+        assert case["made"]["seed"] == 7
+    aggregates = [c for c in cases if c["op"] == "aggregate"]
+    assert all(c["expected"]["outputs"]["contributing_peers"] == len(c["inputs"]["payloads"]) for c in aggregates)
+    rejected = [c for c in cases if c["op"] == "prefix_dim" and "error" in c["expected"]]
+    assert rejected and all(c["expected"]["error"] == "UnsupportedParameter" for c in rejected)
+
+
+def test_the_reference_adapter_passes_every_case(tmp_path, exported):
+    result = matsim_here("vectors", "check", str(exported), "--impl", REFERENCE, "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["results"] and all(r["status"] == "pass" for r in report["results"])
+
+
+# Planted bugs (tests/planted_bugs.py) in ops the vectors export, and the op that shows each.
+PLANTED = {"down_proj_sliced_on_rows": "align_prefix_grad", "substring_name_matching": "prefix_dim",
+           "gradient_padded_at_the_front": "align_prefix_grad", "coeff_mean_divides_by_all_peers": "aggregate",
+           "topk_keeps_the_smallest": "compress", "one_bit_zeros_sent_as_zero": "quantize_1bit",
+           "error_feedback_dropped": "error_feedback", "helper_indices_from_the_whole_width": "helper_indices",
+           "weight_decay_applied_twice": "apply_update", "sign_taken_before_the_mean": "aggregate",
+           "suffix_divided_by_all_peers": "aggregate", "narrow_gradients_aligned_into_the_last_neurons": "aggregate"}
+
+
+class InProcess:
+    """The reference adapter without the process: `answer` called directly (a planted bug is
+    then planted here), for what the cases catch rather than how they travel."""
+    def __init__(self, directory: Path):
+        self.directory, self.files, self.ops = directory, {}, set(conformance.OPS)
+
+    def ask(self, request: dict) -> dict:
+        return json.loads(json.dumps(conformance.answer(request, self.directory, self.files)))
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_each_planted_bug_of_an_exported_op_fails_a_case(exported, monkeypatch, bug):
+    plant(monkeypatch, bug)
+    adapter = InProcess(exported)
+    results = [vectors.run_case(adapter, case, exported) for case in vectors.load(exported, PLANTED[bug])]
+    assert any(r.status == "fail" for r in results), [r.reason for r in results]
+
+
+def test_the_adapter_process_plants_the_bug_matsim_plant_names(exported, monkeypatch):
+    monkeypatch.setenv("MATSIM_PLANT", "topk_keeps_the_smallest")
+    results = vectors.check(exported, REFERENCE, only="compress", timeout_s=HANG_GUARD_S)
+    assert any(r.status == "fail" for r in results)
+
+
+def _fake(tmp_path: Path, body: str) -> str:
+    """An implementation that answers the hello, then behaves as `body` says."""
+    script = tmp_path / "fake.py"
+    script.write_text("import json, sys, time\n"
+                      "print(json.dumps({'hello': {'ops': ['chunk_size', 'prefix_dim']}}), flush=True)\n"
+                      "for line in sys.stdin:\n"
+                      "    request = json.loads(line)\n"
+                      "    if 'hello' in request:\n"
+                      "        continue\n" + body)
+    return f"{sys.executable} {script}"
+
+
+@pytest.mark.parametrize("body, reason", [
+    ("    sys.exit(3)\n", "the implementation exited"),
+    ("    print('not json', flush=True)\n", "the answer is not JSON"),
+    ("    print(json.dumps([1, 2]), flush=True)\n", "not a JSON object"),
+    ("    time.sleep(3600)\n", "no answer within"),
+])
+def test_a_misbehaving_implementation_fails_its_cases_and_the_check_goes_on(tmp_path, exported, body, reason):
+    timeout = 1.0 if "sleep" in body else HANG_GUARD_S   # the hang is the test; an answer never comes
+    results = vectors.check(exported, _fake(tmp_path, body), only="chunk_size", timeout_s=timeout)
+    assert len(results) == 4 and all(r.status == "error" and reason in r.reason for r in results)
+
+
+def test_a_wrong_answer_fails_the_case_and_the_cli_exits_1(tmp_path, exported):
+    wrong = _fake(tmp_path, "    print(json.dumps({'id': request['id'], 'outputs': {'size': -1}}), flush=True)\n")
+    result = matsim_here("vectors", "check", str(exported), "--impl", wrong, "--only", "chunk_size",
+                         "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 1 and "FAIL chunk_size-0000: outputs/size: -1, expected" in result.stdout
+    failing = matsim_here("vectors", "check", str(exported), "--impl", wrong, "--only", "chunk_size", "--fail-fast",
+                          "--report", str(tmp_path / "r.json"))
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 1 and failing.returncode == 1
+
+
+def test_an_op_the_implementation_lacks_is_skipped_not_failed(tmp_path, exported):
+    results = vectors.check(exported, _fake(tmp_path, "    pass\n"), only="compress", timeout_s=HANG_GUARD_S)
+    assert results and all(r.status == "skipped" for r in results)
+
+
+def _corrupt(directory: Path, how: str) -> None:
+    if how == "version":
+        manifest = json.loads((directory / "manifest.json").read_text())
+        (directory / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    elif how == "truncated":
+        data = (directory / "compress.safetensors").read_bytes()
+        (directory / "compress.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "manifest":
+        (directory / "manifest.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("missing", "has no manifest.json"),
+    ("version", "version 99 is not supported"),
+    ("truncated", "the files of op 'compress' cannot be read"),
+    ("manifest", "is not valid JSON"),
+    ("command", "cannot be started"),
+    ("hello", "did not answer the hello"),
+    ("only", "--only 'median' is not an op"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, exported, how, fragment):
+    directory, impl, extra = tmp_path / "v", REFERENCE, []
+    if how != "missing":
+        directory = vectors.export(directory, seed=7, cases_per_op=1)
+    _corrupt(directory, how)
+    if how == "command":
+        impl = "no-such-implementation --serve"
+    if how == "hello":
+        impl = f"{sys.executable} -c \"print('hi')\""
+    if how == "only":
+        extra = ["--only", "median"]
+    result = matsim_here("vectors", "check", str(directory), "--impl", impl, *extra)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+
+
+def test_export_refuses_a_bad_case_count_and_leaves_nothing_half_written(tmp_path):
+    result = matsim_here("vectors", "export", "--out", str(tmp_path / "v"), "--cases-per-op", "0")
+    assert result.returncode == 2 and "--cases-per-op 0 is invalid" in result.stderr
+    assert not any(tmp_path.iterdir())
