@@ -51,9 +51,17 @@ def _dct_decode(i):
     return {"x": ChunkGrid.of(tuple(i["shape"]), i["chunk"]).decode(i["coeffs"])}
 
 
+def _canonical(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's pairs in ascending index order (the absent slot, block_numel, last): top-k
+    is a set, and the vectors fix one order for every implementation."""
+    order = indices.long().argsort(dim=-1, stable=True)
+    return indices.long().gather(-1, order), values.gather(-1, order)
+
+
 def _compress(i):
     sparse = compress(i["x"], i["chunk"], i["topk"], zero_blocks=i["zero_blocks"])
-    return {"indices": sparse.indices.long(), "values": sparse.values}
+    indices, values = _canonical(sparse.indices, sparse.values)
+    return {"indices": indices, "values": values}
 
 
 def _quantize_1bit(i):
@@ -68,7 +76,8 @@ def _error_feedback(i):
     state, sent = DistroState.fresh(config), []
     for grad, lr in zip(i["grads"], i["lrs"]):
         sent.append(state.step("w", grad, lr)[0])
-    return {"indices": torch.stack([s.indices.long() for s in sent]), "values": torch.stack([s.values for s in sent]),
+    pairs = [_canonical(s.indices, s.values) for s in sent]
+    return {"indices": torch.stack([p[0] for p in pairs]), "values": torch.stack([p[1] for p in pairs]),
             "residual": state.delta["w"]}
 
 

@@ -161,3 +161,15 @@ def test_export_refuses_a_bad_case_count_and_leaves_nothing_half_written(tmp_pat
     result = matsim_here("vectors", "export", "--out", str(tmp_path / "v"), "--cases-per-op", "0")
     assert result.returncode == 2 and "--cases-per-op 0 is invalid" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_independent_numpy_implementation_passes_every_case_of_its_ops(tmp_path, exported):
+    """vectors/numpy_impl/adapter.py imports neither sim nor torch: the format and protocol
+    carry everything an implementation needs, and matsim's mathematics is checked twice."""
+    source = (Path(__file__).parent.parent / "vectors" / "numpy_impl" / "adapter.py")
+    assert "import torch" not in source.read_text() and "from sim" not in source.read_text()
+    results = vectors.check(exported, f"{sys.executable} {source}", timeout_s=HANG_GUARD_S)
+    ran = [r for r in results if r.status != "skipped"]
+    assert {r.op for r in ran} >= {"prefix_dim", "align_prefix_grad", "chunk_size", "dct_encode", "dct_decode",
+                                   "compress", "aggregate", "apply_update"}
+    assert all(r.status == "pass" for r in ran), [(r.case, r.reason) for r in ran if r.status != "pass"]
