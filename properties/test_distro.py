@@ -93,7 +93,10 @@ def test_an_all_zero_block_sends_only_absent_slots():
     assert torch.count_nonzero(decompress(sparse)) == 0
 
 
-@given(shapes, chunks, st.integers(1, 8), st.data())
+small_shapes = st.one_of(st.tuples(st.integers(1, 40)), st.tuples(st.integers(1, 40), st.integers(1, 40)))
+
+
+@given(small_shapes, st.integers(1, 16), st.integers(1, 8), st.data())
 def test_sent_zero_blocks_go_out_at_their_lowest_indices_and_as_plus_one_under_one_bit(shape, chunk, topk, data):
     """zero_blocks "sent" (DeMo, Psyche): a block with fewer than k nonzero coefficients
     sends its nonzero ones and then zeros at the lowest free indices, which Psyche's 1-bit
