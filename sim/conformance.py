@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 
 from sim.aggregate import ApplyRule, aggregate, apply_update, mean_semantics
-from sim.align import align_prefix_grad, prefix_dim
+from sim.align import align_prefix_grad, align_sparse_grad, prefix_dim
 from sim.config import DistroConfig, ModelConfig
-from sim.distro import ChunkGrid, DistroState, Sparse, chunk_size, compress, quantize_1bit
+from sim.distro import ChunkGrid, DistroState, Sparse, batch_decompress, chunk_size, compress, quantize_1bit
 from sim.helper import helper_indices
 from sim.schema import schema_hash
 from sim.wire import Payload
@@ -37,6 +37,15 @@ def _prefix_dim(i):
 
 def _align_prefix_grad(i):
     return {"aligned": align_prefix_grad(i["name"], i["grad"], i["target_shape"]).contiguous()}
+
+
+def _align_sparse_grad(i):
+    return {"aligned": align_sparse_grad(i["name"], i["values"], i["indices"], i["target_shape"]).contiguous()}
+
+
+def _batch_decompress(i):
+    grid = ChunkGrid.of(tuple(i["shape"]), i["chunk"])
+    return {"x": batch_decompress([Sparse(grid, p["indices"], p["values"]) for p in i["payloads"]])}
 
 
 def _chunk_size(i):
@@ -110,7 +119,8 @@ def _helper_indices(i):
                                       i["rotation_interval"])}
 
 
-OPS = {"prefix_dim": _prefix_dim, "align_prefix_grad": _align_prefix_grad, "chunk_size": _chunk_size,
+OPS = {"prefix_dim": _prefix_dim, "align_prefix_grad": _align_prefix_grad, "align_sparse_grad": _align_sparse_grad,
+       "batch_decompress": _batch_decompress, "chunk_size": _chunk_size,
        "dct_encode": _dct_encode, "dct_decode": _dct_decode, "compress": _compress, "quantize_1bit": _quantize_1bit,
        "error_feedback": _error_feedback, "aggregate": _aggregate, "apply_update": _apply_update,
        "schema_hash": _schema_hash, "helper_indices": _helper_indices}

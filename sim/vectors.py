@@ -96,6 +96,35 @@ def _align_prefix_grad(g, index):
     return {"name": name, "grad": _randn(g, *source), "target_shape": list(target)}, flags, "expand, slice, mismatch"
 
 
+def _align_sparse_grad(g, index):
+    """A helper slab: values of some suffix neurons, scattered into the full shape."""
+    name = _choice(g, NAMES[:3])
+    dim = 1 if "down_proj" in name else 0
+    full, other = _choice(g, [8, 16]), _int(g, 1, 5)
+    count = _int(g, 0, full // 2)
+    indices = (full - 1 - torch.randperm(full // 2, generator=g)[:count]).sort().values
+    flags = []
+    if index % 4 == 3 and count:   # a neuron past the full width, or listed twice: refused
+        indices = indices.clone()
+        indices[-1] = full if index % 8 == 3 else indices[0]
+        flags.append("invalid")
+    shape = [count, other] if dim == 0 else [other, count]
+    target = [full, other] if dim == 0 else [other, full]
+    return ({"name": name, "values": _randn(g, *shape), "indices": indices.long(), "target_shape": target}, flags,
+            "sorted suffix neurons; out of range or repeated ones")
+
+
+def _batch_decompress(g, index):
+    """Homogeneous payloads of one grid: every peer's pairs, one scatter-mean, one decode."""
+    shape, chunk, k = _shape(g), _choice(g, [4, 8]), _int(g, 1, 4)
+    from sim.distro import compress
+    payloads = []
+    for _ in range(_int(g, 1, 4)):
+        sparse = compress(_randn(g, *shape), chunk, k)
+        payloads.append({"indices": sparse.indices.long(), "values": sparse.values})
+    return {"chunk": chunk, "shape": list(shape), "payloads": payloads}, [], "1-4 peers' top-k of random tensors"
+
+
 def _chunk_size(g, index):
     n, chunk = _int(g, 1, 5000), _int(g, 1, 128)
     return {"n": n, "chunk": chunk}, ["edge"] if n < chunk or n % chunk else [], "n in [1, 5000], chunk in [1, 128]"
@@ -228,13 +257,14 @@ def _helper_indices(g, index):
 
 
 CASES: dict[str, Callable] = {"prefix_dim": _prefix_dim, "align_prefix_grad": _align_prefix_grad,
+                              "align_sparse_grad": _align_sparse_grad, "batch_decompress": _batch_decompress,
                               "chunk_size": _chunk_size, "dct_encode": _dct_encode, "dct_decode": _dct_decode,
                               "compress": _compress, "quantize_1bit": _quantize_1bit, "error_feedback": _error_feedback,
                               "aggregate": _aggregate, "apply_update": _apply_update, "schema_hash": _schema_hash,
                               "helper_indices": _helper_indices}
 # Ops with float outputs, compared within FLOAT (integer outputs, such as indices, always exactly).
 FLOAT_OPS = {"dct_encode", "dct_decode", "compress", "quantize_1bit", "error_feedback", "aggregate", "apply_update",
-             "align_prefix_grad"}
+             "align_prefix_grad", "align_sparse_grad", "batch_decompress"}
 assert set(CASES) == set(OPS)
 
 

@@ -56,7 +56,8 @@ PLANTED = {"down_proj_sliced_on_rows": "align_prefix_grad", "substring_name_matc
            "topk_keeps_the_smallest": "compress", "one_bit_zeros_sent_as_zero": "quantize_1bit",
            "error_feedback_dropped": "error_feedback", "helper_indices_from_the_whole_width": "helper_indices",
            "weight_decay_applied_twice": "apply_update", "sign_taken_before_the_mean": "aggregate",
-           "suffix_divided_by_all_peers": "aggregate", "narrow_gradients_aligned_into_the_last_neurons": "aggregate"}
+           "suffix_divided_by_all_peers": "aggregate", "narrow_gradients_aligned_into_the_last_neurons": "aggregate",
+           "helper_slab_placed_at_the_prefix": "align_sparse_grad"}
 
 
 class InProcess:
@@ -170,6 +171,6 @@ def test_the_independent_numpy_implementation_passes_every_case_of_its_ops(tmp_p
     assert "import torch" not in source.read_text() and "from sim" not in source.read_text()
     results = vectors.check(exported, f"{sys.executable} {source}", timeout_s=HANG_GUARD_S)
     ran = [r for r in results if r.status != "skipped"]
-    assert {r.op for r in ran} >= {"prefix_dim", "align_prefix_grad", "chunk_size", "dct_encode", "dct_decode",
-                                   "compress", "aggregate", "apply_update"}
+    assert {r.op for r in ran} >= {"prefix_dim", "align_prefix_grad", "align_sparse_grad", "chunk_size", "dct_encode",
+                                   "dct_decode", "compress", "batch_decompress", "aggregate", "apply_update"}
     assert all(r.status == "pass" for r in ran), [(r.case, r.reason) for r in ran if r.status != "pass"]

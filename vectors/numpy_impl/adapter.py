@@ -4,8 +4,9 @@ no torch, no import of `sim`. It serves the conformance protocol (vectors/FORMAT
 passes shows the format and protocol are implementation-neutral, and checks matsim's
 mathematics a second time.
 
-Ops: prefix_dim, align_prefix_grad, chunk_size, dct_encode, dct_decode, compress,
-aggregate (coeff, peer and region semantics, mixed tiers), apply_update."""
+Ops: prefix_dim, align_prefix_grad, align_sparse_grad, chunk_size, dct_encode, dct_decode,
+compress, batch_decompress, aggregate (coeff, peer and region semantics, mixed tiers),
+apply_update."""
 import json
 import math
 import sys
@@ -44,6 +45,18 @@ def align_prefix_grad(name: str, grad: np.ndarray, target: list[int]) -> np.ndar
     index = [slice(None)] * grad.ndim
     index[dim] = slice(0, grad.shape[dim])
     out[tuple(index)] = grad
+    return out
+
+
+def align_sparse_grad(name: str, values: np.ndarray, indices: np.ndarray, target: list[int]) -> np.ndarray:
+    """Helper neurons' values scattered at their indices along the prefix axis."""
+    dim = prefix_dim(name)
+    if indices.size and (indices.min() < 0 or indices.max() >= target[dim] or len(set(indices.tolist())) != indices.size):
+        raise Refused("AlignmentError", f"{name}: helper indices out of range or repeated")
+    out = np.zeros(target, dtype=values.dtype)
+    index = [slice(None)] * len(target)
+    index[dim] = indices
+    out[tuple(index)] = values
     return out
 
 
@@ -106,6 +119,15 @@ def coefficient_mean(indices: np.ndarray, values: np.ndarray, numel: int) -> np.
     return mean.reshape(*indices.shape[:-1], numel)
 
 
+def batch_decompress(inputs: dict) -> np.ndarray:
+    """Every payload's pairs of one grid, one coefficient mean, one decode."""
+    shape, chunk = inputs["shape"], inputs["chunk"]
+    numel = math.prod(blocks_of(shape, chunk)[1])
+    indices = np.concatenate([np.asarray(p["indices"]) for p in inputs["payloads"]], axis=-1)
+    values = np.concatenate([np.asarray(p["values"]) for p in inputs["payloads"]], axis=-1)
+    return decode(coefficient_mean(indices, values, numel), shape, chunk)
+
+
 def aggregate(inputs: dict) -> dict:
     chunk, semantics, receiver = inputs["chunk"], inputs["semantics"], inputs["receiver_shapes"]
     payloads = inputs["payloads"]
@@ -162,6 +184,9 @@ def apply_update(inputs: dict) -> dict:
 OPS = {
     "prefix_dim": lambda i: {"dim": prefix_dim(i["name"])},
     "align_prefix_grad": lambda i: {"aligned": align_prefix_grad(i["name"], i["grad"], i["target_shape"])},
+    "align_sparse_grad": lambda i: {"aligned": align_sparse_grad(i["name"], i["values"], i["indices"],
+                                                                 i["target_shape"])},
+    "batch_decompress": lambda i: {"x": batch_decompress(i)},
     "chunk_size": lambda i: {"size": chunk_size(i["n"], i["chunk"])},
     "dct_encode": lambda i: {"coeffs": encode(i["x"], i["chunk"])},
     "dct_decode": lambda i: {"x": decode(i["coeffs"].astype(np.float64), i["shape"], i["chunk"])},
