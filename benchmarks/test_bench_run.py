@@ -108,10 +108,11 @@ def test_bench_rounds_per_second_of_4_processes_vs_in_process(benchmark, backend
     from sim.distributed import simulate_distributed
     from sim.run import simulate
     benchmark.group = "rounds per second, tiny, 4 peers (0,1,1,2)"
-    rounds = 4 if benchmark.disabled else 12   # run once as a test (xdist): the same code, a smoke size
-    run = (lambda: simulate(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=rounds, device="cpu")) \
+    # Run once as a test (xdist): the same code at a smoke size, 2 processes for 2 rounds.
+    rounds, tiers = (2, [0, 1]) if benchmark.disabled else (12, [0, 1, 1, 2])
+    run = (lambda: simulate(load_config("tiny"), tiers, seed=0, rounds=rounds, device="cpu")) \
         if backend == "in-process-baseline" else \
-        (lambda: simulate_distributed(load_config("tiny"), [0, 1, 1, 2], seed=0, rounds=rounds))
+        (lambda: simulate_distributed(load_config("tiny"), tiers, seed=0, rounds=rounds))
     result = benchmark.pedantic(run, rounds=1)
     walls = sorted(t["wall_s"] for t in result.timings[1:])  # round 0 warms up
     per_second = 1 / walls[len(walls) // 2]

@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sim.clock import ManualClock, SimulatedClock
 from sim.config import load_config
+from sim.checkpoint import read_checkpoint
 from sim.distributed import simulate_distributed
 from sim.errors import SimError
 from sim.run import simulate
@@ -42,12 +44,17 @@ def hard_timeout_and_no_leftovers():
     ("tiny", {}, [0, 1, 2, (1, 0)], [0, 0.5, 0.25, 0], "drop=0.1,late=0.1,duplicate=0.1,corrupt=0.1,byzantine=0.1,churn=0.25"),
     ("test-nanogpt-small", {}, [0, 1, 1], None, "nan=0.2,corrupt=0.1"),
 ])
-def test_distributed_metrics_equal_the_in_process_simulators_exactly(config, modes, tiers, helpers, faults):
+def test_distributed_metrics_and_checkpoint_equal_the_in_process_simulators_exactly(tmp_path, config, modes, tiers,
+                                                                                  helpers, faults):
     run = load_config(config).replace(**modes)
     rounds = 6 if config == "tiny" else 3
-    local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu", batching="off")
-    remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds)
+    local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu", batching="off",
+                     out=tmp_path / "here")
+    remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds, out=tmp_path / "there")
     assert remote.records == local.records
+    # The round's reporter hands its weights to the coordinator, which writes the same checkpoint.
+    (_, hf_here, here), (_, hf_there, there) = (read_checkpoint(tmp_path / d / "checkpoint") for d in ("here", "there"))
+    assert hf_here == hf_there and here.keys() == there.keys() and all(torch.equal(here[n], there[n]) for n in here)
 
 
 def test_a_peer_killed_mid_round_is_left_out_and_the_others_complete_every_round():

@@ -2,7 +2,8 @@
 its results directory, every --checkpoint-every rounds and after the last round; a run
 starts from one with --init-checkpoint; checkpoints past --max-shard-size are written, and
 HF's sharded ones read, as model.safetensors.index.json plus shards. The README's
-checkpoint commands run end to end from a testnet run."""
+checkpoint commands run end to end from a testnet run. (The distributed backend's
+checkpoint equals the in-process one: tests/test_distributed.py's parity test.)"""
 import hashlib
 import json
 
@@ -11,7 +12,6 @@ import torch
 
 from sim.checkpoint import INDEX, WEIGHTS, load_checkpoint, parse_size, read_checkpoint
 from sim.config import load_config
-from sim.distributed import simulate_distributed
 from sim.errors import CheckpointError, ConfigError
 from sim.run import Network, simulate
 from tests.cli import matsim_here
@@ -84,14 +84,6 @@ def test_an_init_checkpoint_that_cannot_serve_the_clients_is_one_line_and_exit_2
     assert other.returncode == 2 and "is a different model than the config" in other.stderr
     with pytest.raises(ConfigError, match="sliced export"):
         Network(TINY, [1, 2], device="cpu", init_checkpoint=tmp_path / "x" / "tier1")
-
-
-def test_the_distributed_backend_saves_the_same_checkpoint_as_the_in_process_run(tmp_path):
-    simulate(TINY, [0, 1], rounds=2, seed=4, out=tmp_path / "here", device="cpu")
-    simulate_distributed(TINY, [0, 1], rounds=2, seed=4, out=tmp_path / "there")
-    (_, hf_here, here), (_, hf_there, there) = (read_checkpoint(tmp_path / d / "checkpoint") for d in ("here", "there"))
-    assert hf_here == hf_there and here.keys() == there.keys()
-    assert all(torch.equal(here[n], there[n]) for n in here)
 
 
 def test_checkpoints_past_the_shard_size_are_written_and_read_as_hf_writes_them(tmp_path):
