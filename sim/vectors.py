@@ -25,7 +25,8 @@ import safetensors.torch
 import torch
 
 from sim.config import ModelConfig, load_config
-from sim.conformance import FORMAT, OPS, VERSION, error_kind
+from sim.conformance import FORMAT, OPS, VERSION, error_kind, resolve
+from sim.distro import ChunkGrid, compress
 from sim.errors import SimError
 from sim.model import full_shapes, local_shapes
 
@@ -117,7 +118,6 @@ def _align_sparse_grad(g, index):
 def _batch_decompress(g, index):
     """Homogeneous payloads of one grid: every peer's pairs, one scatter-mean, one decode."""
     shape, chunk, k = _shape(g), _choice(g, [4, 8]), _int(g, 1, 4)
-    from sim.distro import compress
     payloads = []
     for _ in range(_int(g, 1, 4)):
         sparse = compress(_randn(g, *shape), chunk, k)
@@ -142,7 +142,6 @@ def _dct_encode(g, index):
 
 def _dct_decode(g, index):
     shape, chunk = _shape(g), _choice(g, [4, 8, 16])
-    from sim.distro import ChunkGrid
     grid = ChunkGrid.of(shape, chunk)
     return ({"coeffs": _randn(g, *grid.blocks, grid.block_numel), "shape": list(shape), "chunk": chunk}, [],
             "random coefficients per block")
@@ -168,7 +167,6 @@ TIE = 1e-4   # relative gap between the k-th and (k+1)-th magnitudes under which
 def _near_tie(x: torch.Tensor, chunk: int, topk: int) -> bool:
     """Whether some block's k-th and (k+1)-th largest nonzero magnitudes are within TIE: a
     case whose top-k an implementation rounding differently may choose otherwise (flagged)."""
-    from sim.distro import ChunkGrid
     grid = ChunkGrid.of(tuple(x.shape), chunk)
     if topk >= grid.block_numel:
         return False
@@ -183,7 +181,6 @@ def _quantize_1bit(g, index):
     zero_blocks = "sent" if index % 2 else "absent"
     if index % 4 in (1, 2):
         x.view(-1)[: x.numel() // 2] = 0
-    from sim.distro import compress
     sparse = compress(x, chunk, k, zero_blocks=zero_blocks)
     flags = ["absent_slot"] if bool((sparse.values == 0).any()) else []
     if zero_blocks == "sent" and flags:
@@ -209,7 +206,6 @@ def _aggregate(g, index):
     semantics = ("coeff", "peer", "region")[index % 3]
     receiver = {name: list(full_shapes(model)[name]) for name in TINY_NAMES}
     payloads, flags = [], ["mixed_tiers"]
-    from sim.distro import compress
     for peer in range(peers):
         tier = _int(g, 0, 2)
         shapes = local_shapes(model, tier)
@@ -471,7 +467,6 @@ class Result:
 
 
 def _expected(case: dict, directory: Path):
-    from sim.conformance import resolve
     return resolve(case["expected"], directory, {})
 
 
