@@ -55,17 +55,15 @@ def too_big(directory: Path, needed: dict) -> str | None:
 def overrides_for(directory: Path) -> dict:
     """The data and model substitutions this config needs here (none if it loads as it is)."""
     needed = {}
-    for _ in range(2):   # the model first (the data is only known once a model loads), then the data
-        try:
-            config = load_config(directory, **needed)
-        except SimError as err:
-            if "--model-config" in str(err) and "model_config" not in needed:
-                needed["model_config"] = STAND_INS.get(architecture(directory / "state.toml"), STAND_INS["HfLlama"])
-                continue
+    try:   # the model first: the data is only known once a model loads
+        config = load_config(directory)
+    except SimError as err:
+        if "--model-config" not in str(err):
             raise
-        if config.data is None:
-            needed["data_location"] = "dummy"
-        return needed
+        needed["model_config"] = STAND_INS.get(architecture(directory / "state.toml"), STAND_INS["HfLlama"])
+        config = load_config(directory, **needed)
+    if config.data is None:
+        needed["data_location"] = "dummy"
     return needed
 
 

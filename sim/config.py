@@ -233,7 +233,9 @@ class RunConfig:
         if self.rounds_per_epoch is not None:
             _check_count("rounds_per_epoch", self.rounds_per_epoch, 1)
         end = self.global_batch_size_end
-        if end is not None and (_check_count("global_batch_size_end", end, 1) or end < self.global_batch_size):
+        if end is not None:
+            _check_count("global_batch_size_end", end, 1)
+        if end is not None and end < self.global_batch_size:
             raise ConfigError(f"global_batch_size_end {end} is below global_batch_size_start "
                               f"{self.global_batch_size}: Psyche's batch only ramps up")
         if self.seq_len > self.model.max_position_embeddings:
@@ -271,11 +273,11 @@ class RunConfig:
         for _ in range(step + 1):
             tokens = data_index * self.seq_len
             if tokens >= self.global_batch_size_warmup_tokens:
-                batch = end
-            else:   # Rust's f64::round: halves away from zero
-                exact = self.global_batch_size + (end - self.global_batch_size) * (
-                    tokens / self.global_batch_size_warmup_tokens)
-                batch = math.floor(exact + 0.5)
+                return end   # the ramp is over: tokens only grow, so every later batch is `end` too
+            # Rust's f64::round: halves away from zero
+            exact = self.global_batch_size + (end - self.global_batch_size) * (
+                tokens / self.global_batch_size_warmup_tokens)
+            batch = math.floor(exact + 0.5)
             data_index += batch
         return batch
 

@@ -173,8 +173,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     payload is not there is left out of that round ("missing" in the record; its payload,
     if it comes, is delivered next round as stale), and a peer whose process has died is
     left out for good. `deadline_s` ends the run at a round boundary, like
-    --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": [rounds]}
-    seconds}} | {"never_join": True}}) makes peers misbehave, for tests of what only a
+    --headless-exit-after-secs. `trouble` ({peer: {"crash": round} | {"slow": [rounds]} |
+    {"never_join": True}}) makes peers misbehave, for tests of what only a
     process boundary shows. `clock` times the wait for every peer to join and `deadline_s`.
     Checkpoints (`init_checkpoint`, `checkpoint_every`, out/checkpoint) as `simulate` has them:
     the round's reporter hands the coordinator its weights to save.

@@ -292,9 +292,11 @@ class Network:
             model = peer.model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
             optimizer = None
             if self.config.optimizer == "AdamW":
-                adamw = self.config.adamw
-                optimizer = self.local_optimizers.setdefault(peer.id, torch.optim.AdamW(
-                    model.parameters(), betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay))
+                if peer.id not in self.local_optimizers:   # built once: its moments live across rounds
+                    adamw = self.config.adamw
+                    self.local_optimizers[peer.id] = torch.optim.AdamW(
+                        model.parameters(), betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay)
+                optimizer = self.local_optimizers[peer.id]
             loss = train_locally(model, optimizer, self.tokens(peer, round_), self.config.lr(round_),
                                  self.config.adamw.clip_grad_norm)
             sent.append(Sent(peer.id, loss, None))

@@ -31,6 +31,9 @@ from sim.errors import SimError
 from sim.model import full_shapes, local_shapes
 
 MANIFEST = "manifest.json"
+# Waiting for an implementation's hello is a hang guard, not the per-case timeout: starting one
+# (an interpreter importing torch, a Rust binary loading libtorch) takes seconds on a busy machine.
+STARTUP_S = 120.0
 EXACT = {"rtol": 0.0, "atol": 0.0}
 FLOAT = {"rtol": 1e-5, "atol": 1e-6}   # float32 inputs; another implementation's DCT may round differently
 
@@ -328,7 +331,12 @@ def export(out: str | Path, seed: int = 0, cases_per_op: int = 16) -> Path:
 
 def load(directory: str | Path, only: str | None = None) -> list[dict]:
     """Every case of a vectors directory (of op `only`), its files checked first."""
-    directory = Path(directory)
+    return _load(Path(directory), only)[0]
+
+
+def _load(directory: Path, only: str | None) -> tuple[list[dict], dict]:
+    """(the cases, their safetensors files by name as `resolve` caches them): each file is
+    read once, to check it and to serve every case that refers to it."""
     if not (directory / MANIFEST).is_file():
         raise VectorsError(f"vectors directory {str(directory)!r} has no {MANIFEST}: give a directory that "
                            f"`matsim vectors export` wrote")
@@ -342,17 +350,17 @@ def load(directory: str | Path, only: str | None = None) -> list[dict]:
     ops = manifest.get("ops", {})
     if only is not None and only not in ops:
         raise VectorsError(f"--only {only!r} is not an op of {directory}: valid are {', '.join(sorted(ops))}")
-    cases = []
+    cases, tensors = [], {}
     for op, entry in sorted(ops.items()):
         if only is not None and op != only:
             continue
         try:
-            safetensors.torch.load_file(directory / entry["tensors"])
+            tensors[entry["tensors"]] = safetensors.torch.load_file(directory / entry["tensors"])
             cases += json.loads((directory / entry["file"]).read_text())["cases"]
         except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
             raise VectorsError(f"{directory}: the files of op {op!r} cannot be read ({type(err).__name__}: {err})"
                                ) from None
-    return cases
+    return cases, tensors
 
 
 # --- check ------------------------------------------------------------------------
@@ -379,7 +387,8 @@ class Adapter:
         self.lines = queue.Queue()
         threading.Thread(target=self._read, args=(self.process.stdout, self.lines), daemon=True).start()
         try:
-            hello = self.ask({"hello": {"format": FORMAT, "version": VERSION, "dir": str(self.directory.resolve())}})
+            hello = self.ask({"hello": {"format": FORMAT, "version": VERSION, "dir": str(self.directory.resolve())}},
+                             max(self.timeout_s, STARTUP_S))
         except AdapterTrouble as trouble:
             self.stop()
             raise VectorsError(f"--impl {self.command!r} did not answer the hello: {trouble}") from None
@@ -391,18 +400,19 @@ class Adapter:
             lines.put(line)
         lines.put(None)   # end of output: the process exited
 
-    def ask(self, request: dict) -> dict:
+    def ask(self, request: dict, timeout_s: float | None = None) -> dict:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
             raise AdapterTrouble(f"the implementation exited (status {self.process.poll()})") from None
         try:
-            line = self.lines.get(timeout=self.timeout_s)
+            line = self.lines.get(timeout=timeout_s)
         except queue.Empty:
-            raise AdapterTrouble(f"no answer within {self.timeout_s:g} s") from None
+            raise AdapterTrouble(f"no answer within {timeout_s:g} s") from None
         if line is None:
-            self.process.wait(timeout=self.timeout_s)
+            self.process.wait(timeout=timeout_s)
             raise AdapterTrouble(f"the implementation exited (status {self.process.poll()})")
         try:
             reply = json.loads(line)
@@ -466,32 +476,29 @@ class Result:
     flags: list = field(default_factory=list)
 
 
-def _expected(case: dict, directory: Path):
-    return resolve(case["expected"], directory, {})
-
-
 def check(directory: str | Path, command: str, only: str | None = None, fail_fast: bool = False,
           timeout_s: float = 30.0, on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Every case of `directory` (of op `only`) run by the implementation `command`."""
     directory = Path(directory)
-    cases = load(directory, only)
+    cases, tensors = _load(directory, only)
     adapter, results = Adapter(command, directory, timeout_s), []
     try:
         for case in cases:
-            result = run_case(adapter, case, directory)
+            result = run_case(adapter, case, directory, tensors)
             results.append(result)
             if on_result:
                 on_result(result)
-            if result.status == "error":   # its output is out of step (or it is gone): start it afresh
-                adapter.restart()
             if fail_fast and result.status in ("fail", "error"):
                 break
+            if result.status == "error":   # its output is out of step (or it is gone): start it afresh
+                adapter.restart()
     finally:
         adapter.stop()
     return results
 
 
-def run_case(adapter: Adapter, case: dict, directory: Path) -> Result:
+def run_case(adapter: Adapter, case: dict, directory: Path, tensors: dict | None = None) -> Result:
+    """One case through `adapter`; `tensors` caches the vectors' safetensors files by name."""
     op, flags = case["op"], case.get("flags", [])
     if op not in adapter.ops:
         return Result(case["id"], op, "skipped", "op not implemented", flags)
@@ -502,7 +509,7 @@ def run_case(adapter: Adapter, case: dict, directory: Path) -> Result:
         return Result(case["id"], op, "error", f"{trouble} ({time.perf_counter() - started:.1f} s)", flags)
     if reply.get("id") != case["id"]:
         return Result(case["id"], op, "error", f"answer for {reply.get('id')!r}, expected {case['id']!r}", flags)
-    expected = _expected(case, directory)
+    expected = resolve(case["expected"], directory, {} if tensors is None else tensors)
     if "error" in expected:
         kind = (reply.get("error") or {}).get("kind") if isinstance(reply.get("error"), dict) else None
         if kind == expected["error"]:
