@@ -3,7 +3,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench fuzz clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	sh scripts/setup_venv.sh $(VENV)
@@ -18,6 +18,12 @@ test: $(STAMP)
 # Benchmarks as ratios against a bare baseline in the same run (see README).
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -p no:xdist --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+
+# Coverage-guided fuzzing of the properties with HypoFuzz for FUZZ_SECONDS on every core;
+# what it finds replays under pytest and `matsim reproduce` (scripts/fuzz.sh).
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	sh scripts/fuzz.sh $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

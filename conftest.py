@@ -11,6 +11,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -41,6 +42,12 @@ def pytest_runtest_setup(item):
 
 
 def pytest_collection_modifyitems(items):
+    for item in items:
+        # One example-database key per test id, as HypoFuzz keys what it finds (Hypothesis's
+        # pytest plugin does so only for parametrized tests): `make fuzz`'s failures replay here.
+        inner = getattr(getattr(getattr(item, "obj", None), "hypothesis", None), "inner_test", None)
+        if inner is not None:
+            inner._hypothesis_internal_add_digest = item.nodeid.encode()
     records.apply_reproduction(items)  # only under `matsim reproduce` ($MATSIM_REPRODUCE)
 
 
@@ -55,7 +62,10 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "_matsim_plant", None):
+    # HypoFuzz collects the tests in a pytest session of its own, ends it, then fuzzes in the
+    # same process: a bug planted for a fuzzing run stays planted after that session.
+    hypofuzz = sys.modules.get("hypofuzz.detection")
+    if getattr(config, "_matsim_plant", None) and not (hypofuzz and hypofuzz.in_hypofuzz_run()):
         config._matsim_plant.undo()
 
 

@@ -5,6 +5,7 @@
 - nightly: 100x the ci examples, no deadline.
 - mutation: dev's examples, no shrinking and no database (scripts/mutation_score.sh):
   a mutant only has to make a property fail, and each of ~1800 mutants runs the suites.
+- replay: nothing new, only the pinned examples and what the database holds (make fuzz).
 HYPOTHESIS_PROFILE picks one; otherwise `ci` when CI=true, else `dev`.
 
 The example database and pytest-xdist: every worker process opens the same
@@ -34,6 +35,9 @@ PROFILES = {
     "ci": dict(max_examples=CI_EXAMPLES),
     "nightly": dict(max_examples=100 * CI_EXAMPLES),
     "mutation": dict(max_examples=50, phases=(Phase.explicit, Phase.generate)),
+    # Only what the database holds (scripts/fuzz.sh): HypoFuzz's failures replay under pytest,
+    # which writes their records.
+    "replay": dict(max_examples=CI_EXAMPLES, phases=(Phase.explicit, Phase.reuse)),
 }
 
 

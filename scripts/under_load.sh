@@ -1,8 +1,10 @@
 #!/bin/sh
-# The ci-profile suite while a competing busy loop per core keeps every core busy: a red
-# run here is a test that depends on the machine's speed. Prints the suite's time and exit
-# status; the busy loops are started and stopped by this script, by their own pids.
-#   scripts/under_load.sh [pytest args]        (default: the whole suite, -n auto)
+# A command while a competing busy loop per core keeps every core busy: a red run here is a
+# test that depends on the machine's speed, and the time against a quiet run is how the work
+# shares the cores it loses. Prints the command's time and exit status; the busy loops are
+# started and stopped by this script, by their own pids.
+#   scripts/under_load.sh [pytest args]      the ci-profile suite (default: all of it, -n auto)
+#   scripts/under_load.sh -- COMMAND ...     any command, e.g. scripts/under_load.sh -- make run
 set -u
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || make .venv/.installed
@@ -14,7 +16,12 @@ for _ in $(seq "$cores"); do
 done
 trap 'kill $pids 2>/dev/null' EXIT INT TERM
 start=$(date +%s)
-CI=true .venv/bin/python -m pytest -n auto -q "$@"
+if [ "${1:-}" = "--" ]; then
+    shift
+    "$@"
+else
+    CI=true .venv/bin/python -m pytest -n auto -q "$@"
+fi
 status=$?
-echo "under_load: $cores busy loops, suite exit $status in $(( $(date +%s) - start )) s"
+echo "under_load: $cores busy loops, exit $status in $(( $(date +%s) - start )) s: ${*:-the ci suite}"
 exit $status

@@ -564,6 +564,8 @@ def build_parser() -> Parser:
     check.add_argument("--fail-fast", action="store_true")
     check.add_argument("--timeout", type=float, default=30.0, help="seconds per case (default 30)")
     check.add_argument("--report", help="JSON report (default DIRECTORY.report.json beside the directory)")
+    check.add_argument("--reading", default="matsim", help="what psyche_divergent cases expect: matsim (default) or "
+                                                           "psyche (Psyche's known behaviour)")
     check.set_defaults(run=cmd_vectors_check)
     return parser
 
@@ -579,22 +581,25 @@ def cmd_vectors_export(args) -> None:
 def cmd_vectors_check(args) -> int:
     if args.timeout <= 0:
         raise ConfigError(f"--timeout {args.timeout} is invalid: expected seconds > 0")
-    results = vectors.check(args.directory, args.impl, args.only, args.fail_fast, args.timeout)
+    results = vectors.check(args.directory, args.impl, args.only, args.fail_fast, args.timeout, reading=args.reading)
     by_op: dict[str, Counter] = {}
     for result in results:
         by_op.setdefault(result.op, Counter())[result.status] += 1
-    table = Table("op", "cases", "pass", "fail", "error", "skipped", "verdict")
+        by_op[result.op]["other"] += result.other_reading
+    other = "psyche" if args.reading == "matsim" else "matsim"
+    table = Table("op", "cases", "pass", "fail", f"of which {other}'s reading", "error", "skipped", "verdict")
     for op, counts in sorted(by_op.items()):
         bad = counts["fail"] + counts["error"]
-        verdict = "FAIL" if bad else "skipped" if counts["skipped"] == sum(counts.values()) else "PASS"
-        table.add_row(op, str(sum(counts.values())), str(counts["pass"]), str(counts["fail"]), str(counts["error"]),
-                      str(counts["skipped"]), verdict)
+        total = sum(counts[s] for s in ("pass", "fail", "error", "skipped"))
+        verdict = "FAIL" if bad else "skipped" if counts["skipped"] == total else "PASS"
+        table.add_row(op, str(total), str(counts["pass"]), str(counts["fail"]), str(counts["other"]),
+                      str(counts["error"]), str(counts["skipped"]), verdict)
     console().print(table)
     for result in results:
         if result.status in ("fail", "error"):
             console().print(f"{result.status.upper()} {result.case}: {result.reason}", highlight=False, markup=False)
     report = Path(args.report) if args.report else Path(str(Path(args.directory).resolve()) + ".report.json")
-    report.write_text(json.dumps({"impl": args.impl, "directory": str(args.directory),
+    report.write_text(json.dumps({"impl": args.impl, "directory": str(args.directory), "reading": args.reading,
                                   "results": [dataclasses.asdict(r) for r in results]}, indent=1))
     console().print(f"report: {report}", highlight=False)
     return 1 if any(r.status in ("fail", "error") for r in results) else 0

@@ -20,13 +20,15 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from sim.aggregate import ApplyRule, aggregate, apply_update, mean_semantics
+from sim.aggregate import ApplyRule, aggregate, apply_update, mean_semantics, receive
 from sim.align import align_prefix_grad, align_sparse_grad, prefix_dim
 from sim.config import DistroConfig, ModelConfig
 from sim.distro import ChunkGrid, DistroState, Sparse, batch_decompress, chunk_size, compress, quantize_1bit
+from sim.errors import SimError
 from sim.helper import helper_indices
+from sim.model import local_shapes
 from sim.schema import schema_hash
-from sim.wire import Payload
+from sim.wire import Payload, Rejection, decode_payload
 
 FORMAT, VERSION = "matsim-vectors", 1
 
@@ -119,16 +121,62 @@ def _helper_indices(i):
                                       i["rotation_interval"])}
 
 
+class Rejected(SimError):
+    """A frame the wire refuses: reported with the rejection's reason as its error kind."""
+
+    def __init__(self, rejection: Rejection):
+        super().__init__(rejection.detail)
+        self.kind = rejection.reason
+
+
+def _run(i) -> tuple[ModelConfig, DistroConfig]:
+    """The model and DisTrO settings a frame is read against."""
+    return (ModelConfig.from_hf_dict(i["config"], source="case config"),
+            DistroConfig(compression_chunk=i["chunk"], compression_topk=i["topk"], quantize_1bit=i["quantized"]))
+
+
+def _frame(t: torch.Tensor) -> bytes:
+    return t.numpy().tobytes()
+
+
+def _sparse_outputs(sparses) -> dict:
+    return {name: {"indices": s.indices.long().contiguous(), "values": s.values.contiguous()}
+            for name, s in sorted(sparses.items())}
+
+
+def _decode_frame(i):
+    """One frame as a receiver reads it: its content, or the reason it is rejected."""
+    payload = decode_payload(_frame(i["frame"]), *_run(i))
+    if isinstance(payload, Rejection):
+        raise Rejected(payload)
+    return {"peer": payload.peer, "round": payload.round, "tiers": list(payload.tiers), "quantized": payload.quantized,
+            "params": _sparse_outputs(payload.params), "helper_params": _sparse_outputs(payload.helper_params),
+            "helper_neurons": {str(layer): n.long() for layer, n in sorted(payload.helper_neurons.items())}}
+
+
+def _receive(i):
+    """One round's frames at a receiver of `receiver_tiers`: decoded, validated (round,
+    duplicates), aggregated; what counted, what was rejected and why, and the dilution."""
+    model, distro = _run(i)
+    result = receive([_frame(f) for f in i["frames"]], model, distro, local_shapes(model, i["receiver_tiers"]),
+                     mean_semantics(i["semantics"]), i["round"])
+    return {"updates": {name: u.contiguous() for name, u in result.updates.items()},
+            "contributing_peers": result.contributing_peers, "rejected": dict(sorted(result.rejected.items())),
+            "dilution": list(result.dilution)}
+
+
 OPS = {"prefix_dim": _prefix_dim, "align_prefix_grad": _align_prefix_grad, "align_sparse_grad": _align_sparse_grad,
        "batch_decompress": _batch_decompress, "chunk_size": _chunk_size,
        "dct_encode": _dct_encode, "dct_decode": _dct_decode, "compress": _compress, "quantize_1bit": _quantize_1bit,
        "error_feedback": _error_feedback, "aggregate": _aggregate, "apply_update": _apply_update,
-       "schema_hash": _schema_hash, "helper_indices": _helper_indices}
+       "schema_hash": _schema_hash, "helper_indices": _helper_indices, "decode_frame": _decode_frame,
+       "receive": _receive}
 
 
 def error_kind(err: Exception) -> str:
-    """The kind an error is reported as: matsim's exception class (UnsupportedParameter, ...)."""
-    return type(err).__name__
+    """The kind an error is reported as: a rejected frame's reason (bad_checksum, ...), else
+    matsim's exception class (UnsupportedParameter, ...)."""
+    return getattr(err, "kind", None) or type(err).__name__
 
 
 # --- values as the protocol carries them -------------------------------------------

@@ -26,11 +26,16 @@ import torch
 
 from sim.config import ModelConfig, load_config
 from sim.conformance import FORMAT, OPS, VERSION, error_kind, resolve
-from sim.distro import ChunkGrid, compress
+from sim.distro import ChunkGrid, compress, quantize_1bit
 from sim.errors import SimError
-from sim.model import full_shapes, local_shapes
+from sim.helper import _suffix_order, helper_count, helper_indices
+from sim.model import full_shapes, helper_shapes, local_shapes
+from sim.tiers import layer_widths
+from sim.wire import DIGEST, PREFIX, Payload, encode_payload
 
 MANIFEST = "manifest.json"
+# The shrunk input of each planted bug's op that kills it (scripts/pin_killers.py writes it).
+KILLERS = Path(__file__).resolve().parent.parent / "vectors" / "killers.json"
 # Waiting for an implementation's hello is a hang guard, not the per-case timeout: starting one
 # (an interpreter importing torch, a Rust binary loading libtorch) takes seconds on a busy machine.
 STARTUP_S = 120.0
@@ -118,14 +123,24 @@ def _align_sparse_grad(g, index):
             "sorted suffix neurons; out of range or repeated ones")
 
 
+def _pairs(x: torch.Tensor, chunk: int, k: int, zero_blocks: str = "absent") -> dict:
+    sparse = compress(x, chunk, k, zero_blocks=zero_blocks)
+    return {"indices": sparse.indices.long(), "values": sparse.values}
+
+
 def _batch_decompress(g, index):
-    """Homogeneous payloads of one grid: every peer's pairs, one scatter-mean, one decode."""
+    """Homogeneous payloads of one grid: every peer's pairs, one scatter-mean, one decode.
+    Some peers' tensors are half zero: their all-zero blocks go out as absent slots (matsim)
+    or as zeros that count in the mean (Psyche's reading)."""
     shape, chunk, k = _shape(g), _choice(g, [4, 8]), _int(g, 1, 4)
-    payloads = []
-    for _ in range(_int(g, 1, 4)):
-        sparse = compress(_randn(g, *shape), chunk, k)
-        payloads.append({"indices": sparse.indices.long(), "values": sparse.values})
-    return {"chunk": chunk, "shape": list(shape), "payloads": payloads}, [], "1-4 peers' top-k of random tensors"
+    xs = [_randn(g, *shape) for _ in range(_int(g, 1, 4))]
+    flags = []
+    if index % 3 == 1:
+        xs[0].view(-1)[: xs[0].numel() // 2] = 0
+        flags.append("absent_slot")
+    inputs = {"chunk": chunk, "shape": list(shape), "payloads": [_pairs(x, chunk, k) for x in xs]}
+    psyche = {**inputs, "payloads": [_pairs(x, chunk, k, "sent") for x in xs]}
+    return inputs, flags, "1-4 peers' top-k of random tensors, some half zero", psyche
 
 
 def _chunk_size(g, index):
@@ -152,16 +167,15 @@ def _dct_decode(g, index):
 
 def _compress(g, index):
     x, flags = _randn(g, *_shape(g)), []
-    if index % 3 == 1:   # some blocks all zero (embedding rows of tokens a batch lacks)
-        x.view(-1)[: x.numel() // 2] = 0
+    if index % 3 == 1:   # some blocks all zero (embedding rows of tokens a batch lacks), or all of them
+        x.view(-1)[: x.numel() if index % 6 == 4 else x.numel() // 2] = 0
         flags.append("absent_slot")
     zero_blocks = "sent" if index % 6 == 1 else "absent"
-    if zero_blocks == "sent":
-        flags.append("psyche_divergent")
     chunk, topk = _choice(g, [4, 8]), _int(g, 1, 6)
     if _near_tie(x, chunk, topk):
         flags.append("tie")
-    return {"x": x, "chunk": chunk, "topk": topk, "zero_blocks": zero_blocks}, flags, "random values, half-zero tensors"
+    inputs = {"x": x, "chunk": chunk, "topk": topk, "zero_blocks": zero_blocks}
+    return inputs, flags, "random values, half-zero tensors", {**inputs, "zero_blocks": "sent"}
 
 
 TIE = 1e-4   # relative gap between the k-th and (k+1)-th magnitudes under which another DCT may choose otherwise
@@ -186,10 +200,9 @@ def _quantize_1bit(g, index):
         x.view(-1)[: x.numel() // 2] = 0
     sparse = compress(x, chunk, k, zero_blocks=zero_blocks)
     flags = ["absent_slot"] if bool((sparse.values == 0).any()) else []
-    if zero_blocks == "sent" and flags:
-        flags.append("psyche_divergent")
-    return ({"indices": sparse.indices.long(), "values": sparse.values, "shape": list(shape), "chunk": chunk,
-             "zero_blocks": zero_blocks}, flags, "compressed random tensors, some with zero blocks")
+    inputs = {"indices": sparse.indices.long(), "values": sparse.values, "shape": list(shape), "chunk": chunk,
+              "zero_blocks": zero_blocks}
+    return inputs, flags, "compressed random tensors, some with zero blocks", {**inputs, "zero_blocks": "sent"}
 
 
 def _error_feedback(g, index):
@@ -208,23 +221,28 @@ def _aggregate(g, index):
     chunk, peers, topk = 8, _int(g, 1, 4), _int(g, 1, 4)   # one k for the run, as one config sets it
     semantics = ("coeff", "peer", "region")[index % 3]
     receiver = {name: list(full_shapes(model)[name]) for name in TINY_NAMES}
-    payloads, flags = [], ["mixed_tiers"]
+    payloads, psyche_payloads, flags = [], [], ["mixed_tiers"]
     for peer in range(peers):
         tier = _int(g, 0, 2)
         shapes = local_shapes(model, tier)
-        params = {}
+        params, psyche_params = {}, {}
         for name in TINY_NAMES:
             x = _randn(g, *shapes[name])
             if name.endswith("norm.weight") and _int(g, 0, 2) == 0:
                 x.zero_()   # an all-zero block: the absent slot
                 flags.append("absent_slot")
-            sparse = compress(x, chunk, topk)
-            params[name] = {"indices": sparse.indices.long(), "values": sparse.values, "shape": list(shapes[name])}
-        payloads.append({"tiers": [tier] * model.num_hidden_layers, "params": params})
-    if semantics == "peer":
-        flags.append("psyche_divergent")
-    return ({"chunk": chunk, "quantized": False, "semantics": semantics, "receiver_shapes": receiver,
-             "payloads": payloads}, sorted(set(flags)), "tiny's MLP and a norm, 1-4 peers at tiers 0-2")
+            params[name] = {**_pairs(x, chunk, topk), "shape": list(shapes[name])}
+            psyche_params[name] = {**_pairs(x, chunk, topk, "sent"), "shape": list(shapes[name])}
+        tiers = [tier] * model.num_hidden_layers
+        payloads.append({"tiers": tiers, "params": params})
+        psyche_payloads.append({"tiers": tiers, "params": psyche_params})
+    inputs = {"chunk": chunk, "quantized": False, "semantics": semantics, "receiver_shapes": receiver,
+              "payloads": payloads}
+    # Psyche: zero blocks sent; one shape for all: the per-coefficient mean (batch_decompress),
+    # else its heterogeneous path (decode each, align, sum, divide by the peers).
+    homogeneous = all(p["params"][n]["shape"] == receiver[n] for p in payloads for n in TINY_NAMES)
+    psyche = {**inputs, "payloads": psyche_payloads, "semantics": "coeff" if homogeneous else "peer"}
+    return inputs, sorted(set(flags)), "tiny's MLP and a norm, 1-4 peers at tiers 0-2", psyche
 
 
 def _apply_update(g, index):
@@ -250,9 +268,168 @@ def _schema_hash(g, index):
 def _helper_indices(g, index):
     full = _choice(g, [64, 256, 1024])
     width = full >> _int(g, 1, 3)
-    return ({"seed": _int(g, 0, 2**31 - 1), "round": _int(g, 0, 40), "layer": _int(g, 0, 7), "width": width,
-             "full": full, "fraction": _choice(g, [0.0, 0.1, 0.25, 0.5, 1.0]), "rotation_interval": _int(g, 1, 8)},
-            [], "per (seed, layer, epoch)")
+    inputs = {"seed": _int(g, 0, 2**31 - 1), "round": _int(g, 0, 40), "layer": _int(g, 0, 7), "width": width,
+              "full": full, "fraction": _choice(g, [0.0, 0.1, 0.25, 0.5, 1.0]), "rotation_interval": _int(g, 1, 8)}
+    return inputs, [], "per (seed, layer, epoch)", inputs
+
+
+def _helper_indices_over_the_whole_width(i):
+    """Psyche's reading: the same count drawn from [0, I), the peer's own prefix included
+    (and past a tier-1+ peer's width). matsim's permutation stands in for Psyche's generator:
+    what the reading shows is the range, not Psyche's exact draw."""
+    count = helper_count(i["width"], i["full"], i["fraction"])
+    order = _suffix_order(i["seed"], i["layer"], 0, i["full"])
+    start = (i["round"] // i["rotation_interval"] * count) % order.numel()
+    return {"indices": order[(start + torch.arange(count)) % order.numel()].sort().values}
+
+
+# --- frames: payloads as bytes on the wire (sim/wire.py) ---------------------------
+
+FRAME_ROUND = 3
+
+
+def _run_inputs(g, quantized: bool) -> tuple[ModelConfig, dict]:
+    model = load_config("tiny").model
+    return model, {"config": model.to_hf_dict(), "chunk": 8, "topk": _int(g, 1, 3), "quantized": quantized}
+
+
+def _payload(g, model: ModelConfig, run: dict, peer: int, helpers: bool, round_: int = FRAME_ROUND) -> Payload:
+    """A peer's payload at random per-layer tiers: every parameter compressed (a norm sometimes
+    all zero: absent slots), in helper mode with slabs at its helper neurons."""
+    tiers = tuple(_int(g, 0, 2) for _ in range(model.num_hidden_layers))
+
+    def sparse(shape, zero=False):
+        x = torch.zeros(shape) if zero else _randn(g, *shape)
+        packed = compress(x, run["chunk"], run["topk"])
+        return quantize_1bit(packed) if run["quantized"] else packed
+    params = {name: sparse(shape, name.endswith("norm.weight") and _int(g, 0, 3) == 0)
+              for name, shape in local_shapes(model, tiers).items()}
+    payload = Payload(peer, round_, tiers, params, run["quantized"])
+    if helpers:
+        widths = layer_widths(model.intermediate_size, tiers, model.num_hidden_layers)
+        for layer, width in enumerate(widths):
+            neurons = helper_indices(_int(g, 0, 1000), round_, layer, width, model.intermediate_size, 0.5, 1)
+            if neurons.numel():
+                payload.helper_neurons[layer] = neurons
+        counts = {layer: n.numel() for layer, n in payload.helper_neurons.items()}
+        payload.helper_params.update({name: sparse(shape) for name, shape in helper_shapes(model, counts).items()})
+    return payload
+
+
+def _bytes(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _resealed(data: bytes, edit) -> bytes:
+    """`data` with `edit` applied before the checksum, and the checksum made valid again."""
+    body = edit(bytearray(data[:-DIGEST]))
+    return bytes(body) + hashlib.sha256(body).digest()
+
+
+def _flawed(g, flaw: str, model: ModelConfig, run: dict, payload: Payload) -> bytes:
+    """`payload`'s frame with one flaw of FRAME_FLAWS."""
+    if flaw == "non_finite":
+        name = sorted(payload.params)[_int(g, 0, len(payload.params) - 1)]
+        payload.params[name].values.view(-1)[0] = float("nan")
+    elif flaw == "bad_tier":
+        payload.tiers = (model.max_tier + 1,) * len(payload.tiers)
+    elif flaw == "unknown_parameter":
+        payload.params["model.layers.0.mlp.gate_projection.weight"] = payload.params["model.norm.weight"]
+    elif flaw == "helper_in_the_prefix":
+        layer = next(iter(payload.helper_neurons))
+        payload.helper_neurons[layer] = payload.helper_neurons[layer] - payload.helper_neurons[layer].min()
+    elif flaw == "stale_round":
+        payload.round = FRAME_ROUND + 1
+    data = encode_payload(payload, run["chunk"])
+    if flaw == "flipped_byte":
+        flipped = bytearray(data)
+        flipped[_int(g, 0, len(data) - 1)] ^= 1 << _int(g, 0, 7)
+        return bytes(flipped)
+    if flaw == "truncated":
+        return data[:_int(g, 0, len(data) - 1)]
+    if flaw == "bad_magic":
+        return _resealed(data, lambda body: bytearray(b"XSIM") + body[4:])
+    if flaw == "bad_version":
+        return _resealed(data, lambda body: body[:4] + PREFIX.pack(b"MSIM", 99, 0)[4:6] + body[6:])
+    return data
+
+
+# Each flaw is the one the case is named after; the rejection's reason is matsim's (`expected`).
+FRAME_FLAWS = ("flipped_byte", "truncated", "bad_magic", "bad_version", "non_finite", "bad_tier",
+               "unknown_parameter", "helper_in_the_prefix")
+
+
+def _decode_frame(g, index):
+    """Valid frames (some quantized, some with helper slabs) and frames with one flaw each."""
+    flaw = None if index % 3 == 0 else FRAME_FLAWS[(index - index // 3 - 1) % len(FRAME_FLAWS)]
+    quantized = bool(index % 2) and flaw != "non_finite"   # 1-bit signs cannot carry NaN
+    model, run = _run_inputs(g, quantized)
+    payload = _payload(g, model, run, peer=_int(g, 0, 9), helpers=flaw == "helper_in_the_prefix" or _int(g, 0, 1) == 1)
+    if flaw == "helper_in_the_prefix" and not payload.helper_neurons:
+        flaw = "flipped_byte"
+    data = _flawed(g, flaw, model, run, payload) if flaw else encode_payload(payload, run["chunk"])
+    flags = [f"flaw:{flaw}"] if flaw else []
+    flags += ["helpers"] if payload.helper_params else []
+    return {**run, "frame": _bytes(data)}, flags, "tiny's payloads at random tiers, valid or with one flaw"
+
+
+RECEIVE_FLAWS = ("duplicate", "stale_round", "flipped_byte", "non_finite", "bad_tier")
+
+
+def _receive(g, index):
+    """One round at one receiver: 1-4 peers at mixed tiers, some with helper slabs, and in
+    most cases one more frame that must be rejected (with its reason) and change nothing else."""
+    semantics = ("coeff", "peer", "region")[index % 3]
+    flaw = None if index % 6 == 0 else RECEIVE_FLAWS[index % len(RECEIVE_FLAWS)]
+    quantized = bool(index % 4 == 1) and flaw != "non_finite"
+    model, run = _run_inputs(g, quantized)
+    helpers = index % 2 == 1
+    payloads = [_payload(g, model, run, peer, helpers and _int(g, 0, 1) == 1) for peer in range(_int(g, 1, 4))]
+    frames = [encode_payload(p, run["chunk"]) for p in payloads]
+    if flaw == "duplicate":
+        frames.append(frames[_int(g, 0, len(frames) - 1)])
+    elif flaw:
+        frames.insert(_int(g, 0, len(frames)), _flawed(g, flaw, model, run, _payload(g, model, run, 9, False)))
+    receiver = [_int(g, 0, 2) for _ in range(model.num_hidden_layers)]
+    flags = ["mixed_tiers"] + ([f"flaw:{flaw}"] if flaw else []) + \
+        (["helpers"] if any(p.helper_params for p in payloads) else [])
+    return ({**run, "semantics": semantics, "round": FRAME_ROUND, "receiver_tiers": receiver,
+             "frames": [_bytes(f) for f in frames]}, flags, "tiny, 1-4 peers, one flawed frame or none")
+
+
+def _decoded(value):
+    """A value as the protocol encodes it, its tensors ({"dtype", "shape", "data"}) rebuilt."""
+    if isinstance(value, dict):
+        if set(value) == {"dtype", "shape", "data"}:
+            return torch.tensor(value["data"], dtype=getattr(torch, value["dtype"])).reshape(value["shape"])
+        return {k: _decoded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
+
+
+def _killers() -> list[tuple[str, dict, list, str]]:
+    """vectors/killers.json as cases: each planted bug's shrunk killing input of its op."""
+    if not KILLERS.is_file():
+        return []
+    return [(k["op"], _decoded(k["inputs"]), [*k.get("flags", []), f"kills:{k['bug']}"],
+             f"hypothesis.find: the shrunk {k['op']} input on which planted bug {k['bug']} answers otherwise")
+            for k in json.loads(KILLERS.read_text())]
+
+
+def _pinned_alignments() -> list[tuple[str, dict, list, str]]:
+    """The @example cases pinned in properties/test_align.py (the chapter's shapes), as
+    align_prefix_grad cases: the narrow gradient expanded, and the full one sliced."""
+    from properties import test_align
+    shapes = {example.args[0] for test in vars(test_align).values()
+              for example in getattr(test, "hypothesis_explicit_examples", [])}
+    g, cases = _generator(0, "pinned", 0), []
+    for name, full, local, _ in sorted(shapes):
+        cases.append(("align_prefix_grad", {"name": name, "grad": _randn(g, *local), "target_shape": list(full)},
+                      ["pinned"], "@example of properties/test_align.py: expand"))
+        cases.append(("align_prefix_grad", {"name": name, "grad": _randn(g, *full), "target_shape": list(local)},
+                      ["pinned"], "@example of properties/test_align.py: slice"))
+    return cases
 
 
 CASES: dict[str, Callable] = {"prefix_dim": _prefix_dim, "align_prefix_grad": _align_prefix_grad,
@@ -260,10 +437,13 @@ CASES: dict[str, Callable] = {"prefix_dim": _prefix_dim, "align_prefix_grad": _a
                               "chunk_size": _chunk_size, "dct_encode": _dct_encode, "dct_decode": _dct_decode,
                               "compress": _compress, "quantize_1bit": _quantize_1bit, "error_feedback": _error_feedback,
                               "aggregate": _aggregate, "apply_update": _apply_update, "schema_hash": _schema_hash,
-                              "helper_indices": _helper_indices}
+                              "helper_indices": _helper_indices, "decode_frame": _decode_frame, "receive": _receive}
+# How Psyche's code computes an op where it is known to differ from matsim (the cases give
+# Psyche's inputs): by default the op itself on those inputs.
+READINGS: dict[str, Callable] = {"helper_indices": _helper_indices_over_the_whole_width}
 # Ops with float outputs, compared within FLOAT (integer outputs, such as indices, always exactly).
 FLOAT_OPS = {"dct_encode", "dct_decode", "compress", "quantize_1bit", "error_feedback", "aggregate", "apply_update",
-             "align_prefix_grad", "align_sparse_grad", "batch_decompress"}
+             "align_prefix_grad", "align_sparse_grad", "batch_decompress", "decode_frame", "receive"}
 assert set(CASES) == set(OPS)
 
 
@@ -292,6 +472,37 @@ def _with_file(value, file: str):
     return value
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _case(case_id: str, op: str, made: tuple, seed: int, index: int, tensors: dict) -> dict:
+    """One case: matsim's outputs (or error) for its inputs and, where Psyche's reading of the
+    same data differs, Psyche's outputs too (flag psyche_divergent)."""
+    inputs, flags, strategy, *psyche_inputs = made
+    flags, file = set(flags), f"{op}.safetensors"
+    try:
+        outputs = OPS[op](inputs)
+        expected = {"outputs": _stored(outputs, case_id, "out", tensors)}
+    except SimError as err:
+        outputs, expected = None, {"error": error_kind(err)}
+        flags.add("invalid")
+    if outputs is not None and psyche_inputs:
+        psyche = READINGS.get(op, OPS[op])(psyche_inputs[0])
+        if not _same(outputs, psyche):
+            expected["psyche"] = {"outputs": _stored(psyche, case_id, "psyche", tensors)}
+            flags.add("psyche_divergent")
+    return {"id": case_id, "op": op, "inputs": _with_file(_stored(inputs, case_id, "in", tensors), file),
+            "expected": _with_file(expected, file), "tolerance": FLOAT if op in FLOAT_OPS else EXACT,
+            "flags": sorted(flags), "made": {"strategy": strategy, "seed": seed, "index": index}}
+
+
 def export(out: str | Path, seed: int = 0, cases_per_op: int = 16) -> Path:
     """Write the vectors to `out`, atomically (staged beside it, then renamed)."""
     if cases_per_op < 1:
@@ -301,22 +512,15 @@ def export(out: str | Path, seed: int = 0, cases_per_op: int = 16) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "cases_per_op": cases_per_op, "ops": {}}
+    pinned, killers = _pinned_alignments(), _killers()
     for op, make in CASES.items():
         count = max(cases_per_op, len(NAMES) + len(NEAR_MISSES)) if op == "prefix_dim" else cases_per_op
         cases, tensors = [], {}
         for index in range(count):
-            case_id = f"{op}-{index:04d}"
-            inputs, flags, strategy = make(_generator(seed, op, index), index)
-            try:
-                expected = {"outputs": _stored(OPS[op](inputs), case_id, "out", tensors)}
-            except SimError as err:
-                expected = {"error": error_kind(err)}
-                flags = sorted(set(flags) | {"invalid"})
-            cases.append({"id": case_id, "op": op, "inputs": _with_file(_stored(inputs, case_id, "in", tensors),
-                                                                       f"{op}.safetensors"),
-                          "expected": _with_file(expected, f"{op}.safetensors"),
-                          "tolerance": FLOAT if op in FLOAT_OPS else EXACT, "flags": sorted(set(flags)),
-                          "made": {"strategy": strategy, "seed": seed, "index": index}})
+            cases.append(_case(f"{op}-{index:04d}", op, make(_generator(seed, op, index), index), seed, index, tensors))
+        for kind, extra in (("pinned", pinned), ("kills", killers)):
+            for index, (_, *made) in enumerate(c for c in extra if c[0] == op):
+                cases.append(_case(f"{op}-{kind}-{index:02d}", op, made, seed, index, tensors))
         (staging / f"{op}.safetensors").write_bytes(safetensors.torch.save(dict(sorted(tensors.items()))))
         (staging / f"{op}.json").write_text(json.dumps({"op": op, "cases": cases}, indent=1, sort_keys=True) + "\n")
         manifest["ops"][op] = {"file": f"{op}.json", "tensors": f"{op}.safetensors", "cases": len(cases)}
@@ -474,17 +678,25 @@ class Result:
     status: str           # pass, fail, error (the adapter misbehaved), skipped (op not implemented)
     reason: str = ""
     flags: list = field(default_factory=list)
+    other_reading: bool = False   # a psyche_divergent case failed, and the answer is the other reading's
+
+
+READINGS_NAMES = ("matsim", "psyche")
 
 
 def check(directory: str | Path, command: str, only: str | None = None, fail_fast: bool = False,
-          timeout_s: float = 30.0, on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every case of `directory` (of op `only`) run by the implementation `command`."""
+          timeout_s: float = 30.0, on_result: Callable[[Result], None] | None = None,
+          reading: str = "matsim") -> list[Result]:
+    """Every case of `directory` (of op `only`) run by the implementation `command`; a
+    psyche_divergent case expects `reading`'s outputs."""
+    if reading not in READINGS_NAMES:
+        raise VectorsError(f"--reading {reading!r} is unknown: valid are {', '.join(READINGS_NAMES)}")
     directory = Path(directory)
     cases, tensors = _load(directory, only)
     adapter, results = Adapter(command, directory, timeout_s), []
     try:
         for case in cases:
-            result = run_case(adapter, case, directory, tensors)
+            result = run_case(adapter, case, directory, tensors, reading)
             results.append(result)
             if on_result:
                 on_result(result)
@@ -497,8 +709,10 @@ def check(directory: str | Path, command: str, only: str | None = None, fail_fas
     return results
 
 
-def run_case(adapter: Adapter, case: dict, directory: Path, tensors: dict | None = None) -> Result:
-    """One case through `adapter`; `tensors` caches the vectors' safetensors files by name."""
+def run_case(adapter: Adapter, case: dict, directory: Path, tensors: dict | None = None,
+             reading: str = "matsim") -> Result:
+    """One case through `adapter`; `tensors` caches the vectors' safetensors files by name. A
+    psyche_divergent case is held to `reading`; a failure that is the other reading says so."""
     op, flags = case["op"], case.get("flags", [])
     if op not in adapter.ops:
         return Result(case["id"], op, "skipped", "op not implemented", flags)
@@ -518,5 +732,12 @@ def run_case(adapter: Adapter, case: dict, directory: Path, tensors: dict | None
                                               f"{kind or 'outputs'}", flags)
     if "error" in reply:
         return Result(case["id"], op, "fail", f"unexpected error {str(reply['error'])[:100]}", flags)
-    why = compare(expected["outputs"], reply.get("outputs"), case["tolerance"], "outputs")
-    return Result(case["id"], op, "pass" if why is None else "fail", why or "", flags)
+    readings = {"matsim": expected["outputs"], "psyche": expected.get("psyche", {}).get("outputs")}
+    other = "psyche" if reading == "matsim" else "matsim"
+    want = readings[reading] if readings[reading] is not None else readings["matsim"]
+    why = compare(want, reply.get("outputs"), case["tolerance"], "outputs")
+    if why is None:
+        return Result(case["id"], op, "pass", "", flags)
+    if readings["psyche"] is not None and compare(readings[other], reply.get("outputs"), case["tolerance"]) is None:
+        return Result(case["id"], op, "fail", f"{why}: the answer is {other}'s reading", flags, other_reading=True)
+    return Result(case["id"], op, "fail", why, flags)

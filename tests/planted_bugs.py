@@ -9,6 +9,8 @@ how fast), and `MATSIM_PLANT=<name>` plants one for a whole pytest session
 """
 import dataclasses
 import functools
+import importlib
+import re
 import sys
 
 import numpy as np
@@ -533,3 +535,10 @@ def plant(monkeypatch, name: str) -> None:
         for module in [m for n, m in sys.modules.items() if n.startswith("properties.") or n == "sim.conformance"]:
             if getattr(module, attribute, None) is original:
                 monkeypatch.setattr(module, attribute, replacement)
+
+
+def property_function(ref: str):
+    """The Hypothesis test a catcher names, and the arguments of its parametrized case."""
+    module, name, case = re.fullmatch(r"(\w+)::(\w+)(?:\[(\w+=\w+)\])?", ref).groups()
+    test = getattr(importlib.import_module(f"properties.{module}"), name)
+    return test, dict([case.split("=")]) if case else {}

@@ -2,22 +2,13 @@
 makes the properties named for it fail, at the ci profile's example counts (or more, under
 nightly) whatever profile runs the suite. Each test records its time to detection; the
 session summary (root conftest.py) prints them and writes results/planted_bugs.json."""
-import importlib
-import re
 import time
 
 import pytest
 from hypothesis import Phase, settings
 
 from properties.profiles import CI_EXAMPLES
-from tests.planted_bugs import BUGS, CATCHERS, plant
-
-
-def property_function(ref: str):
-    """The Hypothesis test a catcher names, and the arguments of its parametrized case."""
-    module, name, case = re.fullmatch(r"(\w+)::(\w+)(?:\[(\w+=\w+)\])?", ref).groups()
-    test = getattr(importlib.import_module(f"properties.{module}"), name)
-    return test, dict([case.split("=")]) if case else {}
+from tests.planted_bugs import BUGS, CATCHERS, plant, property_function
 
 
 def ci_examples(active: int) -> int:

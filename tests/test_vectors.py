@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sim import conformance, vectors
+from sim.wire import REASONS
 from tests.cli import matsim_here
 from tests.planted_bugs import plant
 
@@ -41,6 +43,45 @@ def test_every_case_names_its_op_inputs_expectation_tolerance_flags_and_origin(e
     assert all(c["expected"]["outputs"]["contributing_peers"] == len(c["inputs"]["payloads"]) for c in aggregates)
     rejected = [c for c in cases if c["op"] == "prefix_dim" and "error" in c["expected"]]
     assert rejected and all(c["expected"]["error"] == "UnsupportedParameter" for c in rejected)
+    for case in (c for c in cases if c["op"] == "receive"):   # a flawed frame is rejected, never counted
+        outputs, flawed = case["expected"]["outputs"], any(f.startswith("flaw:") for f in case["flags"])
+        assert sum(outputs["rejected"].values()) == flawed
+        assert outputs["contributing_peers"] == len(case["inputs"]["frames"]) - flawed
+    frames = [c for c in cases if c["op"] == "decode_frame"]
+    assert all(("error" in c["expected"]) == any(f.startswith("flaw:") for f in c["flags"]) for c in frames)
+    assert {c["expected"]["error"] for c in frames if "error" in c["expected"]} <= set(REASONS)
+
+
+def test_every_example_pinned_in_the_align_properties_is_a_case(exported):
+    from properties import test_align
+    pinned = [c for c in vectors.load(exported, "align_prefix_grad") if "pinned" in c["flags"]]
+    shapes = {e.args[0] for t in vars(test_align).values() for e in getattr(t, "hypothesis_explicit_examples", [])}
+    assert len(pinned) == 2 * len(shapes) >= 4   # each expanded and sliced
+    for case in pinned:
+        grad = conformance.resolve(case["inputs"]["grad"], exported, {})
+        assert (case["inputs"]["name"], tuple(grad.shape)) in {(n, s) for n, f, l, _ in shapes for s in (f, l)}
+
+
+def test_a_psyche_divergent_case_gives_both_readings_and_check_says_which_an_answer_is(tmp_path, exported):
+    cases = vectors.load(exported)
+    divergent = [c for c in cases if "psyche_divergent" in c["flags"]]
+    assert {c["op"] for c in divergent} >= {"aggregate", "helper_indices", "quantize_1bit"}
+    assert all(("psyche" in c["expected"]) == (c in divergent) for c in cases)
+    # matsim itself, held to Psyche's reading, fails exactly those cases, each one as matsim's reading
+    results = vectors.check(exported, REFERENCE, reading="psyche", timeout_s=HANG_GUARD_S)
+    failed = {r.case for r in results if r.status == "fail"}
+    assert failed == {c["id"] for c in divergent}
+    assert all(r.other_reading and "matsim's reading" in r.reason for r in results if r.status == "fail")
+
+
+def test_psyche_sends_an_all_zero_block_as_its_lowest_k_indices_with_value_zero():
+    x, tensors = torch.zeros(8), {}
+    case = vectors._case("c", "compress", ({"x": x, "chunk": 4, "topk": 2, "zero_blocks": "absent"}, [], "",
+                                           {"x": x, "chunk": 4, "topk": 2, "zero_blocks": "sent"}), 0, 0, tensors)
+    assert "psyche_divergent" in case["flags"] and "psyche" in case["expected"]
+    assert tensors["c/out/indices"].tolist() == [[4, 4], [4, 4]]      # matsim: the absent slot, block_numel
+    assert tensors["c/psyche/indices"].tolist() == [[0, 1], [0, 1]]   # Psyche: the lowest k, sent
+    assert not tensors["c/out/values"].any() and not tensors["c/psyche/values"].any()
 
 
 def test_the_reference_adapter_passes_every_case(tmp_path, exported):
@@ -57,7 +98,9 @@ PLANTED = {"down_proj_sliced_on_rows": "align_prefix_grad", "substring_name_matc
            "error_feedback_dropped": "error_feedback", "helper_indices_from_the_whole_width": "helper_indices",
            "weight_decay_applied_twice": "apply_update", "sign_taken_before_the_mean": "aggregate",
            "suffix_divided_by_all_peers": "aggregate", "narrow_gradients_aligned_into_the_last_neurons": "aggregate",
-           "helper_slab_placed_at_the_prefix": "align_sparse_grad"}
+           "helper_slab_placed_at_the_prefix": "align_sparse_grad", "nan_payload_accepted": "decode_frame",
+           "rejected_payloads_counted_as_contributing": "receive", "duplicate_payload_applied_twice": "receive",
+           "late_payload_accepted_next_round": "receive"}
 
 
 class InProcess:
@@ -76,6 +119,21 @@ def test_each_planted_bug_of_an_exported_op_fails_a_case(exported, monkeypatch, 
     adapter = InProcess(exported)
     results = [vectors.run_case(adapter, case, exported) for case in vectors.load(exported, PLANTED[bug])]
     assert any(r.status == "fail" for r in results), [r.reason for r in results]
+
+
+KILLERS = json.loads(vectors.KILLERS.read_text())
+
+
+def test_every_planted_bug_of_an_exported_op_has_its_shrunk_killing_input_in_the_vectors():
+    assert {k["bug"] for k in KILLERS} >= set(PLANTED)
+
+
+@pytest.mark.parametrize("killer", KILLERS, ids=lambda k: k["bug"])
+def test_each_killing_case_passes_on_matsim_and_fails_with_its_bug_planted(exported, monkeypatch, killer):
+    (case,) = [c for c in vectors.load(exported, killer["op"]) if f"kills:{killer['bug']}" in c["flags"]]
+    assert vectors.run_case(InProcess(exported), case, exported).status == "pass"
+    plant(monkeypatch, killer["bug"])
+    assert vectors.run_case(InProcess(exported), case, exported).status == "fail"
 
 
 def test_the_adapter_process_plants_the_bug_matsim_plant_names(exported, monkeypatch):

@@ -1,0 +1,60 @@
+"""What HypoFuzz's campaigns left in the example database, per property: examples run,
+behaviors (branches and events) and fingerprints reached, time fuzzed, and failures found
+(scripts/fuzz.sh writes it to results/fuzz/report.json after a run).
+
+    .venv/bin/python scripts/fuzz_report.py [--out results/fuzz] [pytest selection]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "results" / "fuzz"))
+    parser.add_argument("selection", nargs="*", default=["properties/"])
+    args = parser.parse_args()
+    from hypofuzz.collection import collect_tests
+    from hypofuzz.database import FailureState, HypofuzzDatabase
+    from hypothesis import settings
+    from rich.console import Console
+    from rich.table import Table
+
+    targets = collect_tests(args.selection).fuzz_targets
+    database = HypofuzzDatabase(settings().database)
+    rows = []
+    for target in targets:
+        key = target.database_key
+        # each worker saves its own reports: the latest of each, summed over the workers
+        latest = {}
+        for report in database.reports.fetch(key):
+            if report.worker_uuid not in latest or report.elapsed_time > latest[report.worker_uuid].elapsed_time:
+                latest[report.worker_uuid] = report
+        reports = list(latest.values())
+        rows.append({
+            "test": target.nodeid,
+            "examples": sum(sum(r.status_counts.values()) for r in reports),
+            "behaviors": max((r.behaviors for r in reports), default=0),
+            "fingerprints": max((r.fingerprints for r in reports), default=0),
+            "seconds": round(sum(r.elapsed_time for r in reports), 1),
+            "failures": len(list(database.failures(state=FailureState.SHRUNK).fetch(key))),
+        })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    table = Table(title="HypoFuzz, per property (example database)")
+    for column in ("test", "examples", "behaviors", "fingerprints", "seconds", "failures"):
+        table.add_column(column, justify="left" if column == "test" else "right")
+    for row in sorted(rows, key=lambda r: (-r["failures"], r["test"])):
+        table.add_row(*(str(row[c]) for c in ("test", "examples", "behaviors", "fingerprints", "seconds", "failures")))
+    Console(width=160).print(table)
+    print(f"fuzz: {sum(r['examples'] for r in rows)} examples over {len(rows)} properties, "
+          f"{sum(r['failures'] > 0 for r in rows)} failing; {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Failures HypoFuzz finds are ordinary failures: HypoFuzz fuzzes in the suite's example
+database, under the keys pytest replays (root conftest.py); `make fuzz` (scripts/fuzz.sh)
+then replays the database under pytest, so each failure gets its record and its `matsim
+reproduce` line, which replays it exactly. Shown on a planted bug."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.internal.reflection import function_digest
+
+from properties.test_helper import test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix as fuzzed
+
+REPO = Path(__file__).resolve().parent.parent
+PROPERTY = "properties/test_helper.py::test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix"
+BUG = "helper_indices_from_the_whole_width"
+HANG_GUARD_S = 600   # HypoFuzz finds this bug in its first few examples
+
+
+def database_key() -> bytes:
+    """The key HypoFuzz saves the property's shrunk failures under (and pytest replays)."""
+    inner = fuzzed.hypothesis.inner_test
+    saved = getattr(inner, "_hypothesis_internal_add_digest", None)
+    inner._hypothesis_internal_add_digest = PROPERTY.encode()
+    try:
+        return function_digest(inner)
+    finally:
+        inner._hypothesis_internal_add_digest = saved
+
+
+def run(argv, env):
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tmp_path):
+    env = {**os.environ, "MATSIM_PLANT": BUG, "MATSIM_EXAMPLES_DB": str(tmp_path / "db"),
+           "MATSIM_FAILURES": str(tmp_path / "failures"), "MATSIM_FUZZ_OUT": str(tmp_path / "fuzz")}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    # HypoFuzz until its shrunk failure is in the database (polled: no assumption on speed).
+    fuzzer = subprocess.Popen([str(Path(sys.executable).parent / "hypothesis"), "fuzz", "-n", "1", "--no-dashboard",
+                               "--", PROPERTY], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    database, key, start = DirectoryBasedExampleDatabase(str(tmp_path / "db")), database_key(), time.monotonic()
+    try:
+        while not list(database.fetch(key)) and fuzzer.poll() is None and time.monotonic() - start < HANG_GUARD_S:
+            time.sleep(0.5)
+    finally:
+        os.killpg(fuzzer.pid, signal.SIGINT)
+        try:
+            fuzzer.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(fuzzer.pid, signal.SIGKILL)
+    assert list(database.fetch(key)), "HypoFuzz saved no shrunk failure"
+
+    replayed = run(["sh", "scripts/fuzz.sh", "0", PROPERTY], env)   # make fuzz's replay and report
+    assert replayed.returncode == 1, replayed.stdout[-3000:] + replayed.stderr[-2000:]
+    (report,) = json.loads((tmp_path / "fuzz" / "report.json").read_text())
+    assert report["test"] == PROPERTY and report["failures"] == 1 and report["examples"] > 0, report
+    (record_path,) = (tmp_path / "failures").glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["test"] == PROPERTY and record["planted_bug"] == BUG and record["blob"].startswith("b'")
+
+    env.pop("MATSIM_PLANT")
+    replay = run([sys.executable, "-m", "sim", "reproduce", str(record_path)], env)
+    assert replay.returncode == 1 and "reproduced:" in replay.stdout, replay.stdout[-2000:] + replay.stderr
