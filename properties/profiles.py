@@ -54,10 +54,14 @@ def example_database():
 
 def register_profiles() -> str:
     database = example_database()
+    # Hypothesis's own defaults as the parent, never the profile active now: with CI set that is
+    # Hypothesis's built-in "ci", whose derandomize=True made every push replay one fixed set of
+    # inputs (and HypoFuzz refuses derandomized tests).
+    defaults = settings.get_profile("default")
     for name, options in PROFILES.items():
         settings.register_profile(
-            name, database=None if name == "mutation" else database, deadline=None, print_blob=True,
-            suppress_health_check=[HealthCheck.too_slow], **options)
+            name, parent=defaults, database=None if name == "mutation" else database, deadline=None,
+            print_blob=True, suppress_health_check=[HealthCheck.too_slow], **options)
     default = "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
     chosen = os.environ.get("HYPOTHESIS_PROFILE", default)
     if chosen not in PROFILES:

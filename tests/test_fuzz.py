@@ -32,6 +32,19 @@ def database_key() -> bytes:
         inner._hypothesis_internal_add_digest = saved
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGINT to HypoFuzz and its workers (their own process group), SIGKILL if they linger."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=60)
+            return
+        except ProcessLookupError:   # already gone
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run(argv, env):
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
@@ -41,20 +54,17 @@ def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tm
            "MATSIM_FAILURES": str(tmp_path / "failures"), "MATSIM_FUZZ_OUT": str(tmp_path / "fuzz")}
     env.pop("PYTEST_XDIST_WORKER", None)
     # HypoFuzz until its shrunk failure is in the database (polled: no assumption on speed).
+    log = (tmp_path / "hypofuzz.log").open("w")
     fuzzer = subprocess.Popen([str(Path(sys.executable).parent / "hypothesis"), "fuzz", "-n", "1", "--no-dashboard",
-                               "--", PROPERTY], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               "--", PROPERTY], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     database, key, start = DirectoryBasedExampleDatabase(str(tmp_path / "db")), database_key(), time.monotonic()
     try:
         while not list(database.fetch(key)) and fuzzer.poll() is None and time.monotonic() - start < HANG_GUARD_S:
             time.sleep(0.5)
     finally:
-        os.killpg(fuzzer.pid, signal.SIGINT)
-        try:
-            fuzzer.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(fuzzer.pid, signal.SIGKILL)
-    assert list(database.fetch(key)), "HypoFuzz saved no shrunk failure"
+        stop(fuzzer)
+    assert list(database.fetch(key)), (tmp_path / "hypofuzz.log").read_text()[-3000:]
 
     replayed = run(["sh", "scripts/fuzz.sh", "0", PROPERTY], env)   # make fuzz's replay and report
     assert replayed.returncode == 1, replayed.stdout[-3000:] + replayed.stderr[-2000:]
@@ -67,3 +77,16 @@ def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tm
     env.pop("MATSIM_PLANT")
     replay = run([sys.executable, "-m", "sim", "reproduce", str(record_path)], env)
     assert replay.returncode == 1 and "reproduced:" in replay.stdout, replay.stdout[-2000:] + replay.stderr
+
+
+def test_every_profile_draws_new_inputs_each_run_even_where_ci_is_set():
+    """Hypothesis loads its own derandomized "ci" profile when $CI is set; the suite's profiles
+    must not inherit it (a push would replay one fixed set of inputs, and HypoFuzz refuses
+    derandomized tests)."""
+    code = ("from properties.profiles import PROFILES, register_profiles; register_profiles(); "
+            "from hypothesis import settings; "
+            "print(sorted({settings.get_profile(name).derandomize for name in PROFILES}))")
+    for ci in ("true", ""):
+        shown = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "CI": ci},
+                               capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert shown.stdout.strip() == "[False]", shown.stdout + shown.stderr
