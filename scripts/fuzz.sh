@@ -23,7 +23,11 @@ if [ "$seconds" -gt 0 ]; then
         >"$out/hypofuzz.log" 2>&1
 fi
 echo "fuzz: replaying the example database under pytest"
-HYPOTHESIS_PROFILE=replay .venv/bin/python -m pytest -n auto -q -p no:cacheprovider "$@" >"$out/replay.log" 2>&1
+case "$*" in  # one test id: no worker processes to start for it
+    *::*) workers="-p no:xdist" ;;
+    *) workers="-n auto" ;;
+esac
+HYPOTHESIS_PROFILE=replay .venv/bin/python -m pytest $workers -q -p no:cacheprovider "$@" >"$out/replay.log" 2>&1
 status=$?
 tail -n 3 "$out/replay.log"
 .venv/bin/python scripts/fuzz_report.py --out "$out" "$@"

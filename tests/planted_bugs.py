@@ -505,6 +505,10 @@ CATCHERS = {
     "error_feedback_dropped": ["test_distro::test_error_feedback_conserves_the_delta"],
     "helper_indices_from_the_whole_width": ["test_helper::test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix"],
     **{bug: [LOSSLESS_REFERENCE] for bug in INTEGRATION + METRICS},
+    # A late payload needs a drawn "late" fault to show in a whole run (not every ci run draws
+    # one); the receive property offers a stale frame in every example.
+    "late_payload_accepted_next_round": [
+        "test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else[flaw=stale_round]"],
     "error_feedback_reset_every_step": [COMPRESSED_REFERENCE],
     "topk_keeps_the_smallest": [COMPRESSED_REFERENCE],
     **{bug: [LOSSLESS_REFERENCE] for bug in PSYCHE},

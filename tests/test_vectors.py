@@ -68,7 +68,7 @@ def test_a_psyche_divergent_case_gives_both_readings_and_check_says_which_an_ans
     assert {c["op"] for c in divergent} >= {"aggregate", "helper_indices", "quantize_1bit"}
     assert all(("psyche" in c["expected"]) == (c in divergent) for c in cases)
     # matsim itself, held to Psyche's reading, fails exactly those cases, each one as matsim's reading
-    results = vectors.check(exported, REFERENCE, reading="psyche", timeout_s=HANG_GUARD_S)
+    results = [vectors.run_case(InProcess(exported), case, exported, reading="psyche") for case in cases]
     failed = {r.case for r in results if r.status == "fail"}
     assert failed == {c["id"] for c in divergent}
     assert all(r.other_reading and "matsim's reading" in r.reason for r in results if r.status == "fail")
@@ -201,6 +201,7 @@ def _corrupt(directory: Path, how: str) -> None:
     ("command", "cannot be started"),
     ("hello", "did not answer the hello"),
     ("only", "--only 'median' is not an op"),
+    ("reading", "--reading 'rust' is unknown: valid are matsim, psyche"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, exported, how, fragment):
     directory, impl, extra = tmp_path / "v", REFERENCE, []
@@ -213,6 +214,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, exported, how, fragment):
         impl = f"{sys.executable} -c \"print('hi')\""
     if how == "only":
         extra = ["--only", "median"]
+    if how == "reading":
+        extra = ["--reading", "rust"]
     result = matsim_here("vectors", "check", str(directory), "--impl", impl, *extra)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
 
