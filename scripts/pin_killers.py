@@ -159,7 +159,7 @@ def main() -> None:
                                                suppress_health_check=list(HealthCheck)))
         found.append({"bug": bug, "op": op, "inputs": encode(inputs), "flags": flags})
         print(f"{bug}: {op} {json.dumps(encode(inputs))[:150]}")
-    KILLERS.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+    KILLERS.write_text("[\n" + ",\n".join(json.dumps(k, sort_keys=True) for k in found) + "\n]\n")  # one bug a line
     print(f"written: {KILLERS} ({len(found)} bugs)")
 
 
