@@ -65,11 +65,40 @@ def checkpoint_config(model: MatFormerLM) -> dict:
     if len(tiers) != 1:
         raise CheckpointError(f"stored per-layer tiers {list(model.stored_tiers)} differ: a checkpoint stores "
                               f"one FFN width (save the full model, or export one tier)")
-    tier = tiers.pop()
-    hf = model.cfg.to_hf_dict()
-    hf.update(intermediate_size=model.cfg.intermediate_size >> tier, matformer_tier=tier,
-              matformer_base_intermediate_size=model.cfg.intermediate_size)
+    return tier_config(model.cfg, tiers.pop())
+
+
+def tier_config(cfg: ModelConfig, tier: int) -> dict:
+    """config.json of base config `cfg` stored at `tier`: its FFN width, and the metadata that
+    says which tier of which base width it is."""
+    hf = cfg.to_hf_dict()
+    hf.update(intermediate_size=cfg.intermediate_size >> tier, matformer_tier=tier,
+              matformer_base_intermediate_size=cfg.intermediate_size)
     return hf
+
+
+def declared_base(hf: dict, source: str) -> tuple[ModelConfig, int | None, int | None]:
+    """(the config a config.json stores, and the base FFN width and tier its MatFormer metadata
+    declares, or None, None without metadata), the metadata checked against itself."""
+    try:
+        stored_cfg = ModelConfig.from_hf_dict(hf, source=source)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    has_tier, has_base = "matformer_tier" in hf, "matformer_base_intermediate_size" in hf
+    if has_tier != has_base:
+        raise CheckpointError(f"{source}: matformer_tier and matformer_base_intermediate_size must be "
+                              f"given together (found only {'matformer_tier' if has_tier else 'matformer_base_intermediate_size'})")
+    if not has_tier:
+        return stored_cfg, None, None
+    base, tier = hf["matformer_base_intermediate_size"], hf["matformer_tier"]
+    try:
+        width = tier_width(base, tier)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    if width != stored_cfg.intermediate_size:
+        raise CheckpointError(f"{source}: metadata contradicts itself: matformer_tier {tier} of base "
+                              f"{base} is width {base >> tier}, but intermediate_size is {stored_cfg.intermediate_size}")
+    return stored_cfg, base, tier
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -208,27 +237,14 @@ def _stored_width(tensors: dict[str, torch.Tensor], where: Path) -> int:
 def checkpoint_layout(directory: str | Path) -> tuple[Path, ModelConfig, int, dict[str, torch.Tensor]]:
     """(path, base model config, stored tier, tensors), with the metadata cross-checked."""
     path, hf, tensors = read_checkpoint(directory)
-    try:
-        stored_cfg = ModelConfig.from_hf_dict(hf, source=str(path / CONFIG))
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
+    stored_cfg, base, tier = declared_base(hf, str(path / CONFIG))
     width = _stored_width(tensors, path)
-    has_tier, has_base = "matformer_tier" in hf, "matformer_base_intermediate_size" in hf
-    try:
-        if has_tier != has_base:
-            raise CheckpointError(f"{path / CONFIG}: matformer_tier and matformer_base_intermediate_size must be "
-                                  f"given together (found only {'matformer_tier' if has_tier else 'matformer_base_intermediate_size'})")
-        if has_tier:
-            base, tier = hf["matformer_base_intermediate_size"], hf["matformer_tier"]
-            if tier_width(base, tier) != stored_cfg.intermediate_size:
-                raise CheckpointError(f"{path / CONFIG}: metadata contradicts itself: matformer_tier {tier} of base "
-                                      f"{base} is width {base >> tier}, but intermediate_size is {stored_cfg.intermediate_size}")
-        else:
-            # No metadata: a narrower FFN than config.json declares means a sliced export.
-            base = stored_cfg.intermediate_size
+    if base is None:  # no metadata: a narrower FFN than config.json declares means a sliced export
+        base = stored_cfg.intermediate_size
+        try:
             tier = width_tier(base, width)
-    except ConfigError as err:
-        raise CheckpointError(f"{path / CONFIG}: {err}") from None
+        except ConfigError as err:
+            raise CheckpointError(f"{path / CONFIG}: {err}") from None
     if width != base >> tier:
         raise CheckpointError(f"{path}: FFN tensors are {width} wide, config.json says {base >> tier}")
     base_cfg = ModelConfig(**{**stored_cfg.__dict__, "intermediate_size": base})

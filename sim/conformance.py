@@ -22,6 +22,7 @@ import torch
 
 from sim.aggregate import ApplyRule, aggregate, apply_update, mean_semantics, receive
 from sim.align import align_prefix_grad, align_sparse_grad, prefix_dim
+from sim.checkpoint import declared_base
 from sim.config import DistroConfig, ModelConfig
 from sim.distro import ChunkGrid, DistroState, Sparse, batch_decompress, chunk_size, compress, quantize_1bit
 from sim.errors import SimError
@@ -113,7 +114,10 @@ def _apply_update(i):
 
 
 def _schema_hash(i):
-    return {"hash": schema_hash(ModelConfig.from_hf_dict(i["config"], source="case config"))}
+    """The hash of the model a config.json describes: a sliced export's metadata restores its
+    base FFN width, so every tier of one model hashes alike."""
+    stored, base, _ = declared_base(i["config"], "case config")
+    return {"hash": schema_hash(ModelConfig(**{**stored.__dict__, "intermediate_size": base or stored.intermediate_size}))}
 
 
 def _helper_indices(i):

@@ -24,6 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sim.checkpoint import tier_config
 from sim.config import ModelConfig, load_config
 from sim.conformance import FORMAT, OPS, VERSION, error_kind, resolve
 from sim.distro import ChunkGrid, compress, quantize_1bit
@@ -252,13 +253,24 @@ def _apply_update(g, index):
              "weight_decay": _choice(g, [0.0, 0.1])}, [], "sign-SGD and SGD, with and without weight decay")
 
 
+SCHEMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "rope_theta", "rms_norm_eps",
+                 "max_position_embeddings", "vocab_size", "tie_word_embeddings")
+
+
 def _schema_hash(g, index):
+    """tiny's config.json: as it is; as its tier-1 and tier-2 exports write it (the same hash
+    as the full model); with metadata that contradicts its width (refused); with one hashed
+    field changed (another hash)."""
     base = load_config("tiny").model
-    fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "rope_theta", "rms_norm_eps",
-              "max_position_embeddings", "vocab_size", "tie_word_embeddings"]
+    kind = index % (len(SCHEMA_FIELDS) + 4)
+    if kind in (1, 2):
+        return {"config": tier_config(base, kind)}, ["sliced"], f"the config.json of tiny's tier-{kind} export"
+    if kind == 3:
+        hf = {**tier_config(base, 1), "intermediate_size": base.intermediate_size}
+        return {"config": hf}, ["sliced"], "a tier-1 export's config.json whose width contradicts its tier"
     changes = {}
-    if index % (len(fields) + 1):
-        name = fields[index % (len(fields) + 1) - 1]
+    if kind:
+        name = SCHEMA_FIELDS[kind - 4]
         value = getattr(base, name)
         changes[name] = (not value) if isinstance(value, bool) else value * 2
     hf = ModelConfig(**{**base.__dict__, **changes}).to_hf_dict()

@@ -52,6 +52,16 @@ def test_every_case_names_its_op_inputs_expectation_tolerance_flags_and_origin(e
     assert {c["expected"]["error"] for c in frames if "error" in c["expected"]} <= set(REASONS)
 
 
+def test_every_tier_of_one_model_hashes_alike_and_every_hashed_field_changes_the_hash():
+    cases = [vectors._schema_hash(None, index) for index in range(len(vectors.SCHEMA_FIELDS) + 4)]
+    hashes = [conformance.answer({"id": "c", "op": "schema_hash", "inputs": inputs}, Path("."), {})
+              for inputs, *_ in cases]
+    full, sliced, contradicting, changed = hashes[0], hashes[1:3], hashes[3], hashes[4:]
+    assert all(h["outputs"] == full["outputs"] for h in sliced)
+    assert contradicting["error"]["kind"] == "CheckpointError"
+    assert len({h["outputs"]["hash"] for h in [full, *changed]}) == 1 + len(vectors.SCHEMA_FIELDS)
+
+
 def test_every_example_pinned_in_the_align_properties_is_a_case(exported):
     from properties import test_align
     pinned = [c for c in vectors.load(exported, "align_prefix_grad") if "pinned" in c["flags"]]
