@@ -1,7 +1,7 @@
 """Hypothesis profiles, registered once for every suite (root conftest.py).
 
 - dev: quick local iteration.
-- ci: every push; random seeds, so each push fuzzes new inputs.
+- ci: every push; random seeds, so each push fuzzes new inputs; no explain phase.
 - nightly: 100x the ci examples, no deadline.
 - mutation: dev's examples, no shrinking and no database (scripts/mutation_score.sh):
   a mutant only has to make a property fail, and each of ~1800 mutants runs the suites.
@@ -32,7 +32,10 @@ EXAMPLE_DB = Path(os.environ.get("MATSIM_EXAMPLES_DB", REPO_ROOT / ".hypothesis"
 CI_EXAMPLES = 200
 PROFILES = {
     "dev": dict(max_examples=50),
-    "ci": dict(max_examples=CI_EXAMPLES),
+    # No explain phase: after shrinking it reruns the failing example many times over (each a
+    # whole simulation for the run properties); a red CI run reports sooner, and its record's
+    # `matsim reproduce` line is how a developer looks closer.
+    "ci": dict(max_examples=CI_EXAMPLES, phases=tuple(p for p in Phase if p is not Phase.explain)),
     "nightly": dict(max_examples=100 * CI_EXAMPLES),
     "mutation": dict(max_examples=50, phases=(Phase.explicit, Phase.generate)),
     # Only what the database holds (scripts/fuzz.sh): HypoFuzz's failures replay under pytest,

@@ -26,9 +26,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SIM = str(REPO / "sim")
+
+
+# What a failing property raises: an exception, or pytest.fail's Failed (a BaseException).
+FAILURES = (Exception, pytest.fail.Exception)
 
 
 class OutOfTime(BaseException):
@@ -79,8 +85,9 @@ def _sim_branches(branches) -> set:
 def run_random(test, case: dict, seconds: float, seed: int, trace: bool) -> dict:
     """Hypothesis's own generation (no database, no explicit examples, no shrinking) until the
     first failure or `seconds`."""
-    from hypothesis import HealthCheck, Phase, settings
     from hypofuzz.coverage import CoverageCollector
+    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis.errors import UnsatisfiedAssumption
 
     inner = test.hypothesis.inner_test
     start = time.perf_counter()
@@ -88,18 +95,21 @@ def run_random(test, case: dict, seconds: float, seed: int, trace: bool) -> dict
 
     @functools.wraps(inner)
     def timed(*args, **kwargs):
-        if time.perf_counter() - start > seconds:
+        if seen["examples"] and time.perf_counter() - start > seconds:   # at least one example, as HypoFuzz
             raise OutOfTime
         seen["examples"] += 1
         try:
             if not trace:
                 return inner(*args, **kwargs)
-            with CoverageCollector() as collector:
-                try:
+            collector = CoverageCollector()
+            try:
+                with collector:
                     return inner(*args, **kwargs)
-                finally:
-                    seen["branches"] |= _sim_branches(collector.branches)
-        except Exception:
+            finally:  # read once the tracer is off: it would add to the set while we read it
+                seen["branches"] |= _sim_branches(collector.branches)
+        except UnsatisfiedAssumption:   # assume(False): a rejected example, not a failure
+            raise
+        except FAILURES:
             if seen["found_at"] is None:
                 seen["found_at"] = time.perf_counter() - start
             raise
@@ -116,7 +126,7 @@ def run_random(test, case: dict, seconds: float, seed: int, trace: bool) -> dict
         exhausted = True
     except OutOfTime:
         exhausted = False
-    except Exception:  # the failure, already timed
+    except FAILURES:  # the failure, already timed
         exhausted = False
     finally:
         test.hypothesis.inner_test, test._hypothesis_internal_use_settings, test._hypothesis_internal_use_seed = saved
@@ -133,6 +143,7 @@ def run_hypofuzz(test, case: dict, seconds: float, seed: int) -> dict:
     or `seconds`; its failures are not shrunk here (detection is the question)."""
     import random
 
+    from hypofuzz.coverage import CoverageCollector
     from hypofuzz.database import HypofuzzDatabase
     from hypofuzz.hypofuzz import FuzzTarget
     from hypothesis.database import InMemoryExampleDatabase
@@ -141,13 +152,15 @@ def run_hypofuzz(test, case: dict, seconds: float, seed: int) -> dict:
     target = FuzzTarget.from_hypothesis_test(test, database=HypofuzzDatabase(InMemoryExampleDatabase()),
                                              extra_kwargs=case)
     target.random = random.Random(seed)
+    collector = target.provider.collector = CoverageCollector()   # HypoFuzz's own tracer, reused per example
     execute = target._execute_once
-    seen = {"examples": 0, "found_at": None}
+    seen = {"examples": 0, "found_at": None, "branches": set()}
     start = time.perf_counter()
 
     def counted(data, **kwargs):
         seen["examples"] += 1
         execute(data, **kwargs)
+        seen["branches"] |= _sim_branches(collector.branches)   # this example's, as HypoFuzz's tracer saw them
         if data.status is Status.INTERESTING:
             seen["found_at"] = time.perf_counter() - start
             raise Found
@@ -159,22 +172,18 @@ def run_hypofuzz(test, case: dict, seconds: float, seed: int) -> dict:
             target.run_one()
     except Found:
         pass
-    corpus = target.provider.corpus
-    branches = [b for b in (corpus.behavior_counts if corpus is not None else ()) if hasattr(b, "start")]
-    return {"examples": seen["examples"], "found_at": seen["found_at"], "branches": len(_sim_branches(branches))}
+    return {"examples": seen["examples"], "found_at": seen["found_at"], "branches": len(seen["branches"])}
 
 
 def coverage_job(target: tuple, seconds: float, seed: int) -> dict:
     label, module, name, case = target
     test, kwargs = _resolve(module, name, case)
-    run_random(test, kwargs, 1.0, seed + 1, trace=False)  # warm: imports and caches, untimed
+    run_random(test, kwargs, 1.0, seed + 1, trace=False)  # warm (its first example's lazy imports), untimed
     return {"target": label, "random": run_random(test, kwargs, seconds, seed, trace=True),
             "hypofuzz": run_hypofuzz(test, kwargs, seconds, seed)}
 
 
 def detection_job(bug: str, seconds: float, seed: int) -> dict:
-    import pytest
-
     from tests.planted_bugs import CATCHERS, plant, property_function
     result = {"bug": bug}
     for ref in CATCHERS[bug]:  # warm, on the honest code: imports and caches, untimed
