@@ -33,11 +33,12 @@ for step in "$@"; do
     case $step in
         suite)  HYPOTHESIS_PROFILE=nightly timeout -s INT -k 60 "$seconds" .venv/bin/python -m pytest -n auto -q \
                     >results/nightly/suite.log 2>&1 ;;
-        # HypoFuzz gets 80% of the share; its replay and report the rest.
-        fuzz)   timeout -s INT -k 60 "$seconds" sh scripts/fuzz.sh $((seconds * 4 / 5)) ;;
+        # HypoFuzz gets the share less the replay's and the report's: a fifth, at least 120 s.
+        fuzz)   rest=$((seconds / 5 > 120 ? seconds / 5 : 120))
+                timeout -s INT -k 60 "$seconds" sh scripts/fuzz.sh $((seconds > rest ? seconds - rest : 0)) ;;
         matrix) timeout -s INT -k 60 "$seconds" .venv/bin/matsim matrix --config-path nanogpt-20m-chain \
                     --out results/nanogpt-20m-chain ${NIGHTLY_MATRIX_ROUNDS:+--rounds "$NIGHTLY_MATRIX_ROUNDS"} ;;
-        power)  timeout -s INT -k 60 "$seconds" .venv/bin/python scripts/power.py --calibrate 50 --false-alarm 50 \
+        power)  timeout -s INT -k 60 "$seconds" .venv/bin/python scripts/power.py --calibrate 50 \
                     --detect 10 --out results/power ;;
     esac
     code=$?
