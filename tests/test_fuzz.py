@@ -14,6 +14,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.internal.reflection import function_digest
 
 from properties.test_helper import test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix as fuzzed
+from tests.test_reproduce import reproduce
 
 REPO = Path(__file__).resolve().parent.parent
 PROPERTY = "properties/test_helper.py::test_helper_indices_are_sorted_unique_and_inside_the_full_width_suffix"
@@ -46,7 +47,7 @@ def run(argv, env):
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
-def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tmp_path):
+def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tmp_path, monkeypatch):
     env = {**os.environ, "MATSIM_PLANT": BUG, "MATSIM_EXAMPLES_DB": str(tmp_path / "db"),
            "MATSIM_FAILURES": str(tmp_path / "failures"), "MATSIM_FUZZ_OUT": str(tmp_path / "fuzz")}
     env.pop("PYTEST_XDIST_WORKER", None)
@@ -71,8 +72,7 @@ def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tm
     record = json.loads(record_path.read_text())
     assert record["test"] == PROPERTY and record["planted_bug"] == BUG and record["blob"].startswith("b'")
 
-    env.pop("MATSIM_PLANT")
-    replay = run([sys.executable, "-m", "sim", "reproduce", str(record_path)], env)
+    replay = reproduce(record_path, monkeypatch)
     assert replay.returncode == 1 and "reproduced:" in replay.stdout, replay.stdout[-2000:] + replay.stderr
 
 

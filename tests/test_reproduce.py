@@ -19,7 +19,7 @@ def run(argv, env, timeout=600):
     return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_failing_property_leaves_a_record_that_matsim_reproduce_replays(tmp_path):
+def test_a_failing_property_leaves_a_record_that_matsim_reproduce_replays(tmp_path, monkeypatch):
     env = {**os.environ, "MATSIM_PLANT": "gradient_leaks_into_the_suffix", "MATSIM_FAILURES": str(tmp_path),
            "MATSIM_EXAMPLES_DB": str(tmp_path / "db"), "HYPOTHESIS_PROFILE": "ci"}
     env.pop("PYTEST_XDIST_WORKER", None)
@@ -32,13 +32,21 @@ def test_a_failing_property_leaves_a_record_that_matsim_reproduce_replays(tmp_pa
     assert {"tiers", "seed", "model"} <= set(record["described"])
     assert record["example"].startswith(("Failing test case", "Falsifying example")) and record["versions"]["torch"]
 
-    env.pop("MATSIM_PLANT")
-    replay = run(["-m", "sim", "reproduce", str(record_path)], env)
+    replay = reproduce(record_path, monkeypatch)
     assert replay.returncode == 1 and "reproduced:" in replay.stdout, replay.stdout[-2000:] + replay.stderr
     record["planted_bug"] = None  # the bug fixed: the same example passes
     record_path.write_text(json.dumps(record))
-    fixed = run(["-m", "sim", "reproduce", str(record_path)], env)
+    fixed = reproduce(record_path, monkeypatch)
     assert fixed.returncode == 0 and "did not reproduce" in fixed.stdout, fixed.stdout[-2000:] + fixed.stderr
+
+
+def reproduce(record_path: Path, monkeypatch) -> subprocess.CompletedProcess:
+    """`matsim reproduce RECORD` in this process (it starts its own pytest for the replay),
+    as a developer's shell would run it: no planted bug, no xdist worker."""
+    for name in ("MATSIM_PLANT", "PYTEST_XDIST_WORKER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MATSIM_EXAMPLES_DB", str(record_path.parent / "db"))  # never the repo's database
+    return matsim_here("reproduce", str(record_path))
 
 
 @pytest.mark.parametrize("content, fragment", [
