@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from properties.profiles import scaled
 from properties.strategies import aggregation_cases, helper_cases
-from sim.wire import Payload, Rejection, decode_payload, encode_payload, frame
+from sim.wire import Payload, Rejection, decode_payload, encode_payload, frame, resealed
 
 cases = aggregation_cases(min_peers=1, max_peers=1)
 
@@ -294,15 +294,6 @@ def test_a_malformed_neuron_tensor_is_rejected_as_bad_helper(flaw, case):
         edit, says = (lambda tensors: tensors.update(neurons=torch.zeros(1, dtype=torch.int32))), "without helper counts"
     result = decode_payload(reframed(payload, distro, lambda header, tensors: edit(tensors)), model, distro)
     assert isinstance(result, Rejection) and result.reason == "bad_helper" and says in result.detail, result
-
-
-def resealed(raw: bytes, edit) -> bytes:
-    """`raw` with `edit` applied to the bytes before the checksum, and the checksum made valid."""
-    import hashlib
-
-    from sim.wire import DIGEST
-    body = edit(bytearray(raw[:-DIGEST]))
-    return bytes(body) + hashlib.sha256(body).digest()
 
 
 def overrun_the_header_length(body: bytearray) -> bytearray:

@@ -101,11 +101,20 @@ def helpers(draw):
             "rotation_interval": 1}
 
 
-GENERATED = ("aggregate", "receive", "decode_frame")   # ops whose strategy is `generated`: (inputs, flags)
+# ops whose inputs are whole payloads: searched over the vectors' own cases (`generated`)
+GENERATED = {
+    "aggregate": ("coeff_mean_divides_by_all_peers", "sign_taken_before_the_mean", "peer_silently_skipped",
+                  "narrow_payloads_zeroed_but_counted", "narrow_mlp_contributions_dropped",
+                  "suffix_divided_by_all_peers"),
+    "receive": ("rejected_payloads_counted_as_contributing", "duplicate_payload_applied_twice",
+                "late_payload_accepted_next_round"),
+    "decode_frame": ("nan_payload_accepted",),
+}
+NAMED = st.sampled_from(vectors.NAMES + vectors.NEAR_MISSES).map(lambda n: {"name": n})
 # bug -> (op, strategy of that op's inputs)
 TARGETS = {
-    "down_proj_sliced_on_rows": ("prefix_dim", st.sampled_from(vectors.NAMES + vectors.NEAR_MISSES).map(lambda n: {"name": n})),
-    "substring_name_matching": ("prefix_dim", st.sampled_from(vectors.NAMES + vectors.NEAR_MISSES).map(lambda n: {"name": n})),
+    "down_proj_sliced_on_rows": ("prefix_dim", NAMED),
+    "substring_name_matching": ("prefix_dim", NAMED),
     "gradient_padded_at_the_front": ("align_prefix_grad", aligned()),
     "narrow_gradients_aligned_into_the_last_neurons": ("align_prefix_grad", aligned()),
     "helper_slab_placed_at_the_prefix": ("align_sparse_grad", slabs()),
@@ -113,19 +122,10 @@ TARGETS = {
     "one_bit_zeros_sent_as_zero": ("quantize_1bit", quantizable()),
     "error_feedback_dropped": ("error_feedback", feedback()),
     "error_feedback_reset_every_step": ("error_feedback", feedback()),
-    "coeff_mean_divides_by_all_peers": ("aggregate", generated("aggregate")),
-    "sign_taken_before_the_mean": ("aggregate", generated("aggregate")),
-    "peer_silently_skipped": ("aggregate", generated("aggregate")),
-    "narrow_payloads_zeroed_but_counted": ("aggregate", generated("aggregate")),
-    "narrow_mlp_contributions_dropped": ("aggregate", generated("aggregate")),
-    "suffix_divided_by_all_peers": ("aggregate", generated("aggregate")),
     "weight_decay_applied_twice": ("apply_update", applied()),
     "one_parameter_never_updated": ("apply_update", applied()),
     "helper_indices_from_the_whole_width": ("helper_indices", helpers()),
-    "rejected_payloads_counted_as_contributing": ("receive", generated("receive")),
-    "duplicate_payload_applied_twice": ("receive", generated("receive")),
-    "late_payload_accepted_next_round": ("receive", generated("receive")),
-    "nan_payload_accepted": ("decode_frame", generated("decode_frame")),
+    **{bug: (op, generated(op)) for op, bugs in GENERATED.items() for bug in bugs},
 }
 
 

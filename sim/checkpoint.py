@@ -77,9 +77,10 @@ def tier_config(cfg: ModelConfig, tier: int) -> dict:
     return hf
 
 
-def declared_base(hf: dict, source: str) -> tuple[ModelConfig, int | None, int | None]:
-    """(the config a config.json stores, and the base FFN width and tier its MatFormer metadata
-    declares, or None, None without metadata), the metadata checked against itself."""
+def declared_base(hf: dict, source: str) -> tuple[ModelConfig, int | None]:
+    """(the base (tier-0) config a config.json declares, and the tier its MatFormer metadata
+    declares), the metadata checked against itself. Without metadata: the stored config as it
+    is, and tier None (only the stored tensors' width can tell then)."""
     try:
         stored_cfg = ModelConfig.from_hf_dict(hf, source=source)
     except ConfigError as err:
@@ -89,7 +90,7 @@ def declared_base(hf: dict, source: str) -> tuple[ModelConfig, int | None, int |
         raise CheckpointError(f"{source}: matformer_tier and matformer_base_intermediate_size must be "
                               f"given together (found only {'matformer_tier' if has_tier else 'matformer_base_intermediate_size'})")
     if not has_tier:
-        return stored_cfg, None, None
+        return stored_cfg, None
     base, tier = hf["matformer_base_intermediate_size"], hf["matformer_tier"]
     try:
         width = tier_width(base, tier)
@@ -98,7 +99,7 @@ def declared_base(hf: dict, source: str) -> tuple[ModelConfig, int | None, int |
     if width != stored_cfg.intermediate_size:
         raise CheckpointError(f"{source}: metadata contradicts itself: matformer_tier {tier} of base "
                               f"{base} is width {base >> tier}, but intermediate_size is {stored_cfg.intermediate_size}")
-    return stored_cfg, base, tier
+    return ModelConfig(**{**stored_cfg.__dict__, "intermediate_size": base}), tier
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -237,17 +238,15 @@ def _stored_width(tensors: dict[str, torch.Tensor], where: Path) -> int:
 def checkpoint_layout(directory: str | Path) -> tuple[Path, ModelConfig, int, dict[str, torch.Tensor]]:
     """(path, base model config, stored tier, tensors), with the metadata cross-checked."""
     path, hf, tensors = read_checkpoint(directory)
-    stored_cfg, base, tier = declared_base(hf, str(path / CONFIG))
-    width = _stored_width(tensors, path)
-    if base is None:  # no metadata: a narrower FFN than config.json declares means a sliced export
-        base = stored_cfg.intermediate_size
+    base_cfg, tier = declared_base(hf, str(path / CONFIG))
+    base, width = base_cfg.intermediate_size, _stored_width(tensors, path)
+    if tier is None:  # no metadata: a narrower FFN than config.json declares means a sliced export
         try:
             tier = width_tier(base, width)
         except ConfigError as err:
             raise CheckpointError(f"{path / CONFIG}: {err}") from None
     if width != base >> tier:
         raise CheckpointError(f"{path}: FFN tensors are {width} wide, config.json says {base >> tier}")
-    base_cfg = ModelConfig(**{**stored_cfg.__dict__, "intermediate_size": base})
     return path, base_cfg, tier, tensors
 
 

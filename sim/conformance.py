@@ -116,8 +116,7 @@ def _apply_update(i):
 def _schema_hash(i):
     """The hash of the model a config.json describes: a sliced export's metadata restores its
     base FFN width, so every tier of one model hashes alike."""
-    stored, base, _ = declared_base(i["config"], "case config")
-    return {"hash": schema_hash(ModelConfig(**{**stored.__dict__, "intermediate_size": base or stored.intermediate_size}))}
+    return {"hash": schema_hash(declared_base(i["config"], "case config")[0])}
 
 
 def _helper_indices(i):

@@ -58,7 +58,11 @@ def helper_indices(seed: int, round_: int, layer: int, width: int, full: int, fr
     epoch = rotation_epoch(round_, rotation_interval)
     if count == 0:
         return torch.empty(0, dtype=torch.int64)
-    order = _suffix_order(seed, layer, width, full)
+    return epoch_window(_suffix_order(seed, layer, width, full), count, epoch)
+
+
+def epoch_window(order: torch.Tensor, count: int, epoch: int) -> torch.Tensor:
+    """The `count` entries of `order` that epoch `epoch` takes, sorted: the window slides by its
+    own length each epoch and wraps around the end."""
     start = (epoch * count) % order.numel()
-    window = order[(start + torch.arange(count)) % order.numel()]
-    return window.sort().values
+    return order[(start + torch.arange(count)) % order.numel()].sort().values

@@ -29,10 +29,10 @@ from sim.config import ModelConfig, load_config
 from sim.conformance import FORMAT, OPS, VERSION, error_kind, resolve
 from sim.distro import ChunkGrid, compress, quantize_1bit
 from sim.errors import SimError
-from sim.helper import _suffix_order, helper_count, helper_indices
+from sim.helper import _suffix_order, epoch_window, helper_count, helper_indices, rotation_epoch
 from sim.model import full_shapes, helper_shapes, local_shapes
 from sim.tiers import layer_widths
-from sim.wire import DIGEST, PREFIX, Payload, encode_payload
+from sim.wire import PREFIX, Payload, encode_payload, resealed
 
 MANIFEST = "manifest.json"
 # The shrunk input of each planted bug's op that kills it (scripts/pin_killers.py writes it).
@@ -289,10 +289,9 @@ def _helper_indices_over_the_whole_width(i):
     """Psyche's reading: the same count drawn from [0, I), the peer's own prefix included
     (and past a tier-1+ peer's width). matsim's permutation stands in for Psyche's generator:
     what the reading shows is the range, not Psyche's exact draw."""
-    count = helper_count(i["width"], i["full"], i["fraction"])
-    order = _suffix_order(i["seed"], i["layer"], 0, i["full"])
-    start = (i["round"] // i["rotation_interval"] * count) % order.numel()
-    return {"indices": order[(start + torch.arange(count)) % order.numel()].sort().values}
+    return {"indices": epoch_window(_suffix_order(i["seed"], i["layer"], 0, i["full"]),
+                                    helper_count(i["width"], i["full"], i["fraction"]),
+                                    rotation_epoch(i["round"], i["rotation_interval"]))}
 
 
 # --- frames: payloads as bytes on the wire (sim/wire.py) ---------------------------
@@ -332,12 +331,6 @@ def _bytes(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
-def _resealed(data: bytes, edit) -> bytes:
-    """`data` with `edit` applied before the checksum, and the checksum made valid again."""
-    body = edit(bytearray(data[:-DIGEST]))
-    return bytes(body) + hashlib.sha256(body).digest()
-
-
 def _flawed(g, flaw: str, model: ModelConfig, run: dict, payload: Payload) -> bytes:
     """`payload`'s frame with one flaw of FRAME_FLAWS."""
     if flaw == "non_finite":
@@ -360,9 +353,9 @@ def _flawed(g, flaw: str, model: ModelConfig, run: dict, payload: Payload) -> by
     if flaw == "truncated":
         return data[:_int(g, 0, len(data) - 1)]
     if flaw == "bad_magic":
-        return _resealed(data, lambda body: bytearray(b"XSIM") + body[4:])
+        return resealed(data, lambda body: bytearray(b"XSIM") + body[4:])
     if flaw == "bad_version":
-        return _resealed(data, lambda body: body[:4] + PREFIX.pack(b"MSIM", 99, 0)[4:6] + body[6:])
+        return resealed(data, lambda body: body[:4] + PREFIX.pack(b"MSIM", 99, 0)[4:6] + body[6:])
     return data
 
 

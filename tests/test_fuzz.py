@@ -58,8 +58,12 @@ def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tm
                               start_new_session=True)
     database, key, start = DirectoryBasedExampleDatabase(str(tmp_path / "db")), database_key(), time.monotonic()
     try:
-        while not list(database.fetch(key)) and fuzzer.poll() is None and time.monotonic() - start < HANG_GUARD_S:
-            time.sleep(0.5)
+        while not list(database.fetch(key)) and time.monotonic() - start < HANG_GUARD_S:
+            try:   # between looks at the database: returns at once if HypoFuzz ends
+                fuzzer.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         stop(fuzzer)
     assert list(database.fetch(key)), (tmp_path / "hypofuzz.log").read_text()[-3000:]
