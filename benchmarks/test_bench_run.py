@@ -18,7 +18,6 @@ import time
 import pytest
 
 from sim.config import load_config
-from sim.data import shard
 from sim.peer import train_and_compress
 from sim.run import Network
 
@@ -30,8 +29,7 @@ def bare_peers(network, round_):
     """What the peers would do with no harness: forward, backward, DisTrO compress."""
     for peer in network.present():
         peer.model.set_tiers(peer.tiers)
-        tokens = shard(network.source, network.seed, round_, peer.id, network.batch(round_), network.config.seq_len + 1)
-        train_and_compress(peer.model, peer.state, tokens, 1e-3, peer.id, round_)
+        train_and_compress(peer.model, peer.state, network.tokens([peer], round_)[0], 1e-3, peer.id, round_)
 
 
 @pytest.mark.parametrize("config", ["tiny", "test-nanogpt-small"])

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from properties.profiles import scaled
 from properties.records import describe
 from sim.config import load_config
-from sim.engine import group_gradients, shape_of, train_group
+from sim.engine import batched_gradients, groups, train_group
 from sim.faults import KINDS
-from sim.model import helper_grads, local_grads
+from sim.peer import gradients
 from sim.run import Network, fault_plan, play_round
 
 TINY = load_config("tiny")
@@ -35,7 +35,11 @@ def engine_runs(draw):
     kinds = draw(st.lists(st.sampled_from(KINDS), unique=True, max_size=3))
     faults = ",".join(f"{k}={draw(st.sampled_from([0.1, 0.2]))}" for k in kinds)
     quantized = draw(st.booleans())
-    config = TINY.replace(distro=TINY.distro.__class__(**{**TINY.distro.__dict__, "quantize_1bit": quantized}))
+    # Batches of several sequences a peer, split into micro-batches as Psyche's trainer splits them.
+    batch = draw(st.sampled_from([4, 8, 12]))
+    config = TINY.replace(distro=TINY.distro.__class__(**{**TINY.distro.__dict__, "quantize_1bit": quantized}),
+                          global_batch_size=batch, global_batch_size_end=batch,
+                          micro_batch_size=draw(st.sampled_from([None, None, 1, 2, 3])))
     return dict(config=config, tiers=tiers, fractions=fractions, faults=faults, shared=draw(st.booleans()),
                 rounds=draw(st.integers(2, 4)), seed=draw(st.integers(0, 2**16)))
 
@@ -43,6 +47,7 @@ def engine_runs(draw):
 def network_of(case, batching="off"):
     describe(tiers=[list(t) if isinstance(t, tuple) else t for t in case["tiers"]], helper_fractions=case["fractions"],
              faults=case["faults"], shared_weights=case["shared"], quantize_1bit=case["config"].distro.quantize_1bit,
+             global_batch_size=case["config"].global_batch_size, micro_batch_size=case["config"].micro_batch_size,
              rounds=case["rounds"], seed=case["seed"])
     return Network(case["config"], case["tiers"], case["fractions"], case["seed"], shared_weights=case["shared"],
                    device="cpu", dtype=torch.float64, batching=batching)
@@ -69,23 +74,13 @@ def same_payload(serial, batched, what: str) -> None:
     assert all(torch.equal(a.helper_neurons[k], b.helper_neurons[k]) for k in a.helper_neurons), what
 
 
-def serial_gradients(network, peer, round_):
-    model = network.shared if network.shared is not None else peer.model
-    model.set_tiers(peer.tiers).set_helpers(network.helpers(peer, round_))
-    model.zero_grad(set_to_none=True)
-    from sim.data import shard
-    tokens = shard(network.source, network.seed, round_, peer.id, network.batch(round_), network.config.seq_len + 1)
-    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
-    return local_grads(model), helper_grads(model)
-
-
 @pytest.mark.slow
 @scaled(0.1)
 @given(engine_runs())
 def test_batched_peers_compute_the_gradients_and_send_the_payloads_each_would_alone(case):
     """Catches: a peer's batch paired with another peer's weights or results, a group mixing
-    shapes, helper slabs cut from the wrong neurons, a DisTrO state stepped twice or not at
-    all, the NaN guard or its poison applied to the wrong peer."""
+    shapes, a gradient scaled by the group, helper neurons lost, micro-batches weighed
+    otherwise than the serial definition does."""
     network = network_of(case)
     plan = fault_plan(case["faults"], network, case["rounds"], case["seed"])
     try:
@@ -94,29 +89,35 @@ def test_batched_peers_compute_the_gradients_and_send_the_payloads_each_would_al
                 network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
             for fault in plan.leaving(round_):
                 network.leave(fault.peer)
-            faults, groups = plan.on_payloads(round_), {}
-            for peer in network.present():
-                groups.setdefault(shape_of(network, peer, round_), []).append(peer)
-            for group in (g for g in groups.values() if len(g) >= 2):
-                _, _, local, slabs, _ = group_gradients(network, group, round_)
-                for i, peer in enumerate(group):
-                    grads, own_slabs = serial_gradients(network, peer, round_)
-                    for name, grad in grads.items():
-                        close(grad, local[name][i], f"round {round_}, peer {peer.id}, gradient of {name}")
-                    assert own_slabs.keys() == slabs.keys()
-                    for name, slab in own_slabs.items():
-                        close(slab, slabs[name][i], f"round {round_}, peer {peer.id}, helper slab of {name}")
+            faults = plan.on_payloads(round_)
+            trainers = [p for p in network.present() if p.id in network.assignment(round_)]
+            for group, _ in groups(network, trainers, round_, "on"):
+                if len(group) < 2:
+                    continue
+                models = [network.shared if network.shared is not None else p.model for p in group]
+                for model, peer in zip(models, group):
+                    model.set_tiers(peer.tiers).set_helpers(network.helpers(peer, round_))
+                tokens = network.tokens(group, round_)
+                micro = network.config.micro_batch_size
+                serial, serial_losses = gradients(models, tokens, micro)
+                batched, batched_losses = batched_gradients(models[0], None if network.shared is not None else models,
+                                                            tokens, micro)
+                assert serial.keys() == batched.keys()
+                for name in serial:
+                    close(serial[name], batched[name], f"round {round_}, gradient of {name}")
+                for peer, a, b in zip(group, serial_losses, batched_losses):
+                    assert math.isclose(a, b, rel_tol=CLOSE), f"round {round_}, peer {peer.id}: loss {a} != {b}"
                 before = [copy.deepcopy(p.state) for p in group]
-                serial = [network.train(p, round_, faults.get(p.id)) for p in group]
+                one_by_one = train_group(network, group, round_, faults, batched=False)
                 stepped = [p.state for p in group]
                 for peer, state in zip(group, before):
                     peer.state = copy.deepcopy(state)
-                batched = train_group(network, group, round_, faults)
+                together = train_group(network, group, round_, faults, batched=True)
                 for peer, state in zip(group, stepped):
                     assert state.delta.keys() == peer.state.delta.keys(), f"round {round_}, peer {peer.id}: other states"
                     for name, delta in state.delta.items():
                         close(delta, peer.state.delta[name], f"round {round_}, peer {peer.id}, DisTrO state of {name}")
-                for peer, a, b in zip(group, serial, batched):
+                for peer, a, b in zip(group, one_by_one, together):
                     same_payload(a, b, f"round {round_}, peer {peer.id}")
                 for peer, state in zip(group, before):   # the round itself starts from here
                     peer.state = state

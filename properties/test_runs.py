@@ -65,7 +65,10 @@ def test_random_tiers_and_faults_train_finitely_complete_and_track_the_oracle(ca
     for record in result.records:
         assert math.isfinite(record["eval_loss"]) and record["replica_max_diff"] == 0.0
         for peer in record["peers"].values():
-            assert (peer["loss"] is not None) == peer["present"] and (peer["loss"] is None or math.isfinite(peer["loss"]))
+            assert peer["present"] or peer["loss"] is None
+            assert peer["loss"] is None or math.isfinite(peer["loss"])
+        trained = sum(p["loss"] is not None for p in record["peers"].values())
+        assert trained == min(TINY.global_batch_size, sum(p["present"] for p in record["peers"].values()))
     assert result.final_eval_loss < result.eval_losses[0]
     assert abs(result.final_eval_loss / oracle.final_eval_loss - 1) <= TOLERANCE
 
@@ -106,12 +109,13 @@ class WholeRun(RuleBasedStateMachine):
 
     @rule()
     def run_a_round(self):
-        present = len(self.network.present())
-        broken = {p: f for p, f in self.pending.items() if p not in self.network.away}
+        trainers = self.network.assignment(self.round)   # present peers dealt sequences this round
+        broken = {p: f for p, f in self.pending.items() if p in trainers}
         self.last = self.network.round(self.round, broken)
         self.round, self.pending = self.round + 1, {}
-        assert self.last["contributing_peers"] == present - len(broken)
+        assert self.last["contributing_peers"] == len(trainers) - len(broken)
         assert sum(self.last["rejected"].values()) == sum(f.kind == "corrupt" for f in broken.values())
+        assert {int(p) for p, v in self.last["peers"].items() if v["loss"] is not None} == set(trainers)
         assert self.last["receivers_agree"]
 
     @rule()

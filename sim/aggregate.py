@@ -364,8 +364,14 @@ def apply_update(params: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tens
                  betas=(0.9, 0.95), eps: float = 1e-8) -> None:
     """Apply a receiver's aggregate in place, to one replica's parameters or to several
     replicas of the same shapes at once (the step, a sign say, is then computed once).
-    Decoupled weight decay: param *= 1 - lr * wd. AdamW's moments (`adam_state`) are the
-    update history's, so replicas that applied the same updates share one state and step alike."""
+    Decoupled weight decay: param *= 1 - lr * wd.
+
+    ADAMW: the moments (`adam_state`, {name: (m, v, t)}) are a function of the history of
+    aggregates, which every receiver computes alike for every element it holds: one state
+    serves every replica. It steps once per call, in the shape of `updates` (give the widest
+    receiver's), and each replica applies the step narrowed to its own shapes (a replica from a
+    sliced checkpoint, joining late, steps with the network's moments, as if they had come
+    with its weights)."""
     replicas = [params] if isinstance(params, dict) else list(params)
     if rule is not ApplyRule.ADAMW:
         _apply_elementwise(replicas, updates, lr, rule, weight_decay)
@@ -375,19 +381,20 @@ def apply_update(params: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tens
     if not replicas:
         return
     with torch.no_grad():
-        for name, first in replicas[0].items():
-            update = updates[name].to(device=first.device, dtype=first.dtype)
-            m, v, t = adam_state.get(name, (torch.zeros_like(first), torch.zeros_like(first), 0))
+        for name, update in updates.items():
+            m, v, t = adam_state.get(name, (torch.zeros_like(update), torch.zeros_like(update), 0))
+            if m.shape != update.shape:   # a wider receiver than before: elements new to the moments start at 0
+                m, v = (align_prefix_grad(name, x, update.shape) for x in (m, v))
             t += 1
             m.mul_(betas[0]).add_(update, alpha=1 - betas[0])
             v.mul_(betas[1]).addcmul_(update, update, value=1 - betas[1])
-            m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-            step = lr * m_hat / (v_hat.sqrt() + eps)
+            step = lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
             adam_state[name] = (m, v, t)
-            for param in (replica[name] for replica in replicas):
+            for param in (replica[name] for replica in replicas if name in replica):
+                own = step if step.shape == param.shape else align_prefix_grad(name, step, param.shape)
                 if weight_decay:
                     param.mul_(1 - lr * weight_decay)
-                param.sub_(step)
+                param.sub_(own.to(device=param.device, dtype=param.dtype))
 
 
 def _apply_elementwise(replicas: Sequence[dict[str, torch.Tensor]], updates: dict[str, torch.Tensor], lr: float,

@@ -222,6 +222,9 @@ class RunConfig:
     # heterogeneous path divides by contributing peers ("peer").
     mean_semantics: str = "coeff"
     apply_rule: str = "sign"
+    # Psyche's client flag --micro-batch-size: a trainer's batch is split into ceil(batch / m)
+    # micro-batches whose gradients accumulate (sim/peer.py); None: the whole batch at once.
+    micro_batch_size: int | None = None
     overrides: tuple = ()           # (key, what the config said, what the run used): substitutions a run records
     path: Path | None = None
 
@@ -230,8 +233,9 @@ class RunConfig:
             _check_count(name, getattr(self, name), 1)
         for name in ("global_batch_size_warmup_tokens", "cold_start_warmup_steps"):
             _check_count(name, getattr(self, name), 0)
-        if self.rounds_per_epoch is not None:
-            _check_count("rounds_per_epoch", self.rounds_per_epoch, 1)
+        for name in ("rounds_per_epoch", "micro_batch_size"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name), 1)
         end = self.global_batch_size_end
         if end is not None:
             _check_count("global_batch_size_end", end, 1)
@@ -268,18 +272,30 @@ class RunConfig:
     def global_batch(self, step: int) -> int:
         """Sequences in round `step`'s global batch: Psyche's get_batch_size at the tokens the
         rounds before it consumed (its data index times the sequence length)."""
+        return self.data_schedule(step)[1]
+
+    def data_index(self, step: int) -> int:
+        """The first sequence of round `step`: each round starts where the one before ended
+        (Psyche's start_round_train adds the previous round's batch to its data index)."""
+        return self.data_schedule(step)[0]
+
+    def data_schedule(self, step: int) -> tuple[int, int]:
+        """(data index, global batch) of round `step`."""
         end = self.global_batch_size_end or self.global_batch_size
-        data_index, batch = 0, self.global_batch_size
-        for _ in range(step + 1):
+        data_index = 0
+        for round_ in range(step + 1):
             tokens = data_index * self.seq_len
             if tokens >= self.global_batch_size_warmup_tokens:
-                return end   # the ramp is over: tokens only grow, so every later batch is `end` too
+                # The ramp is over: tokens only grow, so every later batch is `end` too.
+                return data_index + (step - round_) * end, end
             # Rust's f64::round: halves away from zero
             exact = self.global_batch_size + (end - self.global_batch_size) * (
                 tokens / self.global_batch_size_warmup_tokens)
             batch = math.floor(exact + 0.5)
+            if round_ == step:
+                return data_index, batch
             data_index += batch
-        return batch
+        raise AssertionError("unreachable")
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Training data: deterministic shards per (seed, round, peer).
+"""Training data: deterministic sequences per (seed, data index), and a held-out batch.
 
 Default source: a random order-k Markov chain over a small vocabulary. The
 next token depends on the last k: each context (k tokens) moves to a few
@@ -20,6 +20,7 @@ Optional source: bytes of a local file.
 import functools
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,18 +163,22 @@ def make_source(data_location: str, vocab_size: int, seed: int, markov: MarkovSp
     return ByteCorpus.load(data_location, vocab_size)
 
 
-def shard(source, seed: int, round_: int, peer: int, batch: int, length: int) -> torch.Tensor:
-    """The tokens peer `peer` trains on in round `round_`: the same on every call."""
-    return source.sample(batch, length, _generator(seed, round_, peer))
-
-
-def shards(source, seed: int, round_: int, peers, batch: int, length: int) -> torch.Tensor:
-    """`shard` of each of `peers`, stacked [peers, batch, length]: the same tokens, and for a
-    Markov source one sampling pass for all of them."""
+def sequences(source, seed: int, indices: Sequence[int], length: int) -> torch.Tensor:
+    """The sequences at data indices `indices` of a run of `seed`, [len(indices), length]:
+    each a function of (seed, its index) alone, so a round's assignment decides who trains
+    a sequence, never what it holds (sim/assignment.py). A Markov source samples them all
+    in one pass."""
     if not isinstance(source, MarkovSource):
-        return torch.stack([shard(source, seed, round_, peer, batch, length) for peer in peers])
-    draws = torch.cat([source.uniform(batch, length, _generator(seed, round_, peer)) for peer in peers], dim=1)
-    return source.from_uniform(draws).view(len(peers), batch, length)
+        return torch.stack([source.sample(1, length, _generator(seed, "sequence", i))[0] for i in indices])
+    if not len(indices):
+        return torch.empty(0, length, dtype=torch.long)
+    draws = torch.cat([source.uniform(1, length, _generator(seed, "sequence", i)) for i in indices], dim=1)
+    return source.from_uniform(draws)
+
+
+def held_out(source, task: int, count: int, length: int) -> torch.Tensor:
+    """The batch every evaluation of a run reads: drawn under a key no data index has."""
+    return source.sample(count, length, _generator(task, -1, -1))
 
 
 def uniform_loss(vocab_size: int) -> float:

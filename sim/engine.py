@@ -1,39 +1,36 @@
-"""The peers' half of a round: each present peer trains on its shard and compresses, one
-peer at a time (the definition) or peers of one shape in one batched computation.
+"""The peers' half of a round: each trainer of the round trains on the sequences assigned
+to it and compresses, peers of one shape as one group.
 
-Peers whose models run the same computation (the same per-layer tiers, helper neurons and
-stored widths) differ only in their weights and data. Their forward/backward is one
-torch.func computation: `functional_call` + `grad`, vmapped over the stacked weights of
-their replicas and their stacked batches (shared weights: over the batches alone). Their
-DisTrO steps are one stacked step per parameter (`sim.distro.step_stacked`), each peer
-keeping its own state, and their payloads are then built exactly as one peer's are.
-`Network.train`, one peer at a time, stays the definition: properties/test_engine.py checks
-every batched gradient, loss and payload against it.
+One path for groups of any size, a group of one included: the group's tokens
+(`Network.tokens`: Psyche's assignment, sim/assignment.py), its gradients, then every
+stage after them (`sim.peer.compress_group`: clipping, narrowing, helper slabs, the NaN
+guard, the DisTrO step, the payload). Only the gradients differ between serial and
+batched training: `sim.peer.gradients` runs each peer's model in turn (the definition);
+`batched_gradients` runs the group as one torch.func computation, `functional_call` +
+`grad` vmapped over the stacked weights of their replicas and their stacked batches
+(shared weights: over the batches alone). properties/test_engine.py holds the batched
+gradients to the serial ones.
 
-`batching`: "off" trains every peer alone; "on" batches every group of two or more; "auto"
-does so where batching pays (`auto_batches`: small models), at most AUTO_GROUP peers at a
-time, and trains peers in turn on large models.
+`batching`: "off" computes every gradient serially; "on" batches every group of two or
+more; "auto" does so where batching pays (`auto_batches`: small models), at most
+AUTO_GROUP peers at a time, and trains peers in turn on large models.
 
-Bitwise: in float64 the batched results equal the serial ones to round-off (the property
+Bitwise: in float64 the batched gradients equal the serial ones to round-off (the property
 checks 1e-12). In float32 they may differ in the last bits: vmap turns each peer's matrix
 products into one batched product and each peer's reductions into reductions over a
 batched tensor, which BLAS may block and sum in another order. Each path is deterministic
-on CPU, so a run is bit-reproducible with itself whichever it takes.
+on CPU, so a run is bit-reproducible with itself whichever it takes; a run with batching
+"off" equals the distributed backend (one peer a process) bit for bit.
 """
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sim.align import prefix_dim
-from sim.data import shards
-from sim.distro import step_stacked
 from sim.errors import ConfigError
-from sim.model import is_mlp_sliced, local_shapes, mlp_layer, param_count, parameters_by_name
-from sim.peer import Peer, clip_stacked, log_gradient_shapes, make_payload
-from sim.peer import log as peer_log
+from sim.model import param_count, parameters_by_name
+from sim.peer import Peer, compress_group, gradients, micro_batches
 from sim.wire import Payload
 
 BATCHING = ("auto", "on", "off")
@@ -43,15 +40,15 @@ AUTO_WORK = 2 ** 30   # parameters x tokens per peer up to which `auto` batches
 AUTO_GROUP = 16       # peers `auto` batches at most at once (their gradients coexist)
 
 
-def auto_batches(network, round_: int) -> bool:
-    """Whether batching pays for this network's peers (benchmarks/test_bench_engine.py,
+def auto_batches(network, batch: int) -> bool:
+    """Whether batching pays for peers training `batch` sequences (benchmarks/test_bench_engine.py,
     README "Batched peers"): on a small model a peer's step is a few hundred small kernel
     calls and a batch of them runs in the time of a few peers (tiny and test-nanogpt-small:
     1.2-1.3x faster from 2 peers). On nanogpt-20m-run (19M parameters x 4 x 512 tokens) two
     batched peers took 1.85x as long as two in turn: the big matrix products already use
     the machine, and the math attention kernel vmap needs materializes 512 x 512 scores."""
     config = network.config
-    return param_count(config.model) * network.batch(round_) * config.seq_len <= AUTO_WORK
+    return param_count(config.model) * batch * config.seq_len <= AUTO_WORK
 
 
 def check_batching(batching: str) -> str:
@@ -62,22 +59,30 @@ def check_batching(batching: str) -> str:
 
 def train_peers(network, peers: Sequence[Peer], round_: int, faults: dict, batching: str = "auto"
                 ) -> list[tuple[Payload | None, float]]:
-    """(payload, loss) of every peer, in order; batched by shape where `batching` says so."""
-    if check_batching(batching) == "off" or len(peers) < 2 or (batching == "auto" and not auto_batches(network, round_)):
-        return [network.train(p, round_, faults.get(p.id)) for p in peers]
-    groups: dict[tuple, list[Peer]] = {}
-    for peer in peers:
-        groups.setdefault(shape_of(network, peer, round_), []).append(peer)
-    if batching == "auto":   # each batch holds every member's gradient at once: bound the memory
-        groups = {(shape, i): members[i:i + AUTO_GROUP] for shape, members in groups.items()
-                  for i in range(0, len(members), AUTO_GROUP)}
+    """(payload, loss) of every peer, in order; each must have sequences assigned."""
     done = {}
-    for group in groups.values():
-        if len(group) >= 2:
-            done.update(zip((p.id for p in group), train_group(network, group, round_, faults)))
-        else:
-            done.update((p.id, network.train(p, round_, faults.get(p.id))) for p in group)
+    for group, batched in groups(network, peers, round_, batching):
+        done.update(zip((p.id for p in group), train_group(network, group, round_, faults, batched)))
     return [done[p.id] for p in peers]
+
+
+def groups(network, peers: Sequence[Peer], round_: int, batching: str) -> list[tuple[list[Peer], bool]]:
+    """The round's groups, each with whether its gradients are batched: peers of one shape
+    and batch size together where `batching` says so, else each peer alone."""
+    sizes = {p.id: len(network.assignment(round_)[p.id]) for p in peers}
+    if check_batching(batching) == "off":
+        return [([p], False) for p in peers]
+    together: dict[tuple, list[Peer]] = {}
+    for peer in peers:
+        together.setdefault((shape_of(network, peer, round_), sizes[peer.id]), []).append(peer)
+    result = []
+    for (_, size), members in together.items():
+        if batching == "auto" and not auto_batches(network, size):
+            result.extend(([p], False) for p in members)
+            continue
+        step = AUTO_GROUP if batching == "auto" else len(members)   # a batch holds every member's gradient
+        result.extend((members[i:i + step], len(members[i:i + step]) >= 2) for i in range(0, len(members), step))
+    return result
 
 
 def shape_of(network, peer: Peer, round_: int) -> tuple:
@@ -88,66 +93,48 @@ def shape_of(network, peer: Peer, round_: int) -> tuple:
             tuple((layer, tuple(neurons.tolist())) for layer, neurons in sorted(helpers.items())))
 
 
-def train_group(network, group: Sequence[Peer], round_: int, faults: dict) -> list[tuple[Payload | None, float]]:
-    """`Network.train` for peers of one shape, as one batched computation."""
+def train_group(network, group: Sequence[Peer], round_: int, faults: dict, batched: bool
+                ) -> list[tuple[Payload | None, float]]:
+    """The send half of peers of one shape and batch size: (payload, loss) of each."""
     config = network.config
-    model, helpers, local, slabs, losses = group_gradients(network, group, round_)
+    models = [network.shared if network.shared is not None else p.model for p in group]
+    for model, peer in zip(models, group):
+        model.set_tiers(peer.tiers).set_helpers(network.helpers(peer, round_))
+    tokens = network.tokens(group, round_)
+    if batched:
+        grads, losses = batched_gradients(models[0], None if network.shared is not None else models, tokens,
+                                          config.micro_batch_size)
+    else:
+        grads, losses = gradients(models, tokens, config.micro_batch_size)
     poisoned = [i for i, p in enumerate(group) if faults.get(p.id) is not None and faults[p.id].kind == "nan"
                 and config.distro.quantize_1bit]
-    for i in poisoned:   # the nan fault's poison, as Network.train injects it
-        next(iter(local.values()))[i].view(-1)[0] = float("nan")
-    finite = torch.stack([g.flatten(1).isfinite().all(1) for g in [*local.values(), *slabs.values()]]).all(0).tolist()
-    if peer_log.isEnabledFor(logging.DEBUG):
-        for i, peer in enumerate(group):
-            log_gradient_shapes(model, {name: g[i] for name, g in local.items()}, peer.id, round_)
-    ok = [i for i in range(len(group)) if finite[i]]
-    results: list[tuple[Payload | None, float]] = [(None, loss) for loss in losses]   # withheld unless stepped
-    if not ok:
-        return results
-    take = (lambda t: t) if len(ok) == len(group) else (lambda t: t[ok])
-    states, lr = [group[i].state for i in ok], config.lr(round_)
-    sent = {name: step_stacked(states, name, take(g), lr)[0] for name, g in local.items()}
-    helper_sent = {name: step_stacked(states, "helper:" + name, take(g), lr, anchor=helpers[mlp_layer(name)])[0]
-                   for name, g in slabs.items()}
-    for j, i in enumerate(ok):
-        results[i] = (make_payload(group[i].id, round_, model.layer_tiers, {n: s[j] for n, s in sent.items()},
-                                   config.distro.quantize_1bit, helpers, {n: s[j] for n, s in helper_sent.items()}),
-                      losses[i])
-    return results
+    return compress_group(models[0], [p.id for p in group], round_, grads, losses, [p.state for p in group],
+                          config.lr(round_), poisoned)
 
 
-def group_gradients(network, group: Sequence[Peer], round_: int):
-    """(model, helper neurons, local gradients, helper slabs, losses) of peers of one shape:
-    gradients stacked [peers, *local shape] as `local_grads` and `helper_grads` give one peer's."""
-    config, shared = network.config, network.shared is not None
-    model = network.shared if shared else group[0].model   # the structure; the weights are passed in
-    model.set_tiers(group[0].tiers).set_helpers(network.helpers(group[0], round_))
-    helpers = model.helpers   # as the serial path reads them: layers with no helper neuron left out
+def batched_gradients(model, replicas, tokens: torch.Tensor, micro_batch_size: int | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """`sim.peer.gradients` of a group as one computation: `model` gives the structure (its
+    tiers and helpers set), `replicas` the weights of each peer (None: `model`'s, shared),
+    tokens [peers, B, T + 1]. The same micro-batches, each piece's loss over their count."""
     named = parameters_by_name(model)
-    if shared:
+    if replicas is None:
         params = {name: p.detach() for name, p in named.items()}
     else:
-        replicas = [parameters_by_name(p.model) for p in group]
-        params = {name: torch.stack([replica[name].detach() for replica in replicas]) for name in named}
-    tokens = stacked_shards(network, group, round_)
+        stores = [parameters_by_name(m) for m in replicas]
+        params = {name: torch.stack([store[name].detach() for store in stores]) for name in named}
+    pieces = micro_batches(tokens.transpose(0, 1), micro_batch_size)   # split the batch axis, not the peers'
 
     def loss_of(weights, batch):
-        return functional_call(model, weights, (batch[:, :-1], batch[:, 1:]))[1]
+        return functional_call(model, weights, (batch[:, :-1], batch[:, 1:]))[1] / len(pieces)
 
+    grads, losses = None, [0.0] * tokens.shape[0]
     # The math kernel of attention: CPU's flash kernel has no batching rule, and vmap would run
     # it peer by peer.
     with sdpa_kernel(SDPBackend.MATH):
-        grads, losses = vmap(grad_and_value(loss_of), in_dims=(None if shared else 0, 0))(params, tokens)
-    grads = clip_stacked(grads, config.distro.clip_grad_norm)
-    shapes = local_shapes(config.model, model.layer_tiers)
-    local = {name: g.narrow(prefix_dim(name) + 1, 0, shapes[name][prefix_dim(name)]) if is_mlp_sliced(name) else g
-             for name, g in grads.items()}
-    slabs = {name: g.index_select(prefix_dim(name) + 1, helpers[mlp_layer(name)].to(g.device))
-             for name, g in grads.items() if is_mlp_sliced(name) and mlp_layer(name) in helpers}
-    return model, helpers, local, slabs, losses.tolist()
-
-
-def stacked_shards(network, group: Sequence[Peer], round_: int) -> torch.Tensor:
-    """The group's shards, [peers, batch, seq_len + 1], in the group's order."""
-    return shards(network.source, network.seed, round_, [p.id for p in group], network.batch(round_),
-                  network.config.seq_len + 1).to(network.device)
+        for piece in pieces:
+            g, loss = vmap(grad_and_value(loss_of), in_dims=(None if replicas is None else 0, 0))(
+                params, piece.transpose(0, 1))
+            grads = g if grads is None else {name: grads[name] + g[name] for name in grads}
+            losses = [total + part for total, part in zip(losses, loss.tolist())]   # as `backward` adds them
+    return grads, losses

@@ -5,9 +5,11 @@ It shares no code with sim/aggregate.py, sim/distro.py or sim/wire.py, nor with 
 model's tier slicing: every peer's tier-t model is its own narrow copy of the weights
 (prefix neurons, plus its helper neurons), run through a forward written out here;
 gradients are placed back into full-size zero tensors and combined element by element.
-Only the inputs come from the simulator's spec functions: the data source and its shard
-sampler, the helper neurons a peer trains (sim/helper.py). The learning rate, the
-held-out batch and the losses a round's record reports are worked out here too.
+Only the inputs come from the simulator's spec functions: the data source and the tokens
+of a data index (sim/data.py), the round's random seed (sim/assignment.py), the helper
+neurons a peer trains (sim/helper.py). Which sequences each peer trains (Psyche's
+assignment), the learning rate, the held-out batch and the losses a round's record
+reports are worked out here too.
 
 Two references:
 - `lossless_round`: DisTrO with top-k equal to the block size and no 1-bit, so a peer's
@@ -28,7 +30,7 @@ Two references:
 `learning_rate` is Psyche's four schedules written out (shared/core/src/definitions.rs)
 with `step` the round, quirks included (Cosine is not clamped past total_steps), times
 the cold-start factor; `global_batch` Psyche's batch ramp (get_batch_size at each
-round's data index).
+round's data index) and the data index itself; `split` Psyche's assign_data_for_state.
 `held_out` is the batch every evaluation reads; `peer_loss` what a peer reports.
 
 `round_inputs` replays a fault plan naively: who is present (churn), at which tiers,
@@ -43,7 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from sim.config import ModelConfig, RunConfig
-from sim.data import make_source, shard
+from sim.assignment import round_seed
+from sim.data import held_out as data_held_out
+from sim.data import make_source, sequences
 from sim.faults import FaultPlan
 from sim.helper import helper_indices
 
@@ -430,17 +434,37 @@ def learning_rate(config: RunConfig, step: int) -> float:
     return rate * (step / cold if cold and step <= cold else 1.0)
 
 
-def global_batch(config: RunConfig, step: int) -> int:
-    """Sequences in round `step`'s global batch: Psyche's CoordinatorConfig::get_batch_size at
-    the tokens the rounds before consumed (a linear ramp over the warmup tokens, rounded)."""
+def global_batch(config: RunConfig, step: int) -> tuple[int, int]:
+    """(first data index, sequences) of round `step`'s global batch: Psyche's
+    CoordinatorConfig::get_batch_size at the tokens the rounds before consumed (a linear ramp
+    over the warmup tokens, rounded), each round starting where the one before ended."""
     start, warm = config.global_batch_size, config.global_batch_size_warmup_tokens
     end = config.global_batch_size_end or start
-    consumed, batch = 0, start
-    for _ in range(step + 1):
+    consumed = 0
+    for round_ in range(step + 1):
         tokens = consumed * config.seq_len
         batch = end if tokens >= warm else int(start + (end - start) * (tokens / warm) + 0.5)
-        consumed += batch
-    return batch
+        if round_ < step:
+            consumed += batch
+    return consumed, batch
+
+
+def split(present: Sequence[int], total: int, first: int, seed: int) -> dict[int, list[int]]:
+    """Psyche's assign_data_for_state, written out: the present peers (in join order)
+    shuffled by its LCG walk from `seed`, then `total` sequences from `first` on dealt out in
+    that order, total // n each and one more to the first total % n; none to a peer with 0."""
+    order, state = list(present), seed
+    for i in reversed(range(1, len(order))):
+        state = (state * 6364136223846793005 + 1442695040888963407) % 2 ** 64
+        j = state % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    dealt, index = {}, first
+    for position, peer in enumerate(order):
+        count = total // len(order) + (position < total % len(order))
+        if count:
+            dealt[peer] = list(range(index, index + count))
+            index += count
+    return dealt
 
 
 def held_out(config: RunConfig, seed: int) -> torch.Tensor:
@@ -449,7 +473,7 @@ def held_out(config: RunConfig, seed: int) -> torch.Tensor:
     never a peer's training shard."""
     source = make_source(config.data, config.model.vocab_size, seed, config.markov)
     task = seed if config.markov.seed is None else config.markov.seed
-    return shard(source, task, -1, -1, max(HELD_OUT_SEQUENCES, config.global_batch_size), config.seq_len + 1)
+    return data_held_out(source, task, max(HELD_OUT_SEQUENCES, config.global_batch_size), config.seq_len + 1)
 
 
 # --- replaying a fault plan --------------------------------------------------------
@@ -457,8 +481,9 @@ def held_out(config: RunConfig, seed: int) -> torch.Tensor:
 def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Sequence[float], plan: FaultPlan,
                  round_: int) -> list[PeerInput]:
     """The present peers of `round_` under `plan`, replayed from round 0: churned peers are
-    away for their rounds and come back (at their new tier, with a fresh state); each
-    peer's shard and helper neurons; whether and how its payload counts."""
+    away for their rounds and come back (at their new tier, with a fresh state); the
+    sequences each is dealt (a present peer dealt none trains nothing and is left out) and
+    its helper neurons; whether and how its payload counts."""
     layers = config.model.num_hidden_layers
     current = [tuple(t) if isinstance(t, (tuple, list)) else (t,) * layers for t in tiers]
     away, fresh = set(), set()
@@ -473,12 +498,14 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
             if f.kind == "churn" and f.round == r:
                 away.add(f.peer)
     source = make_source(config.data, config.model.vocab_size, seed, config.markov)
-    batch = max(1, global_batch(config, round_) // len(tiers))
+    first, total = global_batch(config, round_)
+    present = [peer for peer in range(len(tiers)) if peer not in away]
+    dealt = split(present, total, first, round_seed(seed, round_))
     faults = {f.peer: f for f in plan.faults if f.round == round_ and f.kind != "churn"}
     quantized = config.distro.quantize_1bit
     peers = []
-    for peer, (layer_tiers, fraction) in enumerate(zip(current, fractions)):
-        if peer in away:
+    for peer in present:
+        if peer not in dealt:   # nothing to train on: it sends nothing, reports no loss
             continue
         fault = faults.get(peer)
         kind = fault.kind if fault else None
@@ -486,12 +513,12 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
         if kind == "byzantine":
             factor = 10.0 if not quantized and fault.byte % 2 == 1 else -1.0
         helpers = {}
-        if fraction > 0:
+        if fractions[peer] > 0:
             full = config.model.intermediate_size
-            helpers = {layer: helper_indices(seed, round_, layer, full >> t, full, fraction,
-                                             config.helper_rotation_interval) for layer, t in enumerate(layer_tiers)}
-        tokens = shard(source, seed, round_, peer, batch, config.seq_len + 1)
-        peers.append(PeerInput(peer, layer_tiers, tokens, helpers, factor,
+            helpers = {layer: helper_indices(seed, round_, layer, full >> t, full, fractions[peer],
+                                             config.helper_rotation_interval) for layer, t in enumerate(current[peer])}
+        tokens = sequences(source, seed, dealt[peer], config.seq_len + 1)
+        peers.append(PeerInput(peer, current[peer], tokens, helpers, factor,
                                steps=not (kind == "nan" and quantized), fresh=peer in fresh,
                                clip=config.distro.clip_grad_norm))
     return peers

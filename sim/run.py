@@ -21,14 +21,15 @@ from sim.aggregate import ApplyRule, MeanSemantics, apply_update, mean_semantics
 from sim.align import align_prefix_grad
 from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
 from sim.config import RunConfig, remote_data_error
-from sim.data import make_source, shard
-from sim.engine import check_batching, train_peers
+from sim.assignment import assign, round_seed
+from sim.data import held_out, make_source, sequences
+from sim.engine import check_batching, train_group, train_peers
 from sim.distro import DistroState, Sparse
 from sim.errors import ConfigError
 from sim.faults import FaultPlan, parse_fault_spec, plan_faults
 from sim.helper import helper_indices
 from sim.model import build_model, default_device, parameters_by_name
-from sim.peer import Peer, train_and_compress, train_locally
+from sim.peer import Peer, train_locally
 from sim.tiers import layer_tiers, layer_widths
 from sim.wire import VALUE_DTYPES, Payload, decode_payload, encode_payload
 
@@ -42,7 +43,7 @@ EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of
 class Sent:
     """What one peer's send half produced in a round."""
     peer: int
-    loss: float
+    loss: float | None                                   # None: no sequences were assigned to it
     fault: str | None
     withheld: bool = False                               # the sender's NaN guard kept it back
     bytes_sent: int = 0
@@ -117,18 +118,18 @@ class Network:
         self.apply_rule = apply_rule or ApplyRule(config.apply_rule)
         self.weight_decay = config.distro.weight_decay if weight_decay is None else weight_decay
         self.dtype = dtype
-        self.adam: dict[tuple, dict] = {}   # AdamW's moments per receiver shape: every replica of it steps alike
+        self.adam: dict[str, tuple] = {}   # ApplyRule.ADAMW's moments, one state for every replica (apply_update)
         self.device = torch.device(device or default_device())
         if config.data is None:
             raise remote_data_error(config)
         self.source = make_source(config.data, config.model.vocab_size, seed, config.markov)
-        self.clients = len(per_peer)   # the global batch is split over the run's starting clients
         # Held-out batch: at least 16 sequences, so the loss a criterion reads is a measurement, not noise.
         # A source with its own seed (one task for every run) has one held-out batch for every run too:
         # runs of different seeds are then compared on the same tokens.
         task = seed if config.markov.seed is None else config.markov.seed
-        self.held_out = shard(self.source, task, -1, -1, max(EVAL_SEQUENCES, config.global_batch_size),
-                              config.seq_len + 1).to(self.device)
+        self.held_out = held_out(self.source, task, max(EVAL_SEQUENCES, config.global_batch_size),
+                                 config.seq_len + 1).to(self.device)
+        self._assigned: tuple[tuple, dict[int, range]] | None = None   # ((round, trainers), assignment)
         if shared_weights and config.optimizer != "Distro":
             raise ConfigError(f"shared-weights mode needs the Distro optimizer: under {config.optimizer} every "
                               f"client steps its own replica and nothing is exchanged")
@@ -173,9 +174,14 @@ class Network:
         return {layer: helper_indices(self.seed, round_, layer, width, full, peer.helper_fraction,
                                       self.config.helper_rotation_interval) for layer, width in enumerate(widths)}
 
-    def batch(self, round_: int) -> int:
-        """Sequences each peer trains in round `round_`: its share of that round's global batch."""
-        return max(1, self.config.global_batch(round_) // self.clients)
+    def assignment(self, round_: int) -> dict[int, range]:
+        """{peer: the data indices it trains} in `round_`: Psyche's split of the round's global
+        batch over the peers present (sim/assignment.py). Peers assigned nothing are absent."""
+        trainers = tuple(p.id for p in self.present())
+        if self._assigned is None or self._assigned[0] != (round_, trainers):
+            index, total = self.config.data_schedule(round_)
+            self._assigned = (round_, trainers), assign(trainers, total, index, round_seed(self.seed, round_))
+        return self._assigned[1]
 
     def present(self) -> list[Peer]:
         return [p for p in self.peers if p.id not in self.away]
@@ -251,8 +257,10 @@ class Network:
         return save_checkpoint(self._full_replica(), path, max_shard_bytes)
 
     def restore(self, path: str | Path) -> None:
-        """Every replica loads the checkpoint; DisTrO states restart (they belong to the old timeline)."""
+        """Every replica loads the checkpoint; DisTrO states and AdamW moments restart (they
+        belong to the old timeline)."""
         self.local_optimizers.clear()
+        self.adam.clear()
         for peer in self.peers:
             peer.state = DistroState.fresh(self.config.distro)
             if self.shared is None:
@@ -264,18 +272,20 @@ class Network:
     # --- one round --------------------------------------------------------
 
     def round(self, round_: int, faults: dict | None = None, evaluate: bool = True) -> dict:
-        """Every present peer trains, compresses and sends; `faults` ({peer: Fault}) act on
-        the payloads; every receiver aggregates what arrived and applies it. With
-        `evaluate`, the record's eval_loss is the full model's held-out loss, else None."""
-        faults, peers = faults or {}, self.present()
+        """Every present peer with sequences assigned trains, compresses and sends; `faults`
+        ({peer: Fault}) act on the payloads; every receiver aggregates what arrived and
+        applies it. With `evaluate`, the record's eval_loss is the full model's held-out
+        loss, else None."""
+        faults, assigned = faults or {}, self.assignment(round_)
+        trainers = [p for p in self.present() if p.id in assigned]
         if self.config.optimizer != "Distro":
-            return self.local_round(round_, peers, evaluate)
+            return self.local_round(round_, trainers, evaluate)
         # Every peer trains (peers of one shape batched, sim/engine.py), then every payload is
         # encoded: the same bytes as peer by peer, but the encoder's code stays warm after the
         # first payload (on a small model, caches gone cold over each forward/backward cost more
         # than the encoding itself).
-        trained = train_peers(self, peers, round_, faults, self.batching)
-        sent = [self.post(peer, payload, loss, faults.get(peer.id)) for peer, (payload, loss) in zip(peers, trained)]
+        trained = train_peers(self, trainers, round_, faults, self.batching)
+        sent = [self.post(peer, payload, loss, faults.get(peer.id)) for peer, (payload, loss) in zip(trainers, trained)]
         arrived = self.carried + [data for s in sent for data in s.outgoing]
         self.carried = [data for s in sent for data in s.late]
         receivers = self.receivers()
@@ -297,29 +307,32 @@ class Network:
                     self.local_optimizers[peer.id] = torch.optim.AdamW(
                         model.parameters(), betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay)
                 optimizer = self.local_optimizers[peer.id]
-            loss = train_locally(model, optimizer, self.tokens(peer, round_), self.config.lr(round_),
-                                 self.config.adamw.clip_grad_norm)
+            loss = train_locally(model, optimizer, self.tokens([peer], round_)[0], self.config.lr(round_),
+                                 self.config.adamw.clip_grad_norm, self.config.micro_batch_size)
             sent.append(Sent(peer.id, loss, None))
         receivers = self.receivers()
         self.aggregates = []
         return self.record(round_, sent, Counter(), [0] * len(receivers), _replica_max_diff(receivers), evaluate)
 
-    def tokens(self, peer: Peer, round_: int) -> torch.Tensor:
-        """The shard `peer` trains on in `round_`."""
-        return shard(self.source, self.seed, round_, peer.id, self.batch(round_), self.config.seq_len + 1
-                     ).to(self.device)
+    def tokens(self, peers: Sequence[Peer], round_: int) -> torch.Tensor:
+        """The sequences each of `peers` (of one batch size) trains in `round_`, [peers, batch,
+        seq_len + 1]: the data indices its assignment gives it."""
+        assigned = self.assignment(round_)
+        indices = [i for p in peers for i in assigned[p.id]]
+        batch = sequences(self.source, self.seed, indices, self.config.seq_len + 1)
+        return batch.view(len(peers), -1, batch.shape[-1]).to(self.device)
 
     def send(self, peer: Peer, round_: int, fault=None) -> "Sent":
-        """One peer's half of a round: train, compress, encode, and let `fault` act on what leaves it."""
+        """One peer's half of a round: train, compress, encode, and let `fault` act on what
+        leaves it. A peer assigned no sequences this round trains and sends nothing."""
+        if peer.id not in self.assignment(round_):
+            return Sent(peer.id, None, None)
         return self.post(peer, *self.train(peer, round_, fault), fault)
 
     def train(self, peer: Peer, round_: int, fault=None) -> tuple[Payload | None, float]:
-        """Train `peer` at its tiers (and helper neurons) on its shard and compress: (payload, loss);
-        no payload when its NaN guard withholds it (the nan fault's poison)."""
-        model = self.shared if self.shared is not None else peer.model
-        model.set_tiers(peer.tiers).set_helpers(self.helpers(peer, round_))
-        return train_and_compress(model, peer.state, self.tokens(peer, round_), self.config.lr(round_), peer.id, round_,
-                                  poison=fault is not None and fault.kind == "nan" and self.config.distro.quantize_1bit)
+        """Train `peer` alone at its tiers (and helper neurons) on its sequences and compress:
+        (payload, loss); no payload when its NaN guard withholds it (the nan fault's poison)."""
+        return train_group(self, [peer], round_, {peer.id: fault} if fault else {}, batched=False)[0]
 
     @torch.inference_mode()  # no autograd in a sender's or receiver's wire work: skip its bookkeeping per call
     def post(self, peer: Peer, payload: Payload | None, loss: float, fault=None) -> "Sent":
@@ -359,16 +372,20 @@ class Network:
                 aggregates[key] = receive_decoded(decoded, dict(key), distro, self.semantics, round_=round_)
             replicas.setdefault(key, []).append(params)
             results.append(aggregates[key])
+        if self.apply_rule is ApplyRule.ADAMW:   # one history of aggregates: the moments step once, widest first
+            widest = max(replicas, key=lambda key: sum(math.prod(shape) for _, shape in key))
+            apply_update([r for same in replicas.values() for r in same], aggregates[widest].updates, lr,
+                         self.apply_rule, self.weight_decay, adam_state=self.adam)
+            return results
         for key, same_shapes in replicas.items():
-            apply_update(same_shapes, aggregates[key].updates, lr, self.apply_rule, self.weight_decay,
-                         adam_state=self.adam.setdefault(key, {}))
+            apply_update(same_shapes, aggregates[key].updates, lr, self.apply_rule, self.weight_decay)
         return results
 
     def record(self, round_: int, sent: Sequence["Sent"], rejected: Counter, contributing: Sequence[int],
                replica_max_diff: float, evaluate: bool) -> dict:
         """The round's metrics line, from every sender's half and the receivers' counts
         (rejections as the first receiver saw them; contributing peers per receiver)."""
-        losses = {s.peer: s.loss for s in sent}
+        losses = {s.peer: s.loss for s in sent if s.loss is not None}
         rejected = Counter(rejected)
         rejected["non_finite"] += sum(s.withheld for s in sent)
         return {

@@ -18,8 +18,10 @@ import torch
 
 import sim.aggregate
 import sim.align
+import sim.assignment
 import sim.checkpoint
 import sim.config
+import sim.data
 import sim.distro
 import sim.engine
 import sim.helper
@@ -216,12 +218,10 @@ def _compress_keeping_the_smallest(x, chunk, topk, lead=0, zero_blocks="absent")
     return sim.distro.Sparse(grid, torch.where(values == 0, grid.block_numel, indices), values)
 
 
-def _train_flipping_narrow_peers(model, *args, **kwargs):
+def _payload_flipped_for_narrow_peers(*args, **kwargs):
     """A narrow peer's payload goes out with its signs flipped (a sign convention lost on the narrow path)."""
-    payload, loss = ORIGINAL["train_and_compress"](model, *args, **kwargs)
-    if payload is not None and _is_narrow(payload):
-        payload = _skewed(payload, -1.0)
-    return payload, loss
+    payload = ORIGINAL["make_payload"](*args, **kwargs)
+    return _skewed(payload, -1.0) if _is_narrow(payload) else payload
 
 
 def _apply_skipping_the_final_norm(params, updates, *args, **kwargs):
@@ -252,9 +252,11 @@ def _apply_decaying_twice(replicas, updates, lr, rule, weight_decay):
     return ORIGINAL["apply_elementwise"](replicas, updates, lr, rule, weight_decay)
 
 
-def _shard_of_peer_0(source, seed, round_, peer, batch, length):
-    """Every peer trains on peer 0's shard (the shard key drops the peer id)."""
-    return ORIGINAL["shard"](source, seed, round_, 0 if peer >= 0 else peer, batch, length)
+def _every_trainer_dealt_the_first_batch(trainers, total, data_index, seed):
+    """Every trainer is dealt the first trainer's sequences (the split forgets to advance)."""
+    assigned = ORIGINAL["assign"](trainers, total, data_index, seed)
+    first = next(iter(assigned.values()), range(0))
+    return {trainer: range(first.start, first.start + len(span)) for trainer, span in assigned.items()}
 
 
 def _rejoin_keeping_the_stale_replica(self, peer_id, via="current", tier=None):
@@ -272,17 +274,14 @@ def _one_bit_zeros_stay_zero(sparse, zero_blocks="absent"):
     return sim.distro.Sparse(sparse.grid, sparse.indices, sparse.values.sign())
 
 
-def _clip_ignored(model, max_norm):
+def _clip_ignored(grads, max_norm):
     """clip_grad_norm read from the config and never applied."""
-
-
-def _clip_stacked_ignored(grads, max_norm):
     return grads
 
 
 def _batch_ramp_ignored(self, step):
     """Every round trains global_batch_size_start: the batch schedule is read but never ramps."""
-    return self.global_batch_size
+    return step * self.global_batch_size, self.global_batch_size
 
 
 def _cold_start_ignored(self, step):
@@ -298,7 +297,8 @@ def _lr_a_round_ahead(self, step):
 def _eval_on_a_training_shard(self):
     """The held-out loss is taken on peer 0's round-0 training shard."""
     held_out = self.held_out
-    self.held_out = sim.run.shard(self.source, self.seed, 0, 0, held_out.shape[0], held_out.shape[1]).to(held_out.device)
+    self.held_out = sim.data.sequences(self.source, self.seed, range(held_out.shape[0]), held_out.shape[1]
+                                       ).to(held_out.device)
     try:
         return ORIGINAL["eval_loss"](self)
     finally:
@@ -312,18 +312,25 @@ def _record_averaging_the_loss_over_counted_peers(self, round_, sent, rejected, 
     return record
 
 
-# --- batched peers (sim/engine.py) ----------------------------------------------------
-
-def _shards_in_another_order(network, group, round_):
-    """The group's batches stacked in another order than its weights and states: each peer
-    trains on another peer's batch and sends the result as its own."""
-    return ORIGINAL["stacked_shards"](network, list(group)[::-1], round_)
-
-
 def _step_stacked_twice(states, name, grads, lr, anchor=None):
-    """A batched peer's DisTrO state advanced twice in one round (a retry that forgot the first)."""
+    """A peer's DisTrO state advanced twice in one round (a retry that forgot the first)."""
     ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
     return ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
+
+
+# --- batched gradients (sim/engine.py): bugs that live in the batched path alone -------
+
+def _batched_on_anothers_batch(model, replicas, tokens, micro_batch_size=None):
+    """The group's batches stacked in another order than its weights: each peer trains on
+    another peer's batch and sends the result as its own."""
+    return ORIGINAL["batched_gradients"](model, replicas, tokens.flip(0), micro_batch_size)
+
+
+def _batched_averaged_over_the_group(model, replicas, tokens, micro_batch_size=None):
+    """The vmapped loss averaged over the group as well as the batch: every batched gradient
+    divided by the group's size."""
+    grads, losses = ORIGINAL["batched_gradients"](model, replicas, tokens, micro_batch_size)
+    return {name: g / tokens.shape[0] for name, g in grads.items()}, losses
 
 
 ORIGINAL = {
@@ -336,16 +343,16 @@ ORIGINAL = {
     "dense_sum": sim.aggregate._dense_sum,
     "step_stacked": sim.distro.step_stacked,
     "aligned_blocks": sim.aggregate._aligned_blocks,
-    "train_and_compress": sim.run.train_and_compress,
-    "apply_update": sim.run.apply_update,
+    "make_payload": sim.peer.make_payload,
+    "apply_update": sim.aggregate.apply_update,
     "align_sparse_grad": sim.aggregate.align_sparse_grad,
     "apply_elementwise": sim.aggregate._apply_elementwise,
-    "shard": sim.run.shard,
+    "assign": sim.assignment.assign,
     "lr": sim.config.CosineSchedule.lr,
     "eval_loss": sim.run.Network.eval_loss,
     "record": sim.run.Network.record,
     "rejoin": sim.run.Network.rejoin,
-    "stacked_shards": sim.engine.stacked_shards,
+    "batched_gradients": sim.engine.batched_gradients,
 }
 
 
@@ -418,14 +425,13 @@ BUGS = {
         [(sim.distro, "compress", _compress_keeping_the_smallest)]),
     "sign_flipped_for_narrow_peers": (
         "a narrow peer's payload goes out sign-flipped",
-        [(sim.run, "train_and_compress", _train_flipping_narrow_peers)]),
+        [(sim.peer, "make_payload", _payload_flipped_for_narrow_peers)]),
     "one_parameter_never_updated": (
         "receivers never apply the update of one parameter (the final norm)",
-        [(sim.run, "apply_update", _apply_skipping_the_final_norm)]),
+        [(sim.aggregate, "apply_update", _apply_skipping_the_final_norm)]),
     "late_payload_accepted_next_round": (
         "the round check is skipped: a late payload counts in the next round",
-        [(sim.aggregate, "receive_decoded", _receive_accepting_stale_rounds),
-         (sim.run, "receive_decoded", _receive_accepting_stale_rounds)]),
+        [(sim.aggregate, "receive_decoded", _receive_accepting_stale_rounds)]),
     "helper_slab_placed_at_the_prefix": (
         "a helper slab is placed at rows 0..h-1 instead of at its neurons",
         [(sim.aggregate, "align_sparse_grad", _align_sparse_at_the_prefix)]),
@@ -434,10 +440,10 @@ BUGS = {
         [(sim.distro, "quantize_1bit", _one_bit_zeros_stay_zero)]),
     "clip_grad_norm_ignored": (
         "Distro's clip_grad_norm is read and never applied",
-        [(sim.peer, "clip_gradient", _clip_ignored), (sim.engine, "clip_stacked", _clip_stacked_ignored)]),
+        [(sim.peer, "clip_stacked", _clip_ignored)]),
     "batch_ramp_ignored": (
         "the global batch stays at global_batch_size_start: Psyche's ramp is never applied",
-        [(sim.config.RunConfig, "global_batch", _batch_ramp_ignored)]),
+        [(sim.config.RunConfig, "data_schedule", _batch_ramp_ignored)]),
     "cold_start_warmup_ignored": (
         "the first epoch's cold-start warmup factor is left out of the rate",
         [(sim.config.RunConfig, "lr", _cold_start_ignored)]),
@@ -445,8 +451,8 @@ BUGS = {
         "decoupled weight decay applied twice per round",
         [(sim.aggregate, "_apply_elementwise", _apply_decaying_twice)]),
     "every_peer_trains_on_one_shard": (
-        "every peer trains on peer 0's shard",
-        [(sim.run, "shard", _shard_of_peer_0)]),
+        "every trainer is dealt the first trainer's sequences",
+        [(sim.assignment, "assign", _every_trainer_dealt_the_first_batch)]),
     "rejoined_peer_keeps_its_stale_replica": (
         "a churned peer rejoins with the replica it left with",
         [(sim.run.Network, "rejoin", _rejoin_keeping_the_stale_replica)]),
@@ -460,12 +466,15 @@ BUGS = {
     "mean_loss_over_counted_peers": (
         "the round's training loss divides by the payloads that counted, not the peers that trained",
         [(sim.run.Network, "record", _record_averaging_the_loss_over_counted_peers)]),
+    "distro_state_advanced_twice": (
+        "a peer's DisTrO state stepped twice in one round",
+        [(sim.distro, "step_stacked", _step_stacked_twice)]),
     "batched_peer_trains_on_anothers_batch": (
-        "batched peers' batches stacked in another order than their weights and states",
-        [(sim.engine, "stacked_shards", _shards_in_another_order)]),
-    "batched_distro_state_advanced_twice": (
-        "a batched peer's DisTrO state stepped twice in one round",
-        [(sim.engine, "step_stacked", _step_stacked_twice)]),
+        "batched peers' batches stacked in another order than their weights",
+        [(sim.engine, "batched_gradients", _batched_on_anothers_batch)]),
+    "batched_gradient_averaged_over_the_group": (
+        "a batched gradient divided by the size of its group",
+        [(sim.engine, "batched_gradients", _batched_averaged_over_the_group)]),
 }
 
 # Bugs that only whole runs show: the convergence criteria's detection power is measured on
@@ -474,14 +483,22 @@ INTEGRATION = ("narrow_payloads_zeroed_but_counted", "narrow_mlp_contributions_d
                "error_feedback_reset_every_step", "narrow_gradients_aligned_into_the_last_neurons",
                "topk_keeps_the_smallest", "sign_flipped_for_narrow_peers", "one_parameter_never_updated",
                "late_payload_accepted_next_round", "helper_slab_placed_at_the_prefix", "weight_decay_applied_twice",
-               "every_peer_trains_on_one_shard", "rejoined_peer_keeps_its_stale_replica")
+               "every_peer_trains_on_one_shard", "rejoined_peer_keeps_its_stale_replica", "distro_state_advanced_twice")
 
 # Bugs in what a round's record reports: the lr, the losses the criteria read.
 METRICS = ("lr_schedule_a_round_ahead", "eval_on_a_training_shard", "mean_loss_over_counted_peers")
 
 # Bugs in following Psyche's config surface and modes (its optimizer's clipping, batch ramp,
 # cold start, 1-bit zeros).
-PSYCHE = ("clip_grad_norm_ignored", "batch_ramp_ignored", "cold_start_warmup_ignored")
+PSYCHE = ("clip_grad_norm_ignored", "batch_ramp_ignored", "cold_start_warmup_ignored", "one_bit_zeros_sent_as_zero")
+
+# Bugs that live in the batched gradients alone (sim/engine.py): by design, a run with
+# batching off never meets them.
+BATCHED = ("batched_peer_trains_on_anothers_batch", "batched_gradient_averaged_over_the_group")
+
+# Bugs that change what a run computes or records; each must change a default (auto-batched)
+# run and a batching-off run alike, or the batched one alone for BATCHED (tests/test_bug_paths.py).
+RUN_BUGS = INTEGRATION + METRICS + PSYCHE + BATCHED
 
 LOSSLESS_REFERENCE = "test_reference::test_every_round_of_a_lossless_run_equals_the_exact_reference"
 COMPRESSED_REFERENCE = "test_reference::test_every_compressed_round_equals_an_independent_demo_step"
@@ -511,18 +528,18 @@ CATCHERS = {
         "test_aggregate::test_a_rejected_payload_changes_the_counts_and_nothing_else[flaw=stale_round]"],
     "error_feedback_reset_every_step": [COMPRESSED_REFERENCE],
     "topk_keeps_the_smallest": [COMPRESSED_REFERENCE],
+    "distro_state_advanced_twice": [COMPRESSED_REFERENCE],
     **{bug: [LOSSLESS_REFERENCE] for bug in PSYCHE},
     "one_bit_zeros_sent_as_zero": [
         "test_distro::test_sent_zero_blocks_go_out_at_their_lowest_indices_and_as_plus_one_under_one_bit"],
-    "batched_peer_trains_on_anothers_batch": [BATCHED_EQUALS_SERIAL],
-    "batched_distro_state_advanced_twice": [BATCHED_EQUALS_SERIAL],
+    **{bug: [BATCHED_EQUALS_SERIAL] for bug in BATCHED},
 }
 
 
 def plant(monkeypatch, name: str) -> None:
     """Switch bug `name` on for the rest of the monkeypatch's scope. A replaced function is
-    also replaced in the property modules (and the conformance adapter) that imported it by
-    name, so properties that call it directly see the bug too."""
+    replaced wherever a module holds it: in its own module and in every loaded module that
+    imported it by name (`references`), so every caller meets the bug, whatever the path."""
     if name not in BUGS:
         raise KeyError(f"planted bug {name!r} is unknown: the catalog has {', '.join(sorted(BUGS))}")
     # COEFF_MEAN's alignment is cached per sender shape: a bug planted there needs empty caches,
@@ -536,9 +553,21 @@ def plant(monkeypatch, name: str) -> None:
             continue
         original = getattr(target, attribute)
         monkeypatch.setattr(target, attribute, replacement)
-        for module in [m for n, m in sys.modules.items() if n.startswith("properties.") or n == "sim.conformance"]:
-            if getattr(module, attribute, None) is original:
-                monkeypatch.setattr(module, attribute, replacement)
+        for module, alias in references(original):
+            monkeypatch.setattr(module, alias, replacement)
+
+
+def references(function) -> list[tuple[object, str]]:
+    """(module, name) of every loaded module's global bound to `function`, this catalog's
+    own table of originals aside: where a by-name import keeps the original alive."""
+    found = []
+    for module in list(sys.modules.values()):
+        if module is None or module is sys.modules[__name__]:
+            continue
+        for alias, value in list(getattr(module, "__dict__", {}).items()):
+            if value is function:
+                found.append((module, alias))
+    return found
 
 
 def property_function(ref: str):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sim.data import ByteCorpus, MarkovSource, MarkovSpec, make_source, shard, shards
+from sim.data import ByteCorpus, MarkovSource, MarkovSpec, held_out, make_source, sequences
 from sim.errors import ConfigError
 
 
@@ -18,18 +18,25 @@ def test_the_markov_entropy_rate_is_the_empirical_conditional_entropy():
     assert source.entropy_rate < 0.5 * math.log(64)
 
 
-def test_shards_are_a_function_of_seed_round_and_peer_only():
+def test_a_sequence_is_a_function_of_the_seed_and_its_data_index_only():
     source = MarkovSource.random(64, seed=3)
-    assert torch.equal(shard(source, 3, 5, 1, 2, 17), shard(source, 3, 5, 1, 2, 17))
-    others = [shard(source, 3, 5, 2, 2, 17), shard(source, 3, 6, 1, 2, 17), shard(source, 4, 5, 1, 2, 17)]
-    assert all(not torch.equal(shard(source, 3, 5, 1, 2, 17), other) for other in others)
+    one = sequences(source, 3, [5], 17)
+    assert torch.equal(one, sequences(source, 3, [5], 17)) and one.shape == (1, 17)
+    others = [sequences(source, 3, [6], 17), sequences(source, 4, [5], 17)]
+    assert all(not torch.equal(one, other) for other in others)
+
+
+def test_the_held_out_batch_is_no_training_sequence():
+    source = MarkovSource.random(64, seed=3)
+    evaluation, training = held_out(source, 3, 16, 17), sequences(source, 3, range(64), 17)
+    assert not any(torch.equal(row, seq) for row in evaluation for seq in training)
 
 
 def test_a_byte_corpus_yields_byte_tokens_from_the_file(tmp_path):
     text = b"the quick brown fox jumps over the lazy dog. " * 20
     (tmp_path / "corpus.txt").write_bytes(text)
     source = make_source(str(tmp_path / "corpus.txt"), 256, seed=0)
-    tokens = shard(source, 0, 0, 0, 4, 32)
+    tokens = sequences(source, 0, range(4), 32)
     assert tokens.shape == (4, 32) and int(tokens.max()) < 256
     assert all(bytes(row.tolist()) in text for row in tokens)
     assert 0 < source.entropy_rate <= math.log(256)
@@ -48,9 +55,9 @@ def test_a_bad_byte_corpus_is_a_config_error(tmp_path, vocab, content, fragment)
 
 
 @pytest.mark.parametrize("order", [1, 2])
-def test_many_peers_shards_at_once_are_each_peers_shard(order):
-    """Batched peers draw their shards in one sampling pass: it must hand every peer exactly
-    the tokens it would draw alone (else batching would change what a run trains on)."""
+def test_many_sequences_at_once_are_each_sequence_alone(order):
+    """A group's sequences are drawn in one sampling pass: it must give every data index
+    exactly the tokens it gets alone (else batching would change what a run trains on)."""
     source = MarkovSource.random(64, seed=3, spec=MarkovSpec(order=order, states=16))
-    peers = [0, 5, 2, 7]
-    assert torch.equal(shards(source, 3, 4, peers, 3, 17), torch.stack([shard(source, 3, 4, p, 3, 17) for p in peers]))
+    indices = [0, 5, 2, 7, 40]
+    assert torch.equal(sequences(source, 3, indices, 17), torch.cat([sequences(source, 3, [i], 17) for i in indices]))

@@ -22,10 +22,10 @@ LOSSLESS = TINY.replace(distro=DistroConfig(compression_chunk=CHUNK, compression
 GATE = "model.layers.0.mlp.gate_proj.weight"
 
 
-def one_round(config, tiers, rounds=1):
+def one_round(config, tiers, rounds=1, seed=3):
     """(every parameter's change over `rounds` rounds, the last round's aggregate), as the
     first replica holds and computed them."""
-    network = Network(config, tiers, seed=3, device="cpu", dtype=torch.float64)
+    network = Network(config, tiers, seed=seed, device="cpu", dtype=torch.float64)
     before = {n: p.detach().clone() for n, p in network._full_replica().named_parameters()}
     for round_ in range(rounds):
         network.round(round_, evaluate=False)
@@ -48,12 +48,12 @@ def test_peer_semantics_halves_the_suffix_only_one_of_two_peers_sends():
 
 
 def test_region_semantics_counts_a_peer_whose_block_is_all_zero():
-    """Two tier-0 peers on 4 tokens each: where one peer's DCT block of the embedding is all
+    """Two tier-0 peers on one sequence of 4 tokens each: where one peer's DCT block of the embedding is all
     zero (16 rows of tokens its batch lacks), COEFF_MEAN takes the other's update and
     REGION_MEAN halves it. Everywhere else the two agree."""
-    name, small = "model.embed_tokens.weight", LOSSLESS.replace(seq_len=4, global_batch_size=2)
-    coeff = one_round(small.replace(mean_semantics="coeff"), [0, 0])[1][name]
-    region = one_round(small.replace(mean_semantics="region"), [0, 0])[1][name]
+    name, small = "model.embed_tokens.weight", LOSSLESS.replace(seq_len=4, global_batch_size=2, global_batch_size_end=2)
+    coeff = one_round(small.replace(mean_semantics="coeff"), [0, 0], seed=0)[1][name]
+    region = one_round(small.replace(mean_semantics="region"), [0, 0], seed=0)[1][name]
     clear = coeff.abs() > 1e-12
     same = torch.isclose(region, coeff, rtol=1e-9, atol=1e-15)
     halved = torch.isclose(region, coeff / 2, rtol=1e-9, atol=1e-15) & clear
@@ -69,10 +69,10 @@ def test_sent_zero_blocks_count_in_the_per_coefficient_mean_as_deme_and_psyche_c
     zero, matsim's absent slot leaves the other peer's coefficients whole; sent as DeMo and
     Psyche (unquantized) send them, its zeros count and halve them: the aggregate equals
     REGION_MEAN's everywhere (lossless: the zeros go out at every index of the block)."""
-    name, small = "model.embed_tokens.weight", LOSSLESS.replace(seq_len=4, global_batch_size=2)
-    absent = one_round(zero_blocks(small, "absent"), [0, 0])[1][name]
-    sent = one_round(zero_blocks(small, "sent"), [0, 0])[1][name]
-    region = one_round(small.replace(mean_semantics="region"), [0, 0])[1][name]
+    name, small = "model.embed_tokens.weight", LOSSLESS.replace(seq_len=4, global_batch_size=2, global_batch_size_end=2)
+    absent = one_round(zero_blocks(small, "absent"), [0, 0], seed=0)[1][name]
+    sent = one_round(zero_blocks(small, "sent"), [0, 0], seed=0)[1][name]
+    region = one_round(small.replace(mean_semantics="region"), [0, 0], seed=0)[1][name]
     torch.testing.assert_close(sent, region, rtol=1e-9, atol=1e-15)
     assert not torch.allclose(sent, absent, rtol=1e-6)
 

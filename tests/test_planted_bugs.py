@@ -42,9 +42,9 @@ def test_the_properties_catch_the_planted_bug(bug, monkeypatch, record_property)
             patched.setattr(test, "_hypothesis_internal_use_settings", settings(
                 own, database=None, report_multiple_bugs=False, phases=[Phase.explicit, Phase.generate],
                 max_examples=max(own.max_examples, ci_examples(own.max_examples))))
-            with pytest.raises((Exception, pytest.fail.Exception)) as caught:
+            # A catch is a failed assertion (or pytest's own failure), nothing else: a KeyError or a
+            # health check that a planted bug provokes is the property breaking, not catching.
+            with pytest.raises((AssertionError, pytest.fail.Exception)):
                 test(**case)
-            assert not isinstance(caught.value, (ImportError, NameError, AttributeError, TypeError)), \
-                f"{ref} broke instead of failing: {caught.value!r}"
     record_property("planted_bug", bug)
     record_property("seconds_to_detection", time.perf_counter() - start)

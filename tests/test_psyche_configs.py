@@ -144,7 +144,7 @@ def test_adamw_steps_as_torch_adamw_with_psyches_clip_on_the_clients_own_gradien
     model = network.peers[0].model
     twin = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(twin.values(), lr=config.lr(2), betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    tokens = network.tokens(network.peers[0], 2)
+    tokens = network.tokens([network.peers[0]], 2)[0]
     loss = torch.func.functional_call(model, twin, (tokens[:, :-1], tokens[:, 1:]))[1]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(twin.values(), 1.0)
