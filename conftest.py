@@ -45,6 +45,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         # One example-database key per test id, as HypoFuzz keys what it finds (Hypothesis's
         # pytest plugin does so only for parametrized tests): `make fuzz`'s failures replay here.
+        # A private attribute: Hypothesis has no public way to add to a test's database key.
         inner = getattr(getattr(getattr(item, "obj", None), "hypothesis", None), "inner_test", None)
         if inner is not None:
             inner._hypothesis_internal_add_digest = item.nodeid.encode()

@@ -100,6 +100,8 @@ def apply_reproduction(items) -> None:
     for item in items:
         if item.nodeid == record["test"] and record["blob"]:
             blob = ast.literal_eval(record["blob"])  # a bytes literal, as Hypothesis prints it
-            # A state machine's TestCase reads the blob from the machine class; @given tests from themselves.
+            # A state machine's TestCase reads the blob from the machine class; @given tests from
+            # themselves. (Hypothesis's own attribute is the one route from a collected TestCase to
+            # its machine: no public one exists.)
             target = getattr(item.obj, "_hypothesis_state_machine_class", item.obj)
-            target._hypothesis_internal_use_reproduce_failure = (record["hypothesis_version"], blob)
+            hypothesis.reproduce_failure(record["hypothesis_version"], blob)(target)

@@ -92,11 +92,30 @@ def mlp_grad_cases(draw, max_hidden: int = 24):
 
 
 SEEDS = st.integers(0, 2**31 - 1)
+MAX_SET = 32   # (position, value) pairs a draw sets at most
+
+# Values a reader checks by hand first: small integers, then a few floats of other scales.
+small_values = (st.integers(-3, 3).filter(bool).map(float) | st.sampled_from([0.5, -0.25, 1e-3])
+                | st.floats(-8, 8, allow_nan=False, allow_infinity=False, width=32).filter(bool))
+
+
+def value_vectors(n: int, dtype=torch.float32, base: float = 0.0, values=small_values):
+    """n values that shrink toward what fits in a failure report: `base` everywhere but a
+    drawn set of (position, value) pairs. Shrinking leaves fewer pairs, earlier positions and
+    small integers: a counterexample reads as a few numbers, not as a seed. Signs (`base` 1,
+    `values` -1): flips of an all +1 vector."""
+    def placed(pairs):
+        x = torch.full((n,), base, dtype=dtype)
+        for i, v in pairs:
+            x[i] = v
+        return x
+    return st.lists(st.tuples(st.integers(0, max(n - 1, 0)), values), max_size=min(n, MAX_SET),
+                    unique_by=lambda pair: pair[0]).map(placed)
 
 
 def tensors(shape, dtype=torch.float32):
-    """Dense random tensors of `shape`, drawn from a seed so shrinking stays cheap."""
-    return SEEDS.map(lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype))
+    """Tensors of `shape`: zero but for a few small values, or dense random (`value_vectors`)."""
+    return value_vectors(math.prod(shape), dtype).map(lambda x: x.view(*shape) if shape else x.view(()))
 
 
 @st.composite
@@ -121,23 +140,49 @@ def model_configs(draw, styles=STYLES, max_layers: int = 3) -> ModelConfig:
 
 # --- payloads -------------------------------------------------------------
 
-def random_sparse(shape, distro, gen: torch.Generator):
-    """A Sparse as a peer would send it: distinct random top-k slots per block, random values
-    (signs when quantized). Cheaper than compressing a real delta, same wire shape."""
+def random_sparse(shape, distro, gen: torch.Generator, values: torch.Tensor | None = None):
+    """A Sparse as a peer would send it: distinct random top-k slots per block, `values` (or
+    random ones; signs when quantized). Cheaper than compressing a real delta, same wire shape."""
     from sim.distro import ChunkGrid, Sparse
     grid = ChunkGrid.of(shape, distro.compression_chunk)
     k = min(distro.compression_topk, grid.block_numel)
     indices = torch.rand(*grid.blocks, grid.block_numel, generator=gen).argsort(dim=-1)[..., :k]
-    values = torch.randn(*grid.blocks, k, generator=gen)
+    values = torch.randn(*grid.blocks, k, generator=gen) if values is None else values.view(*grid.blocks, k)
     return Sparse(grid, indices, values.sign() if distro.quantize_1bit else values)
 
 
-def random_payload(model_cfg, distro, tiers, peer: int, seed: int, round_: int = 0):
+def random_payload(model_cfg, distro, tiers, peer: int, seed: int, round_: int = 0, values: torch.Tensor | None = None):
+    """A payload of random top-k slots (from `seed`) with `values` laid out parameter after
+    parameter in name order (or random values)."""
     from sim.model import local_shapes
     from sim.wire import Payload
-    gen = torch.Generator().manual_seed(seed)
-    params = {name: random_sparse(shape, distro, gen) for name, shape in local_shapes(model_cfg, tiers).items()}
+    gen, params, start = torch.Generator().manual_seed(seed), {}, 0
+    for name, shape in local_shapes(model_cfg, tiers).items():
+        count = payload_size({name: shape}, distro)
+        params[name] = random_sparse(shape, distro, gen, None if values is None else values[start:start + count])
+        start += count
     return Payload(peer, round_, tuple(tiers), params, distro.quantize_1bit)
+
+
+def payload_size(shapes: dict, distro) -> int:
+    """The (index, value) pairs of payloads of these shapes."""
+    from sim.distro import ChunkGrid
+    total = 0
+    for shape in shapes.values():
+        grid = ChunkGrid.of(shape, distro.compression_chunk)
+        total += math.prod(grid.blocks) * min(distro.compression_topk, grid.block_numel)
+    return total
+
+
+@st.composite
+def payloads(draw, model_cfg, distro, tiers, peer: int, round_: int = 0):
+    """`random_payload` with its values drawn by `value_vectors`: shrinks to a payload whose
+    values are zero (under 1-bit: +1) but for a few small ones."""
+    from sim.model import local_shapes
+    count = payload_size(local_shapes(model_cfg, tiers), distro)
+    values = draw(value_vectors(count, base=1.0, values=st.just(-1.0)) if distro.quantize_1bit
+                  else value_vectors(count))
+    return random_payload(model_cfg, distro, tiers, peer, draw(st.integers(0, 2**20)), round_, values)
 
 
 @st.composite
@@ -156,9 +201,8 @@ def aggregation_cases(draw, min_peers: int = 1, max_peers: int = 6, max_tier_use
     tiers = st.lists(st.integers(0, deepest), min_size=model.num_hidden_layers,
                      max_size=model.num_hidden_layers).map(tuple)
     peer_tiers = draw(st.lists(tiers, min_size=min_peers, max_size=max_peers))
-    seed = draw(st.integers(0, 2**20))
-    payloads = [random_payload(model, distro, t, peer=i, seed=seed + i) for i, t in enumerate(peer_tiers)]
-    return model, distro, payloads, draw(tiers)
+    sent = [draw(payloads(model, distro, t, peer=i)) for i, t in enumerate(peer_tiers)]
+    return model, distro, sent, draw(tiers)
 
 
 @st.composite
@@ -167,8 +211,8 @@ def helper_cases(draw, max_peers: int = 5):
     subset of their suffix [width, I) (possibly empty) and a random Sparse per MLP tensor."""
     from sim.model import helper_shapes
     from sim.tiers import layer_widths
-    model, distro, payloads, receiver_tiers = draw(aggregation_cases(min_peers=1, max_peers=max_peers))
-    for payload in payloads:
+    model, distro, sent, receiver_tiers = draw(aggregation_cases(min_peers=1, max_peers=max_peers))
+    for payload in sent:
         if draw(st.booleans()):  # an all-zero block goes out as absent slots: it covers by width, sends nothing
             name = draw(st.sampled_from(sorted(n for n in payload.params if "mlp" in n)))
             sparse = payload.params[name]
@@ -185,6 +229,12 @@ def helper_cases(draw, max_peers: int = 5):
             if chosen:
                 payload.helper_neurons[layer] = torch.tensor(sorted(chosen))
         counts = {layer: n.numel() for layer, n in payload.helper_neurons.items()}
-        payload.helper_params.update({name: random_sparse(shape, distro, gen)
-                                      for name, shape in helper_shapes(model, counts).items()})
-    return model, distro, payloads, receiver_tiers
+        slabs = helper_shapes(model, counts)
+        values = draw(value_vectors(payload_size(slabs, distro), base=1.0, values=st.just(-1.0))
+                      if distro.quantize_1bit else value_vectors(payload_size(slabs, distro)))
+        start = 0
+        for name, shape in slabs.items():
+            count = payload_size({name: shape}, distro)
+            payload.helper_params[name] = random_sparse(shape, distro, gen, values[start:start + count])
+            start += count
+    return model, distro, sent, receiver_tiers

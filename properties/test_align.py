@@ -8,11 +8,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from properties.strategies import mlp_grad_cases, mlp_names, near_miss_names, non_mlp_names, tensors
-from sim.align import align_prefix_grad, align_sparse_grad, prefix_dim
+from sim.align import CHAPTER_CASES, align_prefix_grad, align_sparse_grad, prefix_dim
 from sim.errors import AlignmentError, ShapeMismatch, UnsupportedParameter
-
-GATE, DOWN = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight"
-
 
 @given(mlp_names(kinds=("weight", "bias")))
 def test_prefix_dim_is_rows_for_gate_up_and_columns_for_down_weight(name):
@@ -39,8 +36,8 @@ def test_every_non_mlp_name_is_rejected_even_at_equal_shape(name, rows, cols):
 
 
 @given(mlp_grad_cases(), st.data())
-@example((GATE, (1024, 256), (512, 256), 0), None)
-@example((DOWN, (256, 1024), (256, 512), 1), None)
+@example(CHAPTER_CASES[0], None)
+@example(CHAPTER_CASES[1], None)
 def test_expanding_keeps_the_prefix_and_zero_fills_the_tail(case, data):
     """Catches: padding at the front, padding the wrong axis, non-zero fill, or a dropped prefix."""
     name, full, local, dim = case
@@ -52,8 +49,8 @@ def test_expanding_keeps_the_prefix_and_zero_fills_the_tail(case, data):
 
 
 @given(mlp_grad_cases(), st.data())
-@example((GATE, (1024, 256), (512, 256), 0), None)
-@example((DOWN, (256, 1024), (256, 512), 1), None)
+@example(CHAPTER_CASES[0], None)
+@example(CHAPTER_CASES[1], None)
 def test_expand_then_slice_round_trips_exactly(case, data):
     """Catches: any asymmetry between the receiver's expand and the sender's slice."""
     name, full, local, dim = case

@@ -81,9 +81,11 @@ def test_error_feedback_conserves_the_delta(shape, chunk, topk, decay, rounds, d
         sent, transmitted = state.step("w", grad, lr=0.1)
         torch.testing.assert_close(transmitted + state.delta["w"], before, rtol=1e-10, atol=1e-12)
         assert set(sent.values.unique().tolist()) <= {-1.0, 0.0, 1.0}
-        signs = sent.grid.encode(transmitted).gather(-1, sent.indices.clamp(max=sent.grid.block_numel - 1)).sign()
-        present = sent.indices < sent.grid.block_numel
-        assert torch.equal(sent.values[present], signs[present])
+        coefficients = sent.grid.encode(transmitted).gather(-1, sent.indices.clamp(max=sent.grid.block_numel - 1))
+        # Where a coefficient is round-off of an exact 0 (a DCT of [0, 1, 0, ...] has some), its
+        # re-encoded sign is noise: compare the signs that are clear of it.
+        clear = (sent.indices < sent.grid.block_numel) & (coefficients.abs() > 1e-12 * before.abs().max())
+        assert torch.equal(sent.values[clear], coefficients.sign()[clear])
 
 
 def test_an_all_zero_block_sends_only_absent_slots():

@@ -380,8 +380,10 @@ def apply_update(params: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tens
         raise SimError("ApplyRule.ADAMW needs an adam_state dict that persists across rounds")
     if not replicas:
         return
+    dtype = next(iter(replicas[0].values())).dtype   # an empty round's aggregate is float32 zeros
     with torch.no_grad():
         for name, update in updates.items():
+            update = update.to(dtype)
             m, v, t = adam_state.get(name, (torch.zeros_like(update), torch.zeros_like(update), 0))
             if m.shape != update.shape:   # a wider receiver than before: elements new to the moments start at 0
                 m, v = (align_prefix_grad(name, x, update.shape) for x in (m, v))

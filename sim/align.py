@@ -16,6 +16,13 @@ from sim.errors import AlignmentError, ShapeMismatch, UnsupportedParameter
 # Module name -> the axis that holds the FFN neurons in its [out, in] weight.
 PREFIX_DIMS = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
 
+# The verification chapter's two alignment tests, as (name, full shape, local shape, prefix dim):
+# test_align_matformer_prefix_grad_expand_gate ([512, 256] expanded to [1024, 256]) and
+# ..._slice_down ([256, 1024] sliced to [256, 512]). properties/test_align.py pins them as
+# @example and the conformance vectors export them as `pinned` cases.
+CHAPTER_CASES = (("model.layers.0.mlp.gate_proj.weight", (1024, 256), (512, 256), 0),
+                 ("model.layers.0.mlp.down_proj.weight", (256, 1024), (256, 512), 1))
+
 
 def prefix_dim(name: str) -> int:
     """Axis along which parameter `name` is sliced by a tier.

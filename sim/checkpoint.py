@@ -27,9 +27,10 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sim.align import prefix_dim
 from sim.config import ModelConfig
 from sim.errors import CheckpointError, ConfigError, DoubleSlicingError
-from sim.model import MatFormerLM, default_device, load_prefix
+from sim.model import MatFormerLM, default_device, is_mlp_sliced
 from sim.tiers import tier_width, width_tier
 
 log = logging.getLogger(__name__)
@@ -318,12 +319,13 @@ def export_tiers(directory: str | Path, tiers, out: str | Path, max_shard_bytes:
         if t < stored_tier:
             raise ConfigError(f"cannot export tier {t} from {str(path)!r}: it stores only tier {stored_tier} "
                               f"(valid tiers are {stored_tier}..{cfg.max_tier})")
-    source = _model_from_tensors(cfg, stored_tier, tensors, path)
+    _model_from_tensors(cfg, stored_tier, tensors, path)   # validates the source's tensors
     written = []
-    for t in tiers:
-        sliced = MatFormerLM(cfg, stored_widths=[cfg.intermediate_size >> t] * cfg.num_hidden_layers)
-        written.append(save_checkpoint(load_prefix(sliced, source.state_dict()), Path(out) / f"tier{t}",
-                                       max_shard_bytes))
+    for t in tiers:   # tensor by tensor, in their stored dtypes: a prefix of every FFN tensor
+        width = cfg.intermediate_size >> t
+        sliced = {name: x.narrow(prefix_dim(name), 0, width).contiguous() if is_mlp_sliced(name) else x
+                  for name, x in tensors.items()}
+        written.append(save_tensors(sliced, tier_config(cfg, t), Path(out) / f"tier{t}", max_shard_bytes))
     return written
 
 

@@ -40,6 +40,7 @@ from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
 from sim.faults import FaultPlan
+from sim.model import build_model
 from sim.run import (CHECKPOINT, Network, RunResult, Sent, check_every, count_churn, evaluates, fault_plan, run_length,
                      saves_checkpoint, summary)
 from sim.tiers import layer_tiers
@@ -49,7 +50,7 @@ JOIN_TIMEOUT_S = 120.0
 
 def _pack(sent: Sent) -> bytes:
     """A Sent as bytes: a JSON line, then its payloads back to back (lengths in the JSON)."""
-    head = {"peer": sent.peer, "loss": sent.loss, "fault": sent.fault, "withheld": sent.withheld,
+    head = {"peer": sent.peer, "loss": sent.loss, "faults": list(sent.faults), "withheld": sent.withheld,
             "bytes_sent": sent.bytes_sent, "outgoing": [len(d) for d in sent.outgoing],
             "late": [len(d) for d in sent.late]}
     return json.dumps(head).encode() + b"\n" + b"".join(sent.outgoing + sent.late)
@@ -63,7 +64,8 @@ def _unpack(data: bytes) -> Sent:
         parts.append(body[offset:offset + length])
         offset += length
     n = len(meta["outgoing"])
-    return Sent(meta["peer"], meta["loss"], meta["fault"], meta["withheld"], meta["bytes_sent"], parts[:n], parts[n:])
+    return Sent(meta["peer"], meta["loss"], tuple(meta["faults"]), meta["withheld"], meta["bytes_sent"], parts[:n],
+                parts[n:])
 
 
 def _digest(model) -> str:
@@ -138,7 +140,9 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
 
 def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead: set) -> None:
     """The plan's churn for this round, applied identically in every process; a returning
-    peer's own process loads the current weights from the lowest present peer."""
+    peer's own process takes the current weights from the lowest present peer holding the
+    full weights (not one back from a sliced checkpoint: `Network.sliced`), then joins as
+    `Network.rejoin` would, via the plan's checkpoint strategy."""
     for fault in plan.returning(round_):
         if fault.peer in dead:
             continue
@@ -146,13 +150,19 @@ def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead:
         if fault.rejoin_tier is not None:
             peer.tiers = layer_tiers(fault.rejoin_tier, network.config.model.num_hidden_layers)
         peer.state = DistroState.fresh(network.config.distro)
-        donor = min(p.id for p in network.present())
+        donor = min(p.id for p in network.present() if p.id not in network.sliced)
         key = f"{round_}/weights/{fault.peer}"
         if me is not None and me.id == donor:
             store.set(key, safetensors.torch.save({n: t.contiguous() for n, t in me.model.state_dict().items()}))
-        if me is not None and me.id == fault.peer:
-            me.model.load_state_dict(safetensors.torch.load(_get(store, key, JOIN_TIMEOUT_S)))
-            me.model.set_tiers(peer.tiers)
+        sliced = fault.rejoin_from == "sliced-checkpoint" and min(peer.tiers) > 0
+        if me is not None and me.id == fault.peer:   # the donor's weights, then the join's own path
+            donated = build_model(network.config.model, 0, device="cpu")
+            donated.load_state_dict(safetensors.torch.load(_get(store, key, JOIN_TIMEOUT_S)))
+            me.model, me.helper_fraction = network._copy_of_current(fault.rejoin_from or "current", peer.tiers,
+                                                                    me.helper_fraction, f"peer{me.id}", donated)
+        elif sliced:
+            peer.helper_fraction = 0.0   # as its own process finds: a sliced checkpoint holds no suffix
+        (network.sliced.add if sliced else network.sliced.discard)(fault.peer)
         network.away.discard(fault.peer)
     for fault in plan.leaving(round_):
         if fault.peer not in network.away:

@@ -29,6 +29,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sim.errors import ConfigError
+from sim.faults import kinds
 from sim.model import param_count, parameters_by_name
 from sim.peer import Peer, compress_group, gradients, micro_batches
 from sim.wire import Payload
@@ -106,8 +107,7 @@ def train_group(network, group: Sequence[Peer], round_: int, faults: dict, batch
                                           config.micro_batch_size)
     else:
         grads, losses = gradients(models, tokens, config.micro_batch_size)
-    poisoned = [i for i, p in enumerate(group) if faults.get(p.id) is not None and faults[p.id].kind == "nan"
-                and config.distro.quantize_1bit]
+    poisoned = [i for i, p in enumerate(group) if "nan" in kinds(faults.get(p.id)) and config.distro.quantize_1bit]
     return compress_group(models[0], [p.id for p in group], round_, grads, losses, [p.state for p in group],
                           config.lr(round_), poisoned)
 

@@ -10,9 +10,14 @@ Kinds (rates per peer and round, e.g. `drop=0.1,corrupt=0.05`):
   receivers' validation must reject it. Either way it is counted as non_finite;
 - byzantine: the payload is sign-flipped (or, unquantized, scaled by 10): valid on the wire,
   accepted, and only visible in the fault counts;
-- churn: the peer leaves for 1-3 rounds and rejoins from a checkpoint of the current model
-  or from the current weights, possibly at another tier, with a fresh DisTrO state.
-A plan never loses every peer of a round: if it would, peers are spared, lowest-numbered first.
+- churn: the peer leaves for 1-3 rounds and rejoins with the current model: copied, from a
+  full checkpoint, or from that checkpoint sliced to its tier (Network.join's `via`),
+  possibly at another tier, with a fresh DisTrO state.
+A plan drawn from rates holds at most one fault per peer and round, and never takes every
+peer away (if it would, churns are spared, lowest-numbered peer first); every payload of a
+round may be lost. A plan written out may give one peer two faults in a round when they act
+at different stages (`STAGES`: its gradient, its payload, its bytes, its delivery), e.g. a
+late corrupted payload or a byzantine duplicate.
 """
 import hashlib
 from collections import Counter
@@ -24,6 +29,9 @@ from sim.errors import ConfigError
 
 KINDS = ("drop", "late", "duplicate", "corrupt", "nan", "byzantine", "churn")
 LOSING = {"drop", "late", "corrupt", "nan", "churn"}  # the payload of that round does not count
+# Where a payload fault acts, in order: on the gradient, the payload, its bytes, its delivery.
+STAGES = {"nan": 0, "byzantine": 1, "corrupt": 2, "drop": 3, "late": 3, "duplicate": 3}
+JOIN_VIA = ("current", "checkpoint", "sliced-checkpoint")
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class Fault:
     peer: int
     kind: str
     away: int = 0                 # churn: rounds away
-    rejoin_from: str = ""         # churn: "checkpoint" or "current"
+    rejoin_from: str = ""         # churn: one of JOIN_VIA
     rejoin_tier: int | None = None  # churn: tier after rejoining (None: unchanged)
     byte: int = 0                 # corrupt: which byte (mod payload length); also byzantine's mode
 
@@ -42,16 +50,31 @@ class FaultPlan:
     faults: tuple[Fault, ...] = ()
     rates: dict = field(default_factory=dict, compare=False)
 
-    def at(self, round_: int) -> dict[int, Fault]:
-        return {f.peer: f for f in self.faults if f.round == round_}
+    def __post_init__(self):
+        acting: dict[tuple, list[Fault]] = {}
+        for f in self.faults:
+            if f.kind not in KINDS:
+                raise ConfigError(f"fault kind {f.kind!r} is unknown: valid kinds are {', '.join(KINDS)}")
+            acting.setdefault((f.round, f.peer), []).append(f)
+        for (round_, peer), faults in acting.items():
+            stages = [STAGES.get(f.kind, -1) for f in faults]
+            if len(set(stages)) < len(stages):
+                raise ConfigError(f"peer {peer} has faults {[f.kind for f in faults]} in round {round_}: at most one "
+                                  f"churn, and at most one fault for each stage of a payload (its gradient: nan; "
+                                  f"the payload: byzantine; its bytes: corrupt; its delivery: drop, late, duplicate)")
 
     def away(self, round_: int) -> set[int]:
         """Peers absent in `round_` because of churn (they leave at the fault's round)."""
         return {f.peer for f in self.faults if f.kind == "churn" and f.round <= round_ < f.round + f.away}
 
-    def on_payloads(self, round_: int) -> dict[int, Fault]:
-        """{peer: fault} acting on what a peer sends in `round_` (churn acts on membership)."""
-        return {p: f for p, f in self.at(round_).items() if f.kind != "churn"}
+    def on_payloads(self, round_: int) -> dict[int, tuple[Fault, ...]]:
+        """{peer: its faults acting on what it sends in `round_`, in stage order} (churn acts on
+        membership)."""
+        acting: dict[int, list[Fault]] = {}
+        for f in self.faults:
+            if f.round == round_ and f.kind != "churn":
+                acting.setdefault(f.peer, []).append(f)
+        return {peer: tuple(sorted(faults, key=lambda f: STAGES[f.kind])) for peer, faults in acting.items()}
 
     def leaving(self, round_: int) -> list[Fault]:
         return [f for f in self.faults if f.kind == "churn" and f.round == round_]
@@ -61,6 +84,13 @@ class FaultPlan:
 
     def counts(self) -> Counter:
         return Counter(f.kind for f in self.faults)
+
+
+def kinds(faults) -> frozenset[str]:
+    """The kinds of a peer's faults in a round: from None, one Fault, or several."""
+    if faults is None:
+        return frozenset()
+    return frozenset(f.kind for f in ((faults,) if isinstance(faults, Fault) else faults))
 
 
 def parse_fault_spec(text: str | None) -> dict[str, float]:
@@ -99,8 +129,11 @@ def plan_faults(rates: dict[str, float], num_peers: int, rounds: int, seed: int,
     for kind in kinds:
         total += rates[kind]
         cumulative.append(total)
-    faults = []
+    faults, narrow = [], set()   # narrow: back from a checkpoint sliced below tier 0, no suffix to pass on
     for round_ in range(rounds):
+        for f in faults:
+            if f.kind == "churn" and f.round + f.away == round_:
+                (narrow.add if f.rejoin_from == "sliced-checkpoint" and f.rejoin_tier else narrow.discard)(f.peer)
         away = {f.peer for f in faults if f.kind == "churn" and f.round <= round_ < f.round + f.away}
         chosen = {}
         for peer in range(num_peers):
@@ -113,12 +146,14 @@ def plan_faults(rates: dict[str, float], num_peers: int, rounds: int, seed: int,
             fault = Fault(round_, peer, kind, byte=extra[0])
             if kind == "churn":
                 fault = Fault(round_, peer, kind, away=1 + extra[1] % 3,
-                              rejoin_from=("checkpoint", "current")[extra[2] % 2],
+                              rejoin_from=JOIN_VIA[extra[2] % len(JOIN_VIA)],
                               rejoin_tier=extra[3] % (max_tier + 1), byte=extra[0])
             chosen[peer] = fault
-        # Spare peers (lowest first) until someone's payload of this round counts. Churns
-        # of earlier rounds passed this same check, so some peer is always present.
-        while num_peers and len(away | {p for p, f in chosen.items() if f.kind in LOSING}) >= num_peers:
-            del chosen[min(p for p, f in chosen.items() if f.kind in LOSING)]
+        # Spare churns (lowest peer first) until a peer holding the full weights stays: a round
+        # needs a peer, and a newcomer a full replica to copy (Network.may_leave). Churns of
+        # earlier rounds passed this same check, so one always does.
+        while num_peers and not (set(range(num_peers)) - away - narrow
+                                 - {p for p, f in chosen.items() if f.kind == "churn"}):
+            del chosen[min(p for p, f in chosen.items() if f.kind == "churn")]
         faults.extend(chosen.values())
     return FaultPlan(tuple(faults), dict(rates))

@@ -47,9 +47,19 @@ def no_errors(result: RunResult) -> bool:
 
 
 def all_complete(result: RunResult, rounds: int) -> bool:
-    """Every peer present in a round reported a loss in it, and the run did all rounds."""
+    """Every peer dealt sequences in a round reported a loss in it, and the run did all rounds."""
     return len(result.records) == rounds and all(
-        p["loss"] is not None for r in result.records for p in r["peers"].values() if p["present"])
+        p["loss"] is not None for r in result.records for p in r["peers"].values() if p["sequences"])
+
+
+def fault_cost(result: RunResult, clean: RunResult) -> int:
+    """What a run's faults took, in payloads: those the same seed's fault-free run counted and
+    `result` did not, round by round; a byzantine payload twice (a good one lost, and a bad one
+    applied); a churn once (even where the peers present carry its share of the batch, it
+    changes who trains what, and at which tier). A run of cost 0 is its fault-free run."""
+    missing = sum(c["contributing_peers"] - r["contributing_peers"] for r, c in zip(result.records, clean.records))
+    faults = result.faults()
+    return missing + 2 * faults.get("byzantine", 0) + faults.get("churn", 0)
 
 
 def within_tolerance(result: RunResult, oracle: RunResult, tolerance: float = TOLERANCE) -> bool:

@@ -52,12 +52,11 @@ from sim.faults import FaultPlan
 from sim.helper import helper_indices
 
 SEMANTICS = ("coeff_mean", "peer_mean", "region_mean")
-RULES = ("sign", "sgd")
+RULES = ("sign", "sgd", "adamw")
 # (module, kind) -> the axis that holds FFN neurons; every other parameter is whole on every tier.
 FFN_AXIS = {("gate_proj", "weight"): 0, ("up_proj", "weight"): 0, ("gate_proj", "bias"): 0,
             ("up_proj", "bias"): 0, ("down_proj", "weight"): 1}
-LOSING = ("drop", "late", "corrupt", "nan")   # faults whose payload does not count that round
-TIE = 1e-9   # relative gap under which two top-k candidates are a tie (see DeMo._send)
+LOSING = {"drop", "late", "corrupt", "nan"}   # faults whose payload does not count that round
 HELD_OUT_SEQUENCES = 16   # at least, and at least a global batch
 
 
@@ -144,6 +143,7 @@ class PeerInput:
     steps: bool = True                         # its DisTrO state advances (not when its NaN guard withholds)
     fresh: bool = False                        # it (re)joined this round: a fresh DisTrO state
     clip: float | None = None                  # Distro's clip_grad_norm: its whole gradient's norm at most this
+    micro: int | None = None                   # --micro-batch-size: its batch in pieces of at most this
 
 
 @dataclass
@@ -154,6 +154,7 @@ class Gradient:
     helper: torch.Tensor        # its helper neurons' gradient, zero elsewhere
     helper_covered: torch.Tensor
     local: torch.Tensor         # what it trains of the tensor in its own (local) shape: its prefix
+    slab: torch.Tensor | None = None   # its helper neurons' gradient in the slab's own shape, in their order
 
 
 def narrow_copy(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> tuple[dict, dict]:
@@ -174,16 +175,33 @@ def narrow_copy(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerIn
     return narrow, active
 
 
+def pieces(tokens: torch.Tensor, micro: int | None) -> list[torch.Tensor]:
+    """Psyche's micro-batches, written out: n = ceil(B / micro) of them, each of ceil(B / n)
+    sequences but the last (torch's chunk into n pieces)."""
+    batch = tokens.shape[0]
+    if micro is None or micro >= batch:
+        return [tokens]
+    count = -(-batch // micro)
+    size = -(-batch // count)
+    return [tokens[start:start + size] for start in range(0, batch, size)]
+
+
+def batch_loss(cfg: ModelConfig, w: dict[str, torch.Tensor], peer: "PeerInput") -> torch.Tensor:
+    """The loss a peer trains on: each micro-batch's loss over the number of micro-batches, summed."""
+    split = pieces(peer.tokens, peer.micro)
+    return sum(loss_of(cfg, w, piece) / len(split) for piece in split)
+
+
 def peer_loss(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> float:
     """The training loss the peer reports: its own model's, on its tokens, before the round's update."""
     with torch.no_grad():
-        return loss_of(cfg, narrow_copy(cfg, weights, peer)[0], peer.tokens).item()
+        return float(batch_loss(cfg, narrow_copy(cfg, weights, peer)[0], peer))
 
 
 def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: PeerInput) -> dict[str, Gradient]:
     """Train the peer's own narrow copy of `weights` (full shapes) on its tokens."""
     narrow, active = narrow_copy(cfg, weights, peer)
-    loss_of(cfg, narrow, peer.tokens).backward()
+    batch_loss(cfg, narrow, peer).backward()
     if peer.clip:
         norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in narrow.values()))
         scale = min(1.0, peer.clip / (norm + 1e-6))
@@ -201,7 +219,8 @@ def peer_gradients(cfg: ModelConfig, weights: dict[str, torch.Tensor], peer: Pee
         mask = own.view(-1, 1) if axis == 0 and w.ndim == 2 else own
         mask = torch.ones_like(w) * mask
         helper_mask = torch.zeros_like(w).index_fill_(axis, rows[width:], 1.0)
-        grads[name] = Gradient(placed * mask, mask, placed * helper_mask, helper_mask, grad.narrow(axis, 0, width))
+        slab = grad.narrow(axis, width, len(rows) - width) if len(rows) > width else None
+        grads[name] = Gradient(placed * mask, mask, placed * helper_mask, helper_mask, grad.narrow(axis, 0, width), slab)
     return grads
 
 
@@ -233,10 +252,13 @@ class Round:
     update: dict[str, torch.Tensor]       # the aggregate before the apply rule, full shapes
     weights: dict[str, torch.Tensor]      # after applying it
     contributing: int
+    # Per tensor, the size of what went into its aggregate: the largest |element| among the
+    # counted peers' inputs to their DisTrO step (lr x gradient x the payload's factor, plus in
+    # compressed mode decay x the residual carried in). Round-off in any implementation is a
+    # multiple of the dtype's epsilon of this, never of the aggregate, which may be exactly 0.
+    scale: dict[str, float] = field(default_factory=dict)
     checked: dict[str, torch.Tensor] | None = None   # DeMo: elements no top-k tie reached (None: all)
-    # DeMo: each tensor's largest coefficient sent, the size of the terms its aggregate sums, so
-    # of its round-off where they cancel (+1 and a byzantine -1 make an aggregate of exact zeros).
-    terms: dict[str, float] = field(default_factory=dict)
+    adam: dict[str, tuple] | None = None   # ADAMW: (m_hat, sqrt(v_hat) + eps) of the step applied
 
 
 def combine(totals: dict, covers: dict, contributing: int, semantics: str) -> dict[str, torch.Tensor]:
@@ -249,32 +271,56 @@ def combine(totals: dict, covers: dict, contributing: int, semantics: str) -> di
     return {n: torch.where(covers[n] > 0, t / covers[n].clamp(min=1), torch.zeros_like(t)) for n, t in totals.items()}
 
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-8   # matsim's ApplyRule.ADAMW (sim.aggregate.apply_update's defaults)
+
+
 def apply(weights: dict[str, torch.Tensor], update: dict[str, torch.Tensor], lr: float, rule: str,
-          weight_decay: float) -> dict[str, torch.Tensor]:
-    """Decoupled weight decay, then sign-SGD (DisTrO) or plain SGD on the aggregate."""
+          weight_decay: float, moments: dict | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Decoupled weight decay, then sign-SGD (DisTrO), plain SGD, or AdamW with the aggregate
+    as its gradient. AdamW's `moments` ({name: (m, v, t)}, full shapes, updated in place) are
+    the network's: one history of aggregates, whatever replica applies it. Returns the new
+    weights and, under AdamW, each step's (m_hat, sqrt(v_hat) + eps)."""
     if rule not in RULES:
         raise ValueError(f"apply rule {rule!r}: expected one of {RULES}")
-    step = {n: u.sign() if rule == "sign" else u for n, u in update.items()}
-    return {n: w * (1 - lr * weight_decay) - lr * step[n] for n, w in weights.items()}
+    if rule != "adamw":
+        step = {n: u.sign() if rule == "sign" else u for n, u in update.items()}
+        return {n: w * (1 - lr * weight_decay) - lr * step[n] for n, w in weights.items()}, None
+    (b1, b2), out, steps = ADAM_BETAS, {}, {}
+    for name, w in weights.items():
+        u = update[name]
+        m, v, t = moments.get(name, (torch.zeros_like(u), torch.zeros_like(u), 0))
+        m, v, t = b1 * m + (1 - b1) * u, b2 * v + (1 - b2) * u * u, t + 1
+        moments[name] = (m, v, t)
+        steps[name] = (m / (1 - b1 ** t), (v / (1 - b2 ** t)).sqrt() + ADAM_EPS)
+        out[name] = w * (1 - lr * weight_decay) - lr * steps[name][0] / steps[name][1]
+    return out, steps
 
 
 def lossless_round(cfg: ModelConfig, chunk: int, weights: dict[str, torch.Tensor], peers: Sequence[PeerInput],
                    lr: float, semantics: str, rule: str = "sign", weight_decay: float = 0.0,
-                   zero_blocks: str = "absent") -> Round:
+                   zero_blocks: str = "absent", moments: dict | None = None) -> Round:
     """One round in lossless DisTrO mode from the full `weights` every replica holds. With
     `zero_blocks` "sent", an all-zero block's zeros count in COEFF_MEAN like any others."""
     counted = [p for p in peers if p.factor is not None]
     totals = {n: torch.zeros_like(w) for n, w in weights.items()}
     covers = {n: torch.zeros_like(w) for n, w in weights.items()}
+    scale = dict.fromkeys(weights, 0.0)
     for peer in counted:
         for name, g in peer_gradients(cfg, weights, peer).items():
             delta = lr * peer.factor
             totals[name] += delta * (g.prefix + g.helper)
+            scale[name] = max(scale[name], abs(delta) * float((g.prefix + g.helper).abs().max()))
             absent = semantics == "coeff_mean" and zero_blocks == "absent"
             cover = sent_blocks(g.local, g.covered, chunk, ffn_axis(name)) if absent else g.covered
             covers[name] += cover + g.helper_covered
     update = combine(totals, covers, len(counted), semantics)
-    return Round(update, apply(weights, update, lr, rule, weight_decay), len(counted))
+    return Round(update, *_applied(weights, update, lr, rule, weight_decay, moments, len(counted), scale))
+
+
+def _applied(weights, update, lr, rule, weight_decay, moments, contributing, scale, checked=None) -> tuple:
+    """Round's fields after the update: (weights, contributing, scale, checked, adam)."""
+    after, steps = apply(weights, update, lr, rule, weight_decay, moments)
+    return after, contributing, scale, checked, steps
 
 
 # --- DeMo's compressed step --------------------------------------------------------
@@ -292,13 +338,24 @@ def dct_matrix(n: int, dtype) -> torch.Tensor:
     return coeffs.T.contiguous().to(dtype)   # row e_i of the identity gave column i
 
 
+class _State(dict):
+    """One peer's residuals by key, and the size of what each took in (`DeMo._step`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: dict[str, float] = {}
+
+
 class DeMo:
     """Per-peer DeMo state and one round of its compressed exchange (see the module doc)."""
 
-    def __init__(self, chunk: int, topk: int, decay: float, quantize: bool, zero_blocks: str = "absent"):
+    def __init__(self, chunk: int, topk: int, decay: float, quantize: bool, zero_blocks: str = "absent",
+                 round_off: float = 1e-9):
         self.chunk, self.topk, self.decay, self.quantize = chunk, topk, decay, quantize
         self.zero_blocks = zero_blocks   # "sent": exact zeros go out and count, as +1 under 1-bit (DeMo, Psyche)
-        self.delta: dict[int, dict[str, torch.Tensor]] = {}
+        self.round_off = round_off       # the implementation's round-off, relative to a step's inputs
+        self.delta: dict[int, _State] = {}
+        self.anchors: dict[int, dict[str, torch.Tensor]] = {}
 
     def _tiles(self, x: torch.Tensor):
         """x -> its blocks [blocks..., block numel] in DCT coefficients, and how to undo it."""
@@ -318,85 +375,132 @@ class DeMo:
         blocks = mats[0].T @ coeffs.reshape(nr, nc, *sizes) @ mats[1]
         return blocks.permute(0, 2, 1, 3).reshape(nr * sizes[0], nc * sizes[1])
 
-    def _send(self, delta: torch.Tensor):
-        """Top-k of delta's coefficients per block, as (indices, values, tied): what was sent
-        leaves delta (all of it when k keeps every coefficient); exactly-zero coefficients (an
-        all-zero block's) count as not sent when combined. `tied` marks the blocks whose k-th
-        and (k+1)-th magnitudes agree to TIE: either choice is DeMo, and two DCTs that differ
-        in the last bit may make different ones."""
+    def _send(self, delta: torch.Tensor, error: float):
+        """Top-k of delta's coefficients per block, as (indices, values, undecided): what was
+        sent leaves delta (all of it when k keeps every coefficient); exactly-zero coefficients
+        (an all-zero block's) count as not sent when combined. `undecided` marks the blocks whose
+        choice round-off could make either way: the k-th and (k+1)-th magnitudes within `error`
+        of each other (a tie: either choice is DeMo), or, under 1-bit, a coefficient sent whose
+        magnitude is within `error` of zero (its sign is round-off)."""
         coeffs, sizes, mats = self._tiles(delta)
         k = min(self.topk, coeffs.shape[-1])
         magnitudes = coeffs.abs().sort(dim=-1, descending=True).values
-        tied = torch.zeros(coeffs.shape[:-1], dtype=torch.bool)
+        undecided = torch.zeros(coeffs.shape[:-1], dtype=torch.bool)
         if k < coeffs.shape[-1]:   # exact zeros are no tie: among equals, the lowest index goes first
-            tied = (magnitudes[..., k - 1] - magnitudes[..., k] <= TIE * magnitudes[..., 0]) & (magnitudes[..., k - 1] > 0)
+            undecided = (magnitudes[..., k - 1] - magnitudes[..., k] <= error) & (magnitudes[..., k - 1] > 0)
+        if self.quantize:
+            undecided |= (magnitudes[..., k - 1] <= error) & (magnitudes[..., k - 1] > 0)
         idx = coeffs.abs().sort(dim=-1, descending=True, stable=True).indices[..., :k]
         val = coeffs.gather(-1, idx)
         if k == coeffs.shape[-1]:
             delta.zero_()
         else:
             delta.sub_(self._untile(torch.zeros_like(coeffs).scatter(-1, idx, val), sizes, mats))
-        return idx, val, tied
+        return idx, val, undecided
+
+    def _step(self, state: dict, anchors: dict, key: str, grad: torch.Tensor, lr: float, anchor=None):
+        """One DisTrO step of `state[key]` on `grad`: (indices, values, undecided blocks, the
+        size of the step's inputs). A helper slab's residual restarts when its neurons change.
+
+        The size is that of everything the state ever took in, decayed as the state is:
+        s = decay s + lr max|grad|. The residual's round-off is a multiple of epsilon of that,
+        not of the residual: once a rate of 0 has sent what was left, the residual is round-off
+        of the rounds before, and so is all that is sent from it."""
+        if anchor is not None and (key not in anchors or not torch.equal(anchors[key], anchor)):
+            anchors[key] = anchor
+            state.pop(key, None)
+            state.sizes.pop(key, None)
+        delta = state.setdefault(key, torch.zeros_like(grad))
+        size = state.sizes[key] = self.decay * state.sizes.get(key, 0.0) + lr * float(grad.abs().max())
+        delta.mul_(self.decay).add_(grad, alpha=lr)
+        block = math.prod(chunk_of(n, self.chunk) for n in delta.shape)
+        return (*self._send(delta, self.round_off * size * math.sqrt(block)), size)
 
     def round(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], peers: Sequence[PeerInput], lr: float,
-              semantics: str, rule: str = "sign", weight_decay: float = 0.0) -> Round:
-        """One round from the full `weights`. Blocks where a peer's top-k was tied are listed
-        in `self.tied` ({(peer, name): elements of its local tensor}) and left out of the
-        round's `checked` elements: the caller adopts that peer's residual there (`adopt`)."""
-        sent, self.tied = {}, {}   # sent: peer -> {name: (indices, values, local shape)}
+              semantics: str, rule: str = "sign", weight_decay: float = 0.0, moments: dict | None = None) -> Round:
+        """One round from the full `weights`. Blocks a peer's round-off could have chosen
+        otherwise are listed in `self.tied` ({(peer, key): elements of its local tensor}) and
+        left out of the round's `checked` elements: the caller adopts that peer's residual there
+        (`adopt`). Helper slabs step under "helper:<name>", as their own tensors."""
+        sent, self.tied = {}, {}   # sent: peer -> {key: (indices, values, local shape, helper neurons)}
         checked = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+        scale = dict.fromkeys(weights, 0.0)
         for peer in peers:
             if peer.fresh or peer.id not in self.delta:
-                self.delta[peer.id] = {}
+                self.delta[peer.id], self.anchors[peer.id] = _State(), {}
             if not peer.steps:
                 continue
-            state = self.delta[peer.id]
+            state, anchors = self.delta[peer.id], self.anchors[peer.id]
             for name, g in peer_gradients(cfg, weights, peer).items():
-                delta = state.setdefault(name, torch.zeros_like(g.local))
-                delta.mul_(self.decay).add_(g.local, alpha=lr)
-                idx, val, tied = self._send(delta)
-                if bool(tied.any()):
-                    self.tied[peer.id, name] = _elements(tied, delta.shape, self.chunk)
-                    if peer.factor is not None:
-                        region = checked[name] if ffn_axis(name) is None else \
-                            checked[name].narrow(ffn_axis(name), 0, delta.shape[ffn_axis(name)])
-                        region &= ~self.tied[peer.id, name]
-                if peer.factor is not None:
+                axis = ffn_axis(name)
+                steps = [(name, g.local, None)]
+                if g.slab is not None:
+                    steps.append(("helper:" + name, g.slab, peer.helpers[layer_of(name)].long()))
+                for key, grad, neurons in steps:
+                    idx, val, undecided, size = self._step(state, anchors, key, grad, lr, neurons)
+                    if bool(undecided.any()):   # its residual is adopted, counted or not
+                        self.tied[peer.id, key] = _elements(undecided, grad.shape, self.chunk)
+                    if peer.factor is None:
+                        continue
+                    if bool(undecided.any()):
+                        region = checked[name] if axis is None else (
+                            checked[name].narrow(axis, 0, grad.shape[axis]) if neurons is None
+                            else checked[name].index_select(axis, neurons))
+                        region &= ~self.tied[peer.id, key]
+                        if neurons is not None:
+                            checked[name].index_copy_(axis, neurons, region)
                     if self.quantize:   # "sent": the sign bit decides, so +0.0 goes out as +1
                         val = torch.where(val.signbit(), -1.0, 1.0).to(val) if self.zero_blocks == "sent" else val.sign()
-                    sent.setdefault(peer.id, {})[name] = (idx, val * peer.factor, tuple(g.local.shape))
-        update, terms = {}, {}
-        for name, w in weights.items():
-            update[name] = self._combine(name, w, [s[name] for s in sent.values()], semantics)
-            terms[name] = max((float(s[name][1].abs().max()) for s in sent.values() if s[name][1].numel()), default=0.0)
-        return Round(update, apply(weights, update, lr, rule, weight_decay), len(sent), checked, terms)
+                    scale[name] = max(scale[name], abs(peer.factor) * (1.0 if self.quantize else size))
+                    sent.setdefault(peer.id, {})[key] = (idx, val * peer.factor, tuple(grad.shape), neurons)
+        update = {name: self._combine(name, w, [s[name] for s in sent.values()],
+                                      [s["helper:" + name] for s in sent.values() if "helper:" + name in s], semantics)
+                  for name, w in weights.items()}
+        return Round(update, *_applied(weights, update, lr, rule, weight_decay, moments, len(sent), scale, checked))
 
-    def adopt(self, peer: int, name: str, residual: torch.Tensor) -> None:
-        """Take the implementation's residual on the blocks where this peer's top-k was tied."""
-        mask = self.tied[peer, name]
-        self.delta[peer][name] = torch.where(mask, residual.to(self.delta[peer][name].dtype), self.delta[peer][name])
+    def adopt(self, peer: int, key: str, residual: torch.Tensor) -> None:
+        """Take the implementation's residual on the blocks where this peer's choice was undecided."""
+        mask = self.tied[peer, key]
+        self.delta[peer][key] = torch.where(mask, residual.to(self.delta[peer][key].dtype), self.delta[peer][key])
 
-    def _combine(self, name, w, payloads, semantics) -> torch.Tensor:
+    def _dense(self, idx, val, shape, dtype) -> torch.Tensor:
+        """A payload's coefficients decoded in its own shape's blocks."""
+        coeffs, sizes, mats = self._tiles(torch.zeros(shape, dtype=dtype))
+        return self._untile(torch.zeros_like(coeffs).scatter(-1, idx, val), sizes, mats)
+
+    def _combine(self, name, w, payloads, slabs, semantics) -> torch.Tensor:
+        """The receiver's aggregate of one tensor from the payloads' (indices, values, shape) and
+        the helper slabs that reach it. A slab is one more contributor to the elements of its
+        neurons: in REGION_MEAN's cover, in PEER_MEAN's sum, and in COEFF_MEAN merged with the
+        coefficient mean U of the C payloads that sent the element's block: (C U + slabs) / (C + h)."""
         axis = ffn_axis(name)
+        extra, extra_count = torch.zeros_like(w), torch.zeros_like(w)
+        for idx, val, shape, neurons in slabs:
+            extra.index_add_(axis, neurons, self._dense(idx, val, shape, w.dtype))
+            extra_count.index_add_(axis, neurons, torch.ones(shape, dtype=w.dtype))
         if semantics == "coeff_mean":   # per coefficient, over the peers that sent it, narrow blocks leading
             coeffs, sizes, mats = self._tiles(torch.zeros_like(w))
             total, count = torch.zeros_like(coeffs), torch.zeros_like(coeffs)
-            for idx, val, shape in payloads:
+            sending = torch.zeros(coeffs.shape[:-1], dtype=w.dtype)
+            for idx, val, shape, _ in payloads:
                 present = torch.ones_like(val) if self.zero_blocks == "sent" else (val != 0).to(w.dtype)
                 region = [slice(None)] * (coeffs.ndim - 1)
                 if axis is not None:
                     region[axis] = slice(0, shape[axis] // sizes[axis])
                 total[tuple(region)] += torch.zeros_like(total[tuple(region)]).scatter_add(-1, idx, val)
                 count[tuple(region)] += torch.zeros_like(count[tuple(region)]).scatter_add(-1, idx, present)
-            return self._untile(torch.where(count > 0, total / count.clamp(min=1), 0.0), sizes, mats)
-        total, cover = torch.zeros_like(w), torch.zeros_like(w)
-        for idx, val, shape in payloads:
-            coeffs, sizes, mats = self._tiles(torch.zeros(shape, dtype=w.dtype))
-            dense = self._untile(torch.zeros_like(coeffs).scatter(-1, idx, val), sizes, mats)
+                sending[tuple(region)] += (present.sum(-1) > 0).to(w.dtype)
+            mean = self._untile(torch.where(count > 0, total / count.clamp(min=1), 0.0), sizes, mats)
+            if not slabs:
+                return mean
+            c = _elements(sending, w.shape, self.chunk)
+            return torch.where(c + extra_count > 0, (c * mean + extra) / (c + extra_count).clamp(min=1), 0.0)
+        total, cover = extra, extra_count
+        for idx, val, shape, _ in payloads:
             region = [slice(None)] * w.ndim
             if axis is not None:
                 region[axis] = slice(0, shape[axis])
-            total[tuple(region)] += dense
+            total[tuple(region)] += self._dense(idx, val, shape, w.dtype)
             cover[tuple(region)] += 1
         return combine({name: total}, {name: cover}, len(payloads), semantics)[name]
 
@@ -479,14 +583,16 @@ def held_out(config: RunConfig, seed: int) -> torch.Tensor:
 # --- replaying a fault plan --------------------------------------------------------
 
 def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Sequence[float], plan: FaultPlan,
-                 round_: int) -> list[PeerInput]:
+                 round_: int, shared: bool = False) -> list[PeerInput]:
     """The present peers of `round_` under `plan`, replayed from round 0: churned peers are
-    away for their rounds and come back (at their new tier, with a fresh state); the
-    sequences each is dealt (a present peer dealt none trains nothing and is left out) and
-    its helper neurons; whether and how its payload counts."""
+    away for their rounds and come back (at their new tier, with a fresh state; from a
+    checkpoint sliced below tier 0 with no suffix, so with helper mode off from then on,
+    unless every peer shares one model); the sequences each is dealt (a present peer dealt
+    none trains nothing and is left out) and its helper neurons; whether and how its payload
+    counts under its faults of the round (one or two)."""
     layers = config.model.num_hidden_layers
     current = [tuple(t) if isinstance(t, (tuple, list)) else (t,) * layers for t in tiers]
-    away, fresh = set(), set()
+    fractions, away, fresh = list(fractions), set(), set()
     for r in range(round_ + 1):
         fresh = set()
         for f in plan.faults:
@@ -495,23 +601,23 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
                 fresh.add(f.peer)
                 if f.rejoin_tier is not None:
                     current[f.peer] = (f.rejoin_tier,) * layers
+                if f.rejoin_from == "sliced-checkpoint" and min(current[f.peer]) > 0 and not shared:
+                    fractions[f.peer] = 0.0
             if f.kind == "churn" and f.round == r:
                 away.add(f.peer)
     source = make_source(config.data, config.model.vocab_size, seed, config.markov)
     first, total = global_batch(config, round_)
     present = [peer for peer in range(len(tiers)) if peer not in away]
     dealt = split(present, total, first, round_seed(seed, round_))
-    faults = {f.peer: f for f in plan.faults if f.round == round_ and f.kind != "churn"}
     quantized = config.distro.quantize_1bit
     peers = []
     for peer in present:
         if peer not in dealt:   # nothing to train on: it sends nothing, reports no loss
             continue
-        fault = faults.get(peer)
-        kind = fault.kind if fault else None
-        factor = None if kind in LOSING else 1.0
-        if kind == "byzantine":
-            factor = 10.0 if not quantized and fault.byte % 2 == 1 else -1.0
+        faults = {f.kind: f for f in plan.faults if f.round == round_ and f.peer == peer and f.kind != "churn"}
+        factor = None if LOSING & faults.keys() else 1.0
+        if factor is not None and "byzantine" in faults:
+            factor = 10.0 if not quantized and faults["byzantine"].byte % 2 == 1 else -1.0
         helpers = {}
         if fractions[peer] > 0:
             full = config.model.intermediate_size
@@ -519,6 +625,6 @@ def round_inputs(config: RunConfig, seed: int, tiers: Sequence, fractions: Seque
                                              config.helper_rotation_interval) for layer, t in enumerate(current[peer])}
         tokens = sequences(source, seed, dealt[peer], config.seq_len + 1)
         peers.append(PeerInput(peer, current[peer], tokens, helpers, factor,
-                               steps=not (kind == "nan" and quantized), fresh=peer in fresh,
-                               clip=config.distro.clip_grad_norm))
+                               steps=not ("nan" in faults and quantized), fresh=peer in fresh,
+                               clip=config.distro.clip_grad_norm, micro=config.micro_batch_size))
     return peers

@@ -26,7 +26,7 @@ from sim.data import held_out, make_source, sequences
 from sim.engine import check_batching, train_group, train_peers
 from sim.distro import DistroState, Sparse
 from sim.errors import ConfigError
-from sim.faults import FaultPlan, parse_fault_spec, plan_faults
+from sim.faults import JOIN_VIA, STAGES, Fault, FaultPlan, parse_fault_spec, plan_faults
 from sim.helper import helper_indices
 from sim.model import build_model, default_device, parameters_by_name
 from sim.peer import Peer, train_locally
@@ -34,7 +34,6 @@ from sim.tiers import layer_tiers, layer_widths
 from sim.wire import VALUE_DTYPES, Payload, decode_payload, encode_payload
 
 EVAL_SEQUENCES = 16
-JOIN_VIA = ("current", "checkpoint", "sliced-checkpoint")
 CHECKPOINT = "checkpoint"   # a run's checkpoint, in its results directory
 EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of the run's time
 
@@ -44,7 +43,7 @@ class Sent:
     """What one peer's send half produced in a round."""
     peer: int
     loss: float | None                                   # None: no sequences were assigned to it
-    fault: str | None
+    faults: tuple[str, ...] = ()                         # the kinds that acted on what it sent
     withheld: bool = False                               # the sender's NaN guard kept it back
     bytes_sent: int = 0
     outgoing: list[bytes] = field(default_factory=list)  # arrives this round
@@ -145,6 +144,7 @@ class Network:
             raise ConfigError(f"init checkpoint {str(init_checkpoint)!r} is a sliced export: a run needs one peer "
                               f"holding the full weights; start from the full checkpoint")
         self.away: set[int] = set()
+        self.sliced: set[int] = set()    # peers back from a checkpoint sliced below tier 0: no suffix to donate
         self.carried: list[bytes] = []   # late payloads: they arrive next round
         self.aggregates: list = []       # each receiver's Aggregate of the last round (the exact reference reads them)
         self._scratch = tempfile.TemporaryDirectory(prefix="matsim-")
@@ -197,9 +197,11 @@ class Network:
         """A round needs one present peer, and the network one present replica of the full
         weights: peers from sliced checkpoints hold no suffix to hand on to a wider newcomer."""
         others = [p for p in self.present() if p.id != peer_id]
-        # A peer whose replica lives in another process (model None) holds the full weights.
-        return bool(others) and (self.shared is not None or any(p.model is None or _holds_full(p.model)
-                                                                for p in others))
+        # A peer whose replica lives in another process (model None) holds the full weights
+        # unless it came back from a sliced checkpoint.
+        return bool(others) and (self.shared is not None or any(
+            (p.model is None and p.id not in self.sliced) or (p.model is not None and _holds_full(p.model))
+            for p in others))
 
     def leave(self, peer_id: int) -> None:
         if not self.may_leave(peer_id):
@@ -219,6 +221,7 @@ class Network:
         if self.shared is None:  # copy before counting it present: it must not be its own donor
             peer.model, peer.helper_fraction = self._copy_of_current(via, peer.tiers, peer.helper_fraction,
                                                                      f"peer{peer_id}")
+        (self.sliced.add if via == "sliced-checkpoint" and min(peer.tiers) > 0 else self.sliced.discard)(peer_id)
         self.away.discard(peer_id)
 
     def join(self, tiers, via: str = "current", helper_fraction: float = 0.0) -> int:
@@ -233,13 +236,14 @@ class Network:
         self.peers.append(self._new_peer(len(self.peers), per_peer[0], model, fraction))
         return self.peers[-1].id
 
-    def _copy_of_current(self, via: str, tiers, helper_fraction: float, tag: str):
-        """(model, the helper fraction it can serve) for a peer arriving at `tiers`."""
+    def _copy_of_current(self, via: str, tiers, helper_fraction: float, tag: str, donor=None):
+        """(model, the helper fraction it can serve) for a peer arriving at `tiers`, copied from
+        `donor` (default: a present full replica of this process)."""
         if via not in JOIN_VIA:
             raise ConfigError(f"join via {via!r} is unknown: valid are {', '.join(JOIN_VIA)}")
         # The donor must be present now (a returning peer is as stale as the one it would help),
         # and hold the full weights (`may_leave` keeps one present).
-        donor = self._full_replica()
+        donor = self._full_replica() if donor is None else donor
         if via == "current":
             return copy.deepcopy(donor).set_tiers(tiers), helper_fraction
         path = save_checkpoint(donor, Path(self._scratch.name) / tag)
@@ -309,7 +313,7 @@ class Network:
                 optimizer = self.local_optimizers[peer.id]
             loss = train_locally(model, optimizer, self.tokens([peer], round_)[0], self.config.lr(round_),
                                  self.config.adamw.clip_grad_norm, self.config.micro_batch_size)
-            sent.append(Sent(peer.id, loss, None))
+            sent.append(Sent(peer.id, loss))
         receivers = self.receivers()
         self.aggregates = []
         return self.record(round_, sent, Counter(), [0] * len(receivers), _replica_max_diff(receivers), evaluate)
@@ -326,7 +330,7 @@ class Network:
         """One peer's half of a round: train, compress, encode, and let `fault` act on what
         leaves it. A peer assigned no sequences this round trains and sends nothing."""
         if peer.id not in self.assignment(round_):
-            return Sent(peer.id, None, None)
+            return Sent(peer.id, None)
         return self.post(peer, *self.train(peer, round_, fault), fault)
 
     def train(self, peer: Peer, round_: int, fault=None) -> tuple[Payload | None, float]:
@@ -335,25 +339,28 @@ class Network:
         return train_group(self, [peer], round_, {peer.id: fault} if fault else {}, batched=False)[0]
 
     @torch.inference_mode()  # no autograd in a sender's or receiver's wire work: skip its bookkeeping per call
-    def post(self, peer: Peer, payload: Payload | None, loss: float, fault=None) -> "Sent":
-        """What leaves a peer: its payload encoded, with `fault` acting on the payload or its bytes."""
-        distro, kind = self.config.distro, fault.kind if fault else None
+    def post(self, peer: Peer, payload: Payload | None, loss: float, faults=None) -> "Sent":
+        """What leaves a peer: its payload encoded, with its `faults` (None, a Fault, or several
+        of different stages) acting on the payload, its bytes and its delivery."""
+        distro = self.config.distro
+        acting = {f.kind: f for f in ((faults,) if isinstance(faults, Fault) else faults or ())}
+        named = tuple(sorted(acting, key=STAGES.get))
         if payload is None:
-            return Sent(peer.id, loss, kind, withheld=True)
-        if kind == "nan":  # unquantized: the NaN goes on the wire for receivers to catch
+            return Sent(peer.id, loss, named, withheld=True)
+        if "nan" in acting:  # unquantized: the NaN goes on the wire for receivers to catch
             next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
-        elif kind == "byzantine":
-            payload = _byzantine(payload, scale=not distro.quantize_1bit and fault.byte % 2 == 1)
+        if "byzantine" in acting:
+            payload = _byzantine(payload, scale=not distro.quantize_1bit and acting["byzantine"].byte % 2 == 1)
         data = encode_payload(payload, distro.compression_chunk)  # values at the run's dtype
-        sent = Sent(peer.id, loss, kind, bytes_sent=len(data))
-        if kind == "corrupt":
+        sent = Sent(peer.id, loss, named, bytes_sent=len(data))
+        if "corrupt" in acting:
             flipped = bytearray(data)
-            flipped[fault.byte % len(flipped)] ^= 0xFF
+            flipped[acting["corrupt"].byte % len(flipped)] ^= 0xFF
             data = bytes(flipped)
-        if kind == "late":
+        if "late" in acting:
             sent.late = [data]
-        elif kind != "drop":
-            sent.outgoing = [data, data] if kind == "duplicate" else [data]
+        elif "drop" not in acting:
+            sent.outgoing = [data, data] if "duplicate" in acting else [data]
         return sent
 
     @torch.inference_mode()
@@ -385,7 +392,7 @@ class Network:
                replica_max_diff: float, evaluate: bool) -> dict:
         """The round's metrics line, from every sender's half and the receivers' counts
         (rejections as the first receiver saw them; contributing peers per receiver)."""
-        losses = {s.peer: s.loss for s in sent if s.loss is not None}
+        losses, assigned = {s.peer: s.loss for s in sent if s.loss is not None}, self.assignment(round_)
         rejected = Counter(rejected)
         rejected["non_finite"] += sum(s.withheld for s in sent)
         return {
@@ -393,12 +400,13 @@ class Network:
             "loss": sum(losses.values()) / len(losses),
             "eval_loss": self.eval_loss() if evaluate else None,
             "peers": {str(p.id): {"tier": _tier_label(p.tiers), "helper": p.helper_fraction, "loss": losses.get(p.id),
-                                  "present": p.id not in self.away} for p in self.peers},
+                                  "present": p.id not in self.away, "sequences": len(assigned.get(p.id, ()))}
+                      for p in self.peers},
             "contributing_peers": contributing[0],
             "receivers_agree": len(set(contributing)) == 1,
             "replica_max_diff": replica_max_diff,
             "rejected": dict(sorted((k, v) for k, v in rejected.items() if v)),
-            "faults": dict(sorted(Counter(s.fault for s in sent if s.fault).items())),
+            "faults": dict(sorted(Counter(kind for s in sent for kind in s.faults).items())),
             "bytes_sent": sum(s.bytes_sent for s in sent),
         }
 

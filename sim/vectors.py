@@ -24,6 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sim.align import CHAPTER_CASES
 from sim.checkpoint import tier_config
 from sim.config import ModelConfig, load_config
 from sim.conformance import FORMAT, OPS, VERSION, error_kind, resolve
@@ -423,13 +424,10 @@ def _killers() -> list[tuple[str, dict, list, str]]:
 
 
 def _pinned_alignments() -> list[tuple[str, dict, list, str]]:
-    """The @example cases pinned in properties/test_align.py (the chapter's shapes), as
-    align_prefix_grad cases: the narrow gradient expanded, and the full one sliced."""
-    from properties import test_align
-    shapes = {example.args[0] for test in vars(test_align).values()
-              for example in getattr(test, "hypothesis_explicit_examples", [])}
+    """The chapter's alignment cases (sim.align.CHAPTER_CASES, pinned as @example in the
+    properties) as align_prefix_grad cases: the narrow gradient expanded, and the full one sliced."""
     g, cases = _generator(0, "pinned", 0), []
-    for name, full, local, _ in sorted(shapes):
+    for name, full, local, _ in sorted(CHAPTER_CASES):
         cases.append(("align_prefix_grad", {"name": name, "grad": _randn(g, *local), "target_shape": list(full)},
                       ["pinned"], "@example of properties/test_align.py: expand"))
         cases.append(("align_prefix_grad", {"name": name, "grad": _randn(g, *full), "target_shape": list(local)},

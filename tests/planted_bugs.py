@@ -24,6 +24,7 @@ import sim.config
 import sim.data
 import sim.distro
 import sim.engine
+import sim.faults
 import sim.helper
 import sim.model
 import sim.peer
@@ -318,6 +319,74 @@ def _step_stacked_twice(states, name, grads, lr, anchor=None):
     return ORIGINAL["step_stacked"](states, name, grads, lr, anchor)
 
 
+# --- the exact reference's newer dimensions: each only a mode it draws meets -------------
+
+def _step_ignoring_the_helper_anchor(states, name, grads, lr, anchor=None):
+    """A helper slab's residual is never restarted when the helper neurons rotate: last
+    epoch's residual, for other neurons, goes out as this epoch's (lossless mode has none)."""
+    return ORIGINAL["step_stacked"](states, name, grads, lr, None)
+
+
+def _apply_with_moments_per_shape(params, updates, lr, rule=sim.aggregate.ApplyRule.SIGN, weight_decay=0.0,
+                                  adam_state=None, *args, **kwargs):
+    """AdamW's moments kept per receiver shape: a replica that joins from a sliced checkpoint
+    starts from fresh moments, and drifts from the others."""
+    replicas = [params] if isinstance(params, dict) else list(params)
+    if rule is not sim.aggregate.ApplyRule.ADAMW:
+        return ORIGINAL["apply_update"](params, updates, lr, rule, weight_decay, adam_state, *args, **kwargs)
+    shapes: dict[tuple, list] = {}
+    for replica in replicas:
+        shapes.setdefault(tuple((n, tuple(p.shape)) for n, p in replica.items()), []).append(replica)
+    for key, same in shapes.items():
+        own = {n: sim.align.align_prefix_grad(n, updates[n], shape) if tuple(updates[n].shape) != shape else updates[n]
+               for n, shape in key}
+        ORIGINAL["apply_update"](same, own, lr, rule, weight_decay, adam_state.setdefault(("shape", key), {}),
+                                 *args, **kwargs)
+
+
+def _chunk_size_capped_at_16(n, chunk):
+    """DCT blocks sized for the default chunk, whatever the config says (16 hard-coded)."""
+    return max(d for d in range(1, min(n, 16) + 1) if n % d == 0)
+
+
+def _serial_round_as_one_group(network, peers, round_, batching):
+    """Batching off puts the round's peers in one serial group, compressed at one peer's shape."""
+    if batching == "off":
+        return [(list(peers), False)] if peers else []
+    return ORIGINAL["groups"](network, peers, round_, batching)
+
+
+_LAST_AGGREGATE: dict = {}
+
+
+def _aggregate_repeating_the_last_when_empty(payloads, receiver_shapes, *args, **kwargs):
+    """A round with no accepted payload applies the last round's aggregate again (a cached
+    update that nothing clears)."""
+    key = tuple((n, tuple(shape)) for n, shape in receiver_shapes.items())
+    result = ORIGINAL["aggregate"](payloads, receiver_shapes, *args, **kwargs)
+    if result.contributing_peers == 0 and key in _LAST_AGGREGATE:
+        result.updates = dict(_LAST_AGGREGATE[key])
+    elif result.contributing_peers:
+        _LAST_AGGREGATE[key] = result.updates
+    return result
+
+
+def _first_fault_only(self, round_):
+    """A peer's faults of one round: only the first acts (a late corrupted payload arrives on time)."""
+    return {peer: faults[:1] for peer, faults in ORIGINAL["on_payloads"](self, round_).items()}
+
+
+def _encode_float32_as_float16(payload, chunk):
+    """Unquantized float32 values rounded through float16 on their way to the wire."""
+    def rounded(sparses):
+        return {n: sim.distro.Sparse(s.grid, s.indices, s.values.half().to(s.values.dtype)
+                                     if s.values.dtype == torch.float32 else s.values) for n, s in sparses.items()}
+    if not payload.quantized:
+        payload = sim.wire.Payload(payload.peer, payload.round, payload.tiers, rounded(payload.params),
+                                   payload.quantized, payload.helper_neurons, rounded(payload.helper_params))
+    return ORIGINAL["encode_payload"](payload, chunk)
+
+
 # --- batched gradients (sim/engine.py): bugs that live in the batched path alone -------
 
 def _batched_on_anothers_batch(model, replicas, tokens, micro_batch_size=None):
@@ -353,6 +422,9 @@ ORIGINAL = {
     "record": sim.run.Network.record,
     "rejoin": sim.run.Network.rejoin,
     "batched_gradients": sim.engine.batched_gradients,
+    "groups": sim.engine.groups,
+    "on_payloads": sim.faults.FaultPlan.on_payloads,
+    "encode_payload": sim.wire.encode_payload,
 }
 
 
@@ -466,6 +538,28 @@ BUGS = {
     "mean_loss_over_counted_peers": (
         "the round's training loss divides by the payloads that counted, not the peers that trained",
         [(sim.run.Network, "record", _record_averaging_the_loss_over_counted_peers)]),
+    # The exact reference's newer dimensions (REFERENCE_MODES below).
+    "helper_residual_kept_across_rotations": (
+        "a helper slab's residual is not restarted when its neurons rotate",
+        [(sim.distro, "step_stacked", _step_ignoring_the_helper_anchor)]),
+    "adamw_moments_per_receiver_shape": (
+        "AdamW's moments kept per receiver shape: a sliced-checkpoint joiner starts from fresh moments",
+        [(sim.aggregate, "apply_update", _apply_with_moments_per_shape)]),
+    "dct_blocks_capped_at_16": (
+        "DCT blocks sized for the default chunk 16 whatever compression_chunk says",
+        [(sim.distro, "chunk_size", _chunk_size_capped_at_16)]),
+    "serial_round_compressed_as_one_group": (
+        "batching off trains the round's peers as one serial group, compressed at one peer's shape",
+        [(sim.engine, "groups", _serial_round_as_one_group)]),
+    "empty_round_repeats_the_last_aggregate": (
+        "a round with no accepted payload applies the last round's aggregate again",
+        [(sim.aggregate, "aggregate", _aggregate_repeating_the_last_when_empty)]),
+    "only_the_first_fault_of_a_peer_acts": (
+        "of a peer's two faults in a round only the first acts",
+        [(sim.faults.FaultPlan, "on_payloads", _first_fault_only)]),
+    "float32_values_sent_as_float16": (
+        "unquantized float32 payload values rounded through float16 on the wire",
+        [(sim.wire, "encode_payload", _encode_float32_as_float16)]),
     "distro_state_advanced_twice": (
         "a peer's DisTrO state stepped twice in one round",
         [(sim.distro, "step_stacked", _step_stacked_twice)]),
@@ -491,6 +585,14 @@ METRICS = ("lr_schedule_a_round_ahead", "eval_on_a_training_shard", "mean_loss_o
 # Bugs in following Psyche's config surface and modes (its optimizer's clipping, batch ramp,
 # cold start, 1-bit zeros).
 PSYCHE = ("clip_grad_norm_ignored", "batch_ramp_ignored", "cold_start_warmup_ignored", "one_bit_zeros_sent_as_zero")
+
+# Bugs that only a mode the exact reference's strategy newly draws meets (issue 27): compressed
+# helpers, AdamW joins through sliced checkpoints, chunk 8 and tier 3, batching off, rounds where
+# no payload counts, two faults on one peer, float32.
+REFERENCE_MODES = ("helper_residual_kept_across_rotations", "adamw_moments_per_receiver_shape",
+                   "dct_blocks_capped_at_16", "serial_round_compressed_as_one_group",
+                   "empty_round_repeats_the_last_aggregate", "only_the_first_fault_of_a_peer_acts",
+                   "float32_values_sent_as_float16")
 
 # Bugs that live in the batched gradients alone (sim/engine.py): by design, a run with
 # batching off never meets them.
@@ -533,6 +635,13 @@ CATCHERS = {
     "one_bit_zeros_sent_as_zero": [
         "test_distro::test_sent_zero_blocks_go_out_at_their_lowest_indices_and_as_plus_one_under_one_bit"],
     **{bug: [BATCHED_EQUALS_SERIAL] for bug in BATCHED},
+    "helper_residual_kept_across_rotations": [COMPRESSED_REFERENCE],
+    "adamw_moments_per_receiver_shape": [LOSSLESS_REFERENCE],
+    "dct_blocks_capped_at_16": [COMPRESSED_REFERENCE],
+    "serial_round_compressed_as_one_group": [LOSSLESS_REFERENCE],
+    "empty_round_repeats_the_last_aggregate": [LOSSLESS_REFERENCE],
+    "only_the_first_fault_of_a_peer_acts": [LOSSLESS_REFERENCE],
+    "float32_values_sent_as_float16": [LOSSLESS_REFERENCE],
 }
 
 
@@ -544,9 +653,9 @@ def plant(monkeypatch, name: str) -> None:
         raise KeyError(f"planted bug {name!r} is unknown: the catalog has {', '.join(sorted(BUGS))}")
     # COEFF_MEAN's alignment is cached per sender shape: a bug planted there needs empty caches,
     # and the real ones (restored afterwards) must never hold what a bug worked out.
-    for cached in ("_sender_map", "_block_map"):
-        monkeypatch.setattr(sim.aggregate, cached, functools.lru_cache(maxsize=256)(
-            getattr(sim.aggregate, cached).__wrapped__))
+    for module, cached in ((sim.aggregate, "_sender_map"), (sim.aggregate, "_block_map"), (sim.distro, "_grid")):
+        monkeypatch.setattr(module, cached, functools.lru_cache(maxsize=256)(getattr(module, cached).__wrapped__))
+    _LAST_AGGREGATE.clear()
     for target, attribute, replacement in BUGS[name][1]:
         if isinstance(target, dict):
             monkeypatch.setitem(target, attribute, replacement)

@@ -38,6 +38,9 @@ def test_the_properties_catch_the_planted_bug(bug, monkeypatch, record_property)
             test, case = property_function(ref)
             # No example database (a failure that exists only under a planted bug must not be
             # replayed first by the next honest run) and no shrinking: detection is the question.
+            # A private attribute: Hypothesis offers no public way to run an @given test under
+            # other settings (@settings refuses a second application, and a profile is read when
+            # each settings object is built, at import).
             own = test._hypothesis_internal_use_settings
             patched.setattr(test, "_hypothesis_internal_use_settings", settings(
                 own, database=None, report_multiple_bugs=False, phases=[Phase.explicit, Phase.generate],
