@@ -9,7 +9,10 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 	sh scripts/setup_venv.sh $(VENV)
 	touch $@
 
+# The chapter's matrix script: its unit tests first, then the scenarios and their analysis.
 run: $(STAMP)
+	@echo "=== Unit tests ==="
+	$(PY) -m pytest -q -p no:cacheprovider -p no:xdist tests/test_matformer_unit.py
 	$(VENV)/bin/matsim matrix --config-path ffn-small --out results
 
 test: $(STAMP)

@@ -11,7 +11,7 @@ import argparse
 
 from rich.table import Table
 
-from sim.cli import console
+from sim.scenario import console
 from sim.config import DistroConfig, ModelConfig, load_config
 from sim.model import local_shapes, param_count
 from sim.wire import dense_bytes, payload_size

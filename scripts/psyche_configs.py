@@ -1,16 +1,20 @@
-"""Run every state.toml of a Psyche checkout's config/ folder for a few rounds on CPU.
+"""Every .toml of a Psyche checkout's config/ folder: does Psyche at HEAD accept it, and does
+matsim run it (a few rounds on CPU, 2 clients at tiers 0,1, as the testnet runs it).
 
-    scripts/psyche_configs.sh PSYCHE_CHECKOUT [--rounds 3] [--out results/psyche-configs]
+    scripts/psyche_configs.sh PSYCHE_CHECKOUT_OR_ITS_CONFIG_FOLDER [--rounds 3] [--micro-batch-size N]
+        [--accept-stale-config] [--out results/psyche-configs]
 
-Each config runs as the testnet runs it (2 clients at tiers 0,1). Where it names data or a
-model this machine cannot reach, the run substitutes what matsim can run here, and only
-that: --data-location dummy for remote data, and for a model on a hub the stand-in
-config.json of its architecture (configs/stand-ins/). Optimizers and schedules are never
-substituted. Prints a table (config, ran or the reason, overrides used) and writes it to
-OUT/table.json."""
+A file is one of: a local testnet's state.toml or a Solana run's config (sim/psyche_schema.py
+reads either as Psyche's serde does, then applies the checks Psyche applies), or a data
+server's data.toml (DataServerInfo, read with --data-config: not a run config). Where a run
+config names data or a model this machine cannot reach, the run substitutes what matsim can
+run here, and only that: --data-location dummy for remote data, and for a model on a hub with
+no config.json beside the file, the stand-in config.json of its architecture
+(configs/stand-ins/). Optimizers, schedules and batches are never substituted. A file Psyche
+refuses runs only with --accept-stale-config. Prints the table and writes OUT/table.json,
+stamped with the commit that measured it."""
 import argparse
 import json
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -21,92 +25,98 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sim.cli import run_scenario  # noqa: E402
 from sim.config import load_config  # noqa: E402
 from sim.errors import SimError  # noqa: E402
-from sim.memory import analytic  # noqa: E402
+from sim.provenance import stamp  # noqa: E402
+from sim.psyche_schema import psyche_verdict  # noqa: E402
+from sim.scenario import RunFlags, run_scenario  # noqa: E402
 
 STAND_INS = {"HfLlama": REPO / "configs" / "stand-ins" / "llama", "HfNanoGPT": REPO / "configs" / "stand-ins" / "nanogpt"}
 
 
-def architecture(state: Path) -> str:
-    """The architecture a state.toml names (either layout); HfLlama where it names none."""
-    try:
-        table = tomllib.loads(state.read_text())
-    except tomllib.TOMLDecodeError:
-        return "HfLlama"
-    llm = table.get("model", {}).get("LLM", {})
-    return llm.get("architecture") or table.get("model_extra_data", {}).get("architecture") or "HfLlama"
-
-
-def too_big(directory: Path, needed: dict) -> str | None:
-    """Why a config cannot run here at all: one peer's step would need more than half of
-    this machine's memory (matsim's analytic estimate, sim/memory.py)."""
-    config = load_config(directory, **needed)
-    batch = max(1, config.global_batch(0) // 2)
-    need = analytic(config.model, 0, batch, config.seq_len).total
-    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > have / 2:
-        return (f"one peer's step needs ~{need / 2**30:.0f} GiB ({batch} x {config.seq_len} tokens of the global batch "
-                f"{config.global_batch(0)}, split over 2 clients); this machine has {have / 2**30:.0f} GiB")
-    return None
-
-
-def overrides_for(directory: Path) -> dict:
-    """The data and model substitutions this config needs here (none if it loads as it is)."""
+def substitutions(path: Path, table: dict, accept_stale: bool) -> dict:
+    """The data and model substitutions this run config needs here (none if it loads as it is)."""
     needed = {}
     try:   # the model first: the data is only known once a model loads
-        config = load_config(directory)
+        config = load_config(path, accept_stale=accept_stale)
     except SimError as err:
         if "--model-config" not in str(err):
             raise
-        needed["model_config"] = STAND_INS.get(architecture(directory / "state.toml"), STAND_INS["HfLlama"])
-        config = load_config(directory, **needed)
+        architecture = table.get("model", {}).get("LLM", {}).get("architecture", "HfLlama")
+        needed["model_config"] = STAND_INS.get(architecture, STAND_INS["HfLlama"])
+        config = load_config(path, accept_stale=accept_stale, **needed)
     if config.data is None:
         needed["data_location"] = "dummy"
     return needed
 
 
+def account(path: Path, root: Path, args) -> dict:
+    """One file's row: what it is, Psyche's verdict, and whether matsim ran it."""
+    name = str(path.relative_to(root))
+    row = {"file": name, "kind": "", "psyche": "", "ignored": [], "ran": False, "result": "", "overrides": {}}
+    if path.name == "data.toml":
+        row.update(kind="data server config", psyche="not a run config (DataServerInfo, read with --data-config)",
+                   result="not a run config")
+        return row
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        row.update(kind="?", psyche=f"not TOML: {err}", result="not TOML")
+        return row
+    verdict = psyche_verdict(table)
+    row.update(kind={"state": "state.toml (local testnet)", "solana": "Solana run config"}[verdict.layout],
+               psyche="accepts" if not verdict.refused else "refuses: " + "; ".join(verdict.refused),
+               ignored=list(verdict.ignored), solana_would_refuse=list(verdict.solana_would_refuse))
+    if verdict.refused and not args.accept_stale_config:
+        row["result"] = "not run: Psyche refuses it (--accept-stale-config runs it anyway)"
+        return row
+    try:
+        needed = substitutions(path, table, args.accept_stale_config)
+        row["overrides"] = {k: str(Path(v).relative_to(REPO)) if k == "model_config" else v for k, v in needed.items()}
+        out = Path(args.out) / name.replace("/", "_").removesuffix(".toml")
+        flags = RunFlags(path, needed.get("data_location"), needed.get("model_config"), args.accept_stale_config,
+                         args.micro_batch_size)
+        meta = run_scenario(flags, "0,1", None, out, name=name, kind="heterogeneous", oracle=None, seed=0,
+                            rounds=args.rounds, faults=None, echo=False)
+        summary = json.loads((out / "summary.json").read_text())
+        row.update(ran=True, result=f"{meta['rounds']} rounds, {meta['optimizer']}, micro-batch "
+                                    f"{meta['micro_batch_size'] or 'whole'}, loss {summary['first_eval_loss']:.3f} "
+                                    f"-> {summary['final_eval_loss']:.3f}")
+    except SimError as err:
+        row["result"] = str(err)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkout", help="a Psyche checkout (its config/ folder is searched for state.toml)")
+    parser.add_argument("checkout", help="a Psyche checkout, or its config/ folder")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--micro-batch-size", type=int, help="Psyche's client flag, for every run")
+    parser.add_argument("--accept-stale-config", action="store_true", help="run the files Psyche refuses too")
+    parser.add_argument("--only", help="comma-separated files (relative to the config folder)")
     parser.add_argument("--out", default="results/psyche-configs")
     args = parser.parse_args(argv)
-    root = Path(args.checkout) / "config"
+    given = Path(args.checkout)
+    root = given / "config" if (given / "config").is_dir() else given
     if not root.is_dir():
-        print(f"psyche_configs: {root} is not a directory: give a Psyche checkout", file=sys.stderr)
+        print(f"psyche_configs: {given} is neither a Psyche checkout nor its config/ folder", file=sys.stderr)
         return 2
-    rows = []
-    for state in sorted(root.rglob("state.toml")):
-        name, directory = str(state.parent.relative_to(root)), state.parent
-        row = {"config": name, "ran": False, "reason": "", "overrides": {}}
-        try:
-            needed = overrides_for(directory)
-            row["reason"] = too_big(directory, needed) or ""
-            row["overrides"] = {k: str(Path(v).relative_to(REPO)) if k == "model_config" else v
-                                for k, v in needed.items()}
-            if row["reason"]:
-                rows.append(row)
-                continue
-            meta = run_scenario(directory, "0,1", None, Path(args.out) / name.replace("/", "_"), name=name,
-                                kind="heterogeneous", oracle=None, seed=0, rounds=args.rounds, faults=None,
-                                echo=False, data_location=needed.get("data_location"),
-                                model_config=needed.get("model_config"))
-            summary = json.loads((Path(args.out) / name.replace("/", "_") / "summary.json").read_text())
-            row.update(ran=True, reason=f"{meta['rounds']} rounds, {meta['optimizer']}, "
-                                        f"loss {summary['first_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f}")
-        except SimError as err:
-            row["reason"] = str(err)
-        rows.append(row)
-    table = Table("config", "ran", "result or reason", "overrides")
+    files = sorted(root.rglob("*.toml"))
+    if args.only:
+        files = [f for f in files if str(f.relative_to(root)) in args.only.split(",")]
+    rows = [account(path, root, args) for path in files]
+    table = Table("file", "kind", "Psyche at HEAD", "matsim", "overrides")
     for row in rows:
-        table.add_row(row["config"], "yes" if row["ran"] else "no", row["reason"],
+        table.add_row(row["file"], row["kind"], row["psyche"], ("ran: " if row["ran"] else "") + row["result"],
                       ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "none")
-    Console(width=200).print(table)
+    Console(width=240).print(table)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "table.json").write_text(json.dumps(rows, indent=2))
-    return 0 if all(row["ran"] for row in rows) else 1
+    (Path(args.out) / "table.json").write_text(json.dumps(
+        {**stamp(), "source": str(root), "rounds": args.rounds, "micro_batch_size": args.micro_batch_size,
+         "accept_stale_config": args.accept_stale_config, "files": rows}, indent=2))
+    runnable = [row for row in rows if row["kind"] and row["kind"] != "data server config"
+                and (row["psyche"] == "accepts" or args.accept_stale_config)]
+    return 0 if all(row["ran"] for row in runnable) else 1
 
 
 if __name__ == "__main__":

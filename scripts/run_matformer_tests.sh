@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/matsim ] || make .venv/.installed
+echo "=== Unit tests ==="
+.venv/bin/python -m pytest -q -p no:cacheprovider -p no:xdist tests/test_matformer_unit.py
 exec .venv/bin/matsim matrix "$@"

@@ -3,42 +3,30 @@ import argparse
 import dataclasses
 import json
 import logging
-import multiprocessing
-import os
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sim import analyze as analysis
-from sim import memory, vectors
+from sim import matrix, memory, vectors
 from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint, parse_size
-from sim.config import (APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, ZERO_BLOCKS, load_config,
-                        remote_data_error)
+from sim.config import (APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, STALE_FLAG, ZERO_BLOCKS,
+                        load_config, remote_data_error)
 from sim.errors import ConfigError, SimError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
-from sim.run import check_every, simulate, validate_assignment
+from sim.run import check_every, validate_assignment
+from sim.scenario import RunFlags, console, parse_fractions, run_scenario
 from sim.schema import checkpoint_schema_hash
-from sim.distributed import run_peer, simulate_distributed, torchrun_rank
+from sim.distributed import run_peer, torchrun_rank
 from sim.engine import BATCHING
 from sim.reproduce import reproduce
 from sim.tiers import parse_client_tiers, parse_int_list, tier_width
-
-
-def console() -> Console:
-    """Rich console; off a terminal (logs, CI, pipes) wide enough that tables never wrap."""
-    plain = Console()
-    return plain if plain.is_terminal else Console(width=160)
 
 
 class UsageError(SimError):
@@ -135,7 +123,8 @@ def cmd_print_schema_hash(args) -> None:
 
 def cmd_memory(args) -> None:
     tiers = parse_int_list(args.tiers, "--tiers")
-    runs = [load_config(path) for path in args.config_path or ["test-nanogpt-small", DEFAULT_CONFIG]]
+    runs = [load_config(path).replace(micro_batch_size=args.micro_batch_size)
+            for path in args.config_path or ["test-nanogpt-small", DEFAULT_CONFIG]]
     for run in runs:
         for tier in tiers:
             tier_width(run.model.intermediate_size, tier)
@@ -146,24 +135,25 @@ def cmd_memory(args) -> None:
     for run in runs:
         base = None
         for tier in tiers:
-            row = memory.measure_step(str(run.path), tier)
-            estimate = memory.analytic(run.model, tier, run.client_batch, run.seq_len).total
+            row = memory.measure_step(str(run.path), tier, micro_batch_size=run.micro_batch_size)
+            estimate = memory.step_bytes(run, tier, run.client_batch)
             base = base or (row["peak_bytes"], estimate)
             records.append({**row, "analytic_bytes": estimate})
             measured.add_row(run.name, str(tier), str(run.model.intermediate_size >> tier), row["device"],
-                             f"{run.client_batch}x{run.seq_len}", _mib(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
-                             _mib(estimate), f"{estimate / base[1] - 1:+.1%}")
+                             f"{run.client_batch}x{run.seq_len}", memory.human(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
+                             memory.human(estimate), f"{estimate / base[1] - 1:+.1%}")
     out.print(measured)
     analytic = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
                      "vs tier 0", title="Analytic breakdown (fp32)")
     bars = []
-    shapes = {run.name: (run.model, run.client_batch, run.seq_len) for run in runs}
+    shapes = {run.name: (run.model, memory.largest_piece(run.client_batch, run.micro_batch_size), run.seq_len)
+              for run in runs}
     for name, (cfg, batch, seq) in {**shapes, **memory.LLAMA_SHAPES}.items():
         base = memory.analytic(cfg, 0, batch, seq).total
         for tier in tiers:
             b = memory.analytic(cfg, tier, batch, seq)
-            analytic.add_row(name, f"{batch}x{seq}", str(tier), _mib(b.parameters), _mib(b.gradients),
-                             _mib(b.distro_state), _mib(b.activations), _mib(b.total), f"{b.total / base - 1:+.1%}")
+            analytic.add_row(name, f"{batch}x{seq}", str(tier), memory.human(b.parameters), memory.human(b.gradients),
+                             memory.human(b.distro_state), memory.human(b.activations), memory.human(b.total), f"{b.total / base - 1:+.1%}")
             bars.append((name, tier, b))
     out.print(analytic)
     outdir = Path(args.out)
@@ -173,95 +163,16 @@ def cmd_memory(args) -> None:
     out.print(f"wrote {outdir / 'memory.png'} and {outdir / 'memory.json'}")
 
 
-def run_scenario(config_path, tiers_text: str, helper_text: str | None, out: Path, *, name: str, kind: str,
-                 oracle: str | None, seed: int, rounds: int | None, faults: str | None,
-                 exit_after: float | None = None, eval_every: int | None = None, rotation_interval: int | None = None,
-                 backend: str = "inprocess", echo: bool = True, batching: str = "auto", modes: dict | None = None,
-                 data_location: str | None = None, checkpoints: dict | None = None,
-                 model_config: str | None = None) -> dict:
-    """One testnet run: validated first, then metrics, summary, scenario.json (which names
-    the receivers' modes) and a log whose lines carry `loss=` (the chapter's grep reads
-    them) under `out`."""
-    run, tiers, helpers = scenario_inputs(config_path, tiers_text, helper_text, rotation_interval, modes,
-                                          data_location, model_config)
-    rounds = rounds or run.total_steps
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "run.log", "w")
-    terminal = console()
-    # A progress bar on a terminal; plain log lines (with loss=) for logs, pipes and CI.
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[status]}"), console=terminal) if terminal.is_terminal and echo else None
-    task = bar.add_task(name, total=rounds, status="") if bar else None
-
-    def line(record):
-        rejected = ",".join(f"{k}:{v}" for k, v in record["rejected"].items()) or "none"
-        faults = ",".join(f"{k}:{v}" for k, v in record["faults"].items()) or "none"
-        text = (f"[{name}] round {record['round'] + 1}/{rounds} contributing={record['contributing_peers']} "
-                f"rejected={rejected} faults={faults} bytes={record['bytes_sent']} "
-                f"train_loss={record['loss']:.4f}")
-        if record["eval_loss"] is not None:  # only evaluated rounds carry loss=, which the chapter's grep reads
-            text += f" loss={record['eval_loss']:.4f}"
-            status = f"loss={record['eval_loss']:.4f} contributing={record['contributing_peers']}"
-        logfile.write(text + "\n")
-        if bar:
-            bar.update(task, advance=1, **({"status": status} if record["eval_loss"] is not None else {}))
-        elif echo:
-            terminal.print(text, highlight=False, markup=False)
-
-    try:
-        if bar:
-            bar.start()
-        options = {} if backend == "distributed" else {"batching": batching}   # one process per peer: nothing to batch
-        runner = simulate_distributed if backend == "distributed" else simulate
-        result = runner(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after,
-                        eval_every=eval_every, on_round=line, **(checkpoints or {}), **options)
-    finally:
-        if bar:
-            bar.stop()
-        logfile.close()
-    meta = {"name": name, "tiers": tiers_text, "helpers": helper_text, "kind": kind, "oracle": oracle,
-            "rounds": len(result.records), "config": run.name, "config_path": str(run.path), "seed": seed,
-            "faults": faults or "none", "backend": backend, "peer_batching": batching, "modes": run.modes,
-            "optimizer": run.optimizer, "lr_schedule": repr(run.lr_schedule), "data_location": run.data_location,
-            "data": run.data, "checkpoint": run.checkpoint,
-            "overrides": [{"key": k, "config": was, "used": used} for k, was, used in run.overrides],
-            "init_checkpoint": str((checkpoints or {}).get("init_checkpoint")) if (checkpoints or {}).get(
-                "init_checkpoint") else None}
-    (out / "scenario.json").write_text(json.dumps(meta, indent=2))
-    return meta
+def run_flags(args) -> RunFlags:
+    """The flags of `testnet start` and `matrix` that shape the run itself."""
+    return RunFlags(args.config_path, getattr(args, "data_location", None), getattr(args, "model_config", None),
+                    args.accept_stale_config, args.micro_batch_size,
+                    getattr(args, "matformer_helper_rotation_interval", None), mode_flags(args))
 
 
-def scenario_inputs(config_path, tiers_text: str, helper_text: str | None, rotation_interval: int | None,
-                    modes: dict | None = None, data_location: str | None = None,
-                    model_config: str | None = None):
-    """(run config, per-client tiers, helper fractions) from the testnet flags."""
-    run = load_config(config_path, data_location=data_location, model_config=model_config)
-    if rotation_interval is not None:
-        run = run.replace(helper_rotation_interval=rotation_interval)
-    return with_modes(run, modes), parse_client_tiers(tiers_text), parse_fractions(helper_text)
-
-
-def with_modes(run, modes: dict | None):
-    """The run with the mode flags that were given (None: the config's)."""
-    given = {key: value for key, value in (modes or {}).items() if value is not None}
-    if "zero_blocks" in given:
-        run = run.replace(distro=dataclasses.replace(run.distro, zero_blocks=given.pop("zero_blocks")))
-    return run.replace(**given)
-
-
-def parse_fractions(text: str | None) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--client-matformer-helper-fractions {text!r} is not a comma-separated list of "
-                          f"numbers in [0, 1], e.g. 0,0,0") from None
-
-
-def _validate_testnet(args) -> None:
-    """Everything that can be wrong with the flags, before anything is written."""
-    run = load_config(args.config_path, data_location=args.data_location, model_config=args.model_config)
+def _validate_testnet(args):
+    """Everything that can be wrong with the flags, before anything is written: the run config."""
+    run = run_flags(args).load()
     if run.data is None:
         raise remote_data_error(run)
     args.client_matformer_tiers = client_tiers_flag(args, run)
@@ -274,15 +185,12 @@ def _validate_testnet(args) -> None:
     parse_fault_spec(args.faults)
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds {args.rounds} is invalid: expected an integer >= 1")
-    interval = args.matformer_helper_rotation_interval
-    if interval is not None and interval < 1:
-        raise ConfigError(f"--matformer-helper-rotation-interval {interval} is invalid: expected an integer >= 1 "
-                          f"(rounds per helper rotation epoch)")
     if args.eval_every is not None and args.eval_every < 1:
         raise ConfigError(f"--eval-every {args.eval_every} is invalid: expected an integer >= 1")
     if args.backend == "distributed" and args.peer_batching == "on":
         raise ConfigError("--peer-batching on needs --backend inprocess: the distributed backend runs one process "
                           "per peer, so there is nothing to batch (auto or off)")
+    return run
 
 
 def checkpoint_flags(args) -> dict:
@@ -318,27 +226,23 @@ def client_tiers_flag(args, run) -> str:
 
 
 def cmd_testnet(args) -> None:
-    _validate_testnet(args)
+    run = _validate_testnet(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(name)s %(message)s")
     if torchrun_rank():  # a peer rank under torchrun: rank 0 coordinates and writes every result
-        run, tiers, helpers = scenario_inputs(args.config_path, args.client_matformer_tiers,
-                                              args.client_matformer_helper_fractions,
-                                              args.matformer_helper_rotation_interval,
-                                              mode_flags(args), args.data_location, args.model_config)
-        run_peer(run, tiers, helpers, args.faults, args.seed, rounds=args.rounds, eval_every=args.eval_every,
-                 init_checkpoint=args.init_checkpoint, checkpoint_every=args.checkpoint_every)
+        run_peer(run, parse_client_tiers(args.client_matformer_tiers),
+                 parse_fractions(args.client_matformer_helper_fractions), args.faults, args.seed, rounds=args.rounds,
+                 eval_every=args.eval_every, init_checkpoint=args.init_checkpoint,
+                 checkpoint_every=args.checkpoint_every)
         return
     if torchrun_rank() == 0:
         args.backend = "distributed"
     out = Path(args.out or "results/testnet")
     tiers = args.client_matformer_tiers
     kind = "baseline" if set(tiers.split(",")) == {"0"} else "heterogeneous"
-    meta = run_scenario(args.config_path, tiers, args.client_matformer_helper_fractions, out, name="testnet",
+    meta = run_scenario(run_flags(args), tiers, args.client_matformer_helper_fractions, out, name="testnet",
                         kind=kind, oracle=None, seed=args.seed, rounds=args.rounds, faults=args.faults,
-                        exit_after=args.headless_exit_after_secs, eval_every=args.eval_every,
-                        rotation_interval=args.matformer_helper_rotation_interval, backend=args.backend,
-                        batching=args.peer_batching, modes=mode_flags(args), data_location=args.data_location,
-                        model_config=args.model_config, checkpoints=checkpoint_flags(args))
+                        exit_after=args.headless_exit_after_secs, eval_every=args.eval_every, backend=args.backend,
+                        batching=args.peer_batching, checkpoints=checkpoint_flags(args))
     summary = json.loads((out / "summary.json").read_text())
     console().print(f"done: {meta['rounds']} rounds{' (stopped at the deadline)' if summary['stopped_early'] else ''}, "
                     f"final loss={summary['final_eval_loss']:.4f} (first {summary['first_eval_loss']:.4f}, "
@@ -378,58 +282,15 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    load_config(args.config_path)
-    names = [name for name, *_ in analysis.MATRIX]
-    chosen = args.only.split(",") if args.only else names
-    if unknown := [name for name in chosen if name not in names]:
-        raise ConfigError(f"--only names unknown scenarios {unknown}: the matrix has {', '.join(names)}")
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs} is invalid: expected an integer >= 1 (scenarios run at once)")
     out = Path(args.out)
+    runs = matrix.scenarios(run_flags(args), out, seed=args.seed, rounds=args.rounds, only=args.only,
+                            echo=args.verbose, batching=args.peer_batching)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.skip_unit_tests:
-        console().print("=== Unit tests ===")
-        unit = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                               str(Path(__file__).resolve().parent.parent / "tests" / "test_matformer_unit.py")],
-                              capture_output=True, text=True)
-        (out / "unit_tests.log").write_text(unit.stdout + unit.stderr)
-        console().print(unit.stdout.strip().splitlines()[-1] if unit.stdout.strip() else unit.stderr, highlight=False)
-        if unit.returncode:
-            raise SimError(f"the chapter's unit tests failed: see {out / 'unit_tests.log'}")
-    jobs = args.jobs or os.cpu_count() or 1
-    scenarios = [dict(config_path=args.config_path, tiers_text=tiers, helper_text=helpers, out=out / name, name=name,
-                      kind=kind, oracle=oracle, seed=args.seed, rounds=args.rounds, faults=None, echo=args.verbose,
-                      batching=args.peer_batching, modes=mode_flags(args))
-                 for name, tiers, helpers, kind, oracle in analysis.MATRIX if name in chosen]
-    console().print(f"=== Scenarios ({len(scenarios)}, {jobs} at a time) ===")
-    if jobs == 1:
-        for scenario in scenarios:
-            _matrix_scenario(scenario)
-    else:  # spawned, one torch thread each: a fork after torch's thread pool started can deadlock
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_scenario_worker) as pool:
-            for _ in pool.map(_matrix_scenario, scenarios):
-                pass
+    matrix.run_matrix(runs, args.jobs)
     console().print("=== Analysis ===")
     return cmd_analyze(argparse.Namespace(results=str(out)))
-
-
-def _scenario_worker() -> None:
-    """A matrix job's process: one torch thread (the other scenarios run on the other
-    cores), and it ends when the matrix process does, however that ends (a SIGTERM or
-    SIGKILL gives the pool no chance to stop its workers, which then ran on, writing)."""
-    torch.set_num_threads(1)
-    parent = multiprocessing.parent_process()
-    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
-
-
-def _matrix_scenario(scenario: dict) -> None:
-    tick = time.perf_counter()
-    meta = run_scenario(**scenario)
-    summary = json.loads((scenario["out"] / "summary.json").read_text())
-    console().print(f"{meta['name']} ({meta['tiers']}{'; helpers ' + meta['helpers'] if meta['helpers'] else ''}): "
-                    f"{meta['rounds']} rounds, final loss={summary['final_eval_loss']:.4f} "
-                    f"(floor {summary['loss_floor']:.4f}) in {time.perf_counter() - tick:.0f} s", highlight=False)
 
 
 DEFAULT_CLIENT_TIERS = "0,1,1"
@@ -452,13 +313,22 @@ def add_mode_flags(command) -> None:
                               "count in the mean, +1 under 1-bit signs)")
 
 
+def add_run_flags(command) -> None:
+    """Psyche's client flags and the config's acceptance, as the testnet and the matrix take them."""
+    command.add_argument("--micro-batch-size", type=int,
+                         help="Psyche's client flag: split each trainer's batch into ceil(batch / N) micro-batches "
+                              "whose gradients accumulate (default: the whole batch at once)")
+    command.add_argument(STALE_FLAG, action="store_true", dest="accept_stale_config",
+                         help="run a config Psyche at HEAD refuses (a stale schema, a failed check); the run "
+                              "records each reason")
+
+
 def mode_flags(args) -> dict:
     return {"mean_semantics": args.matformer_mean_semantics, "apply_rule": args.apply_rule,
             "zero_blocks": args.zero_blocks}
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
 
 
 def build_parser() -> Parser:
@@ -491,6 +361,8 @@ def build_parser() -> Parser:
     mem.add_argument("--config-path", action="append", help="repeatable (default: test-nanogpt-small, nanogpt-20m-run)")
     mem.add_argument("--tiers", default="0,1,2")
     mem.add_argument("--out", default="results/memory")
+    mem.add_argument("--micro-batch-size", type=int, help="estimate a step in Psyche's micro-batches of at most N "
+                                                          "sequences (activations of the largest one)")
     mem.set_defaults(run=cmd_memory)
 
     testnet = commands.add_parser("testnet", help="local testnet (Psyche's flag names)")
@@ -510,7 +382,7 @@ def build_parser() -> Parser:
                                               "names on a hub")
     start.add_argument("--client-matformer-helper-fractions", help="one fraction in [0, 1] per client (helper mode)")
     start.add_argument("--matformer-helper-rotation-interval", type=int,
-                       help="rounds per helper rotation epoch (default: the config's, else 4)")
+                       help="rounds per helper rotation epoch (Psyche's client flag; default 4)")
     start.add_argument("--tui", default="false", choices=["true", "false"], help="accepted for Psyche parity")
     start.add_argument("--seed", type=int, default=0)
     start.add_argument("--rounds", type=int, help="default: the config's total_steps")
@@ -528,23 +400,25 @@ def build_parser() -> Parser:
                                                  "(auto strategy)")
     start.add_argument("--max-shard-size", help=SHARD_HELP)
     add_mode_flags(start)
+    add_run_flags(start)
     start.set_defaults(run=cmd_testnet)
 
     analyze = commands.add_parser("analyze", help="table, PASS/FAIL criteria and loss-curve PNG of a results directory")
     analyze.add_argument("results", nargs="?", default="results")
     analyze.set_defaults(run=cmd_analyze)
 
-    matrix = commands.add_parser("matrix", help="the chapter's test matrix: unit tests, scenarios, analysis")
+    matrix = commands.add_parser("matrix", help="the chapter's scenario matrix and its analysis (make run runs the "
+                                                "chapter's unit tests first)")
     matrix.add_argument("--config-path", default=MATRIX_CONFIG)
     matrix.add_argument("--rounds", type=int)
     matrix.add_argument("--seed", type=int, default=0)
     matrix.add_argument("--out", default="results")
-    matrix.add_argument("--skip-unit-tests", action="store_true")
     matrix.add_argument("--verbose", action="store_true", help="print every round's log line")
     matrix.add_argument("--jobs", type=int, help="scenarios run at once, one process each (default: every core)")
     matrix.add_argument("--only", help="comma-separated scenario names (default: all of them)")
     matrix.add_argument("--peer-batching", default="auto", choices=BATCHING, help=BATCHING_HELP)
     add_mode_flags(matrix)
+    add_run_flags(matrix)
     matrix.set_defaults(run=cmd_matrix)
     replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")
     replay.add_argument("record")

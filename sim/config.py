@@ -1,11 +1,14 @@
 """Run configs in the Psyche layout: configs/<name>/state.toml + config.json.
 
-state.toml is read as the subset of Psyche's schema that a simulation needs
-(batch, steps, sequence length, lr schedule, DisTrO settings), plus matsim's own
-[matsim.data] table (the synthetic source behind data_location = "Dummy"); the other
-Psyche keys (witness timing, checkpoints on the hub, ...) are accepted and
-ignored so Psyche configs load unchanged. config.json is an HF model config.
-Every value read is validated here, once, with a ConfigError naming it.
+A state.toml (or a Solana run's config, the same [config] and [model] without run_id) is
+first held to what Psyche at HEAD accepts (sim/psyche_schema.py: its serde's required fields
+and types, CoordinatorConfig::check, and Model::check where Psyche applies it): a file Psyche
+refuses is refused here with Psyche's reason, unless the run accepts it anyway
+(`accept_stale`, --accept-stale-config), which the run then records. The keys Psyche ignores
+are ignored and named (`RunConfig.ignored`). matsim then reads the subset a simulation needs
+(batch, steps, sequence length, lr schedule, optimizer), plus its own [matsim] table (modes,
+and [matsim.data]: the synthetic source behind data_location = "Dummy"). config.json is an
+HF model config. Every value read is validated here, once, with a ConfigError naming it.
 """
 import dataclasses
 import json
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from sim.data import MarkovSpec
 from sim.errors import ConfigError
+from sim.psyche_schema import psyche_verdict
 from sim.schedule import SCHEDULES, CosineSchedule, Schedule, cold_start_factor
 from sim.tiers import max_tier
 
@@ -213,7 +217,6 @@ class RunConfig:
     global_batch_size_end: int | None = None
     global_batch_size_warmup_tokens: int = 0
     cold_start_warmup_steps: int = 0
-    rounds_per_epoch: int | None = None
     checkpoint: str = "Dummy"       # the config's checkpoint form: where Psyche's run starts from
     helper_rotation_interval: int = 4   # rounds per helper-mode rotation epoch (sim/helper.py)
     markov: MarkovSpec = field(default_factory=MarkovSpec)   # the "Dummy" source ([matsim.data])
@@ -226,6 +229,8 @@ class RunConfig:
     # micro-batches whose gradients accumulate (sim/peer.py); None: the whole batch at once.
     micro_batch_size: int | None = None
     overrides: tuple = ()           # (key, what the config said, what the run used): substitutions a run records
+    ignored: tuple = ()             # keys of the file Psyche's serde skips, so matsim does too
+    refused: tuple = ()             # why Psyche refuses the file, when the run accepted it anyway
     path: Path | None = None
 
     def __post_init__(self):
@@ -233,9 +238,8 @@ class RunConfig:
             _check_count(name, getattr(self, name), 1)
         for name in ("global_batch_size_warmup_tokens", "cold_start_warmup_steps"):
             _check_count(name, getattr(self, name), 0)
-        for name in ("rounds_per_epoch", "micro_batch_size"):
-            if getattr(self, name) is not None:
-                _check_count(name, getattr(self, name), 1)
+        if self.micro_batch_size is not None:
+            _check_count("micro_batch_size", self.micro_batch_size, 1)
         end = self.global_batch_size_end
         if end is not None:
             _check_count("global_batch_size_end", end, 1)
@@ -307,9 +311,10 @@ def _check_count(name: str, value, least: int) -> None:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config directory, given as a path or as a bare name under configs/."""
+    """A config directory (or a run config's .toml file), given as a path or as a bare name
+    under configs/."""
     candidate = Path(path)
-    if candidate.is_dir():
+    if candidate.is_dir() or (candidate.is_file() and candidate.suffix == ".toml"):
         return candidate
     bundled = REPO_ROOT / "configs" / str(path)
     if candidate.parent == Path(".") and bundled.is_dir():
@@ -346,7 +351,7 @@ def _variant(value, key: str, allowed: tuple[str, ...], source: str, units: tupl
 
 
 DATA_LOCATIONS = ("Dummy", "Local", "Server", "Http", "WeightedHttp", "Preprocessed")
-CHECKPOINTS = ("Hub", "Dummy", "Ephemeral", "P2P", "Gcs", "P2PGcs")
+CHECKPOINTS = ("Hub", "Dummy", "Ephemeral", "P2P")
 DATA_FLAG = "--data-location dummy|PATH"
 MODEL_FLAG = "--model-config PATH"
 
@@ -388,7 +393,7 @@ def _checkpoint(value, source: str) -> tuple[str, Path | None]:
     kind, detail = _variant(value, "checkpoint", CHECKPOINTS, source, units=("Ephemeral",))
     if kind == "Ephemeral":
         return kind, None
-    key = "bucket" if kind in ("Gcs", "P2PGcs") else "repo_id"
+    key = "repo_id"
     if not isinstance(detail, dict) or not isinstance(detail.get(key), str):
         raise ConfigError(f"{source}: model.LLM.checkpoint.{kind} needs {key} (a string), got {detail!r}")
     if kind != "Dummy" and not detail[key]:   # Psyche's Model::check: an empty repo is a bad checkpoint
@@ -423,32 +428,32 @@ def _build(cls, values: dict, source: str):
     return cls(**values)
 
 
-def _llm_table(state: dict, source: str) -> dict:
-    """[model.LLM], with [model_extra_data] (newer Psyche configs keep architecture, data,
-    schedule, optimizer and checkpoint there) merged in; a key set in both must agree."""
-    llm = dict(_section(state, "model.LLM", source))
-    for key, value in _section(state, "model_extra_data", source).items():
-        if key in llm and llm[key] != value:
-            raise ConfigError(f"{source}: {key} differs between [model.LLM] and [model_extra_data]: keep one")
-        llm[key] = value
-    return llm
+STALE_FLAG = "--accept-stale-config"
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None = None,
-                model_config: str | Path | None = None) -> RunConfig:
-    """Load and validate configs/<name>/state.toml + config.json. `data_location` ("dummy" or
-    a file) replaces the config's data, `model_config` its config.json; the run records both."""
-    directory = resolve_config_path(path)
-    state_path = directory / "state.toml"
-    if not state_path.is_file():
-        raise ConfigError(f"config directory {str(directory)!r} has no state.toml: a config is a directory with "
-                          f"state.toml and config.json")
+                model_config: str | Path | None = None, accept_stale: bool = False) -> RunConfig:
+    """Load and validate configs/<name>/state.toml + config.json (or a run config .toml file
+    with config.json beside it). `data_location` ("dummy" or a file) replaces the config's
+    data, `model_config` its config.json; `accept_stale` runs a file Psyche refuses. The run
+    records all three."""
+    state_path = resolve_config_path(path)
+    if state_path.is_dir():
+        state_path = state_path / "state.toml"
+        if not state_path.is_file():
+            raise ConfigError(f"config directory {str(state_path.parent)!r} has no state.toml: a config is a "
+                              f"directory with state.toml and config.json")
+    directory = state_path.parent
     try:
         state = tomllib.loads(state_path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{state_path}: not valid TOML ({err})") from None
     source = str(state_path)
-    run, llm = _section(state, "config", source), _llm_table(state, source)
+    verdict = psyche_verdict(state)
+    if verdict.refused and not accept_stale:
+        raise ConfigError(f"{source}: Psyche at HEAD refuses it: {'; '.join(verdict.refused)}. Run it anyway with "
+                          f"{STALE_FLAG} (the run records why)")
+    run, llm = _section(state, "config", source), _section(state, "model.LLM", source)
     checkpoint, local = _checkpoint(llm.get("checkpoint"), source)
     hf_path = _model_config(directory, model_config, checkpoint, local, state_path)
     try:
@@ -489,18 +494,16 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None 
                                                        if "zero_blocks" in modes else {})},
                     f"{state_path} [optimizer.Distro]")
     return RunConfig(
-        name=state.get("run_id", directory.name),
+        name=state.get("run_id") or (directory.name if state_path.name == "state.toml" else state_path.stem),
         model=model,
         seq_len=llm["max_seq_len"],
         global_batch_size=run["global_batch_size_start"],
         global_batch_size_end=run.get("global_batch_size_end"),
         global_batch_size_warmup_tokens=run.get("global_batch_size_warmup_tokens", 0),
         cold_start_warmup_steps=llm.get("cold_start_warmup_steps", 0),
-        rounds_per_epoch=run.get("rounds_per_epoch"),
         total_steps=run["total_steps"],
         min_clients=run.get("min_clients", 1),
         max_round_train_time=run.get("max_round_train_time", 30.0),
-        helper_rotation_interval=run.get("matformer_helper_rotation_interval", 4),
         data=data, data_location=data_label,
         checkpoint=checkpoint,
         lr_schedule=_build(SCHEDULES[schedule[0]], schedule[1], f"{state_path} [lr_schedule.{schedule[0]}]")
@@ -512,6 +515,8 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None 
         markov=_build(MarkovSpec, _section(state, "matsim.data", source), f"{state_path} [matsim.data]"),
         **modes,
         overrides=tuple(overrides),
+        ignored=verdict.ignored,
+        refused=verdict.refused,
         path=directory,
     )
 

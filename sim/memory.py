@@ -12,6 +12,7 @@ implementation (per token and layer: ~8H + 4*kv for attention, 4w (SwiGLU) or
 3w (relu²) for the FFN of width w; 2V + 2H for embeddings, head and loss).
 """
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 
 from sim.config import ModelConfig, load_config
 from sim.distro import DistroState
+from sim.errors import ConfigError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.peer import train_and_compress
 from sim.tiers import layer_widths
@@ -54,6 +56,47 @@ def analytic(cfg: ModelConfig, tier: int, batch: int, seq_len: int) -> Breakdown
     return Breakdown(params, params, params, per_token * batch * seq_len * BYTES)
 
 
+def largest_piece(batch: int, micro_batch_size: int | None) -> int:
+    """Sequences in the largest micro-batch of Psyche's split of `batch` (sim.peer.micro_batches)."""
+    if micro_batch_size is None or micro_batch_size >= batch:
+        return batch
+    return -(-batch // -(-batch // micro_batch_size))
+
+
+def step_bytes(config, tier: int, batch: int) -> int:
+    """One trainer's step at `tier` on `batch` sequences, in its config's micro-batches: the
+    analytic total, activations of the largest micro-batch (they are freed between pieces)."""
+    return analytic(config.model, tier, largest_piece(batch, config.micro_batch_size), config.seq_len).total
+
+
+def memory_budget() -> int:
+    """What one trainer's step may take: half of this machine's memory (or of the GPU's)."""
+    if default_device().type == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory // 2
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def check_fits(config, trainers: int) -> None:
+    """Refuse a run whose trainer's step would not fit (`memory_budget`), naming
+    --micro-batch-size and the largest that fits: the widest trainer, with its share of round
+    0's global batch (Psyche's split over `trainers`)."""
+    batch, budget = -(-config.global_batch(0) // trainers), memory_budget()
+    need = step_bytes(config, 0, batch)
+    if need <= budget:
+        return
+    fitting = [m for m in range(1, batch + 1) if step_bytes(config.replace(micro_batch_size=m), 0, batch) <= budget]
+    advice = (f"give --micro-batch-size {fitting[-1]} (the largest that fits: pieces of at most "
+              f"{largest_piece(batch, fitting[-1])} sequences; Psyche's default is 1)" if fitting
+              else "no micro-batch fits: even one sequence's step does not")
+    raise ConfigError(f"one trainer's step needs ~{human(need)} ({largest_piece(batch, config.micro_batch_size)} x "
+                      f"{config.seq_len} tokens at once of its {batch} sequences), over the {human(budget)} a step may "
+                      f"take here (half of this machine's): {advice}")
+
+
+def human(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -70,8 +113,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_step_here(config_path: str, tier: int, seed: int = 0) -> dict:
-    """Peak memory of one training step at `tier`, in this process."""
+def measure_step_here(config_path: str, tier: int, seed: int = 0, micro_batch_size: int | None = None) -> dict:
+    """Peak memory of one training step at `tier` (in micro-batches of at most
+    `micro_batch_size` sequences), in this process."""
     run = load_config(config_path)
     device = default_device()
     batch = run.client_batch
@@ -81,18 +125,20 @@ def measure_step_here(config_path: str, tier: int, seed: int = 0) -> dict:
     widths = layer_widths(run.model.intermediate_size, tier, run.model.num_hidden_layers)
     model = build_model(run.model, tier, seed=seed, device=device, stored_widths=widths)
     tokens = random_tokens(run.model, batch, run.seq_len + 1, seed=seed, device=device)
-    train_and_compress(model, DistroState.fresh(run.distro), tokens, run.lr_schedule.base_lr, peer=0, round_=0)
+    train_and_compress(model, DistroState.fresh(run.distro), tokens, run.lr_schedule.base_lr, peer=0, round_=0,
+                       micro_batch_size=micro_batch_size)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = peak_rss_bytes() - before
     return {"config": run.name, "tier": tier, "device": device.type, "batch": batch, "seq_len": run.seq_len,
-            "peak_bytes": peak}
+            "micro_batch_size": micro_batch_size, "peak_bytes": peak}
 
 
-def measure_step(config_path: str, tier: int, seed: int = 0) -> dict:
+def measure_step(config_path: str, tier: int, seed: int = 0, micro_batch_size: int | None = None) -> dict:
     """measure_step_here in a fresh interpreter, so earlier peaks do not hide this one."""
-    code = f"import json, sim.memory as m; print(json.dumps(m.measure_step_here({str(config_path)!r}, {tier}, {seed})))"
+    code = (f"import json, sim.memory as m; print(json.dumps(m.measure_step_here({str(config_path)!r}, {tier}, {seed}, "
+            f"{micro_batch_size})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

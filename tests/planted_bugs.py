@@ -350,10 +350,14 @@ def _chunk_size_capped_at_16(n, chunk):
 
 
 def _serial_round_as_one_group(network, peers, round_, batching):
-    """Batching off puts the round's peers in one serial group, compressed at one peer's shape."""
-    if batching == "off":
-        return [(list(peers), False)] if peers else []
-    return ORIGINAL["groups"](network, peers, round_, batching)
+    """Batching off puts the round's peers of one batch size in one serial group (shape
+    forgotten), compressed at the first one's shape."""
+    if batching != "off":
+        return ORIGINAL["groups"](network, peers, round_, batching)
+    by_size: dict[int, list] = {}
+    for peer in peers:
+        by_size.setdefault(len(network.assignment(round_)[peer.id]), []).append(peer)
+    return [(members, False) for members in by_size.values()]
 
 
 _LAST_AGGREGATE: dict = {}

@@ -8,7 +8,7 @@ import pytest
 
 from sim import oracle
 from sim.analyze import analyze
-from sim.cli import run_scenario
+from sim.scenario import RunFlags, run_scenario
 from sim.config import REPO_ROOT
 from sim.errors import ConfigError
 
@@ -62,7 +62,7 @@ def test_the_analysis_judges_a_calibrated_config_by_its_bands(tmp_path):
     results = tmp_path / "results"
     for name, tiers, kind, against in [("homogeneous", "0,0", "baseline", None), ("no_suffix", "2,2", "no-suffix",
                                        "homogeneous"), ("hetero", "0,1", "heterogeneous", "homogeneous")]:
-        run_scenario(str(config), tiers, None, results / name, name=name, kind=kind, oracle=against, seed=0, rounds=3,
+        run_scenario(RunFlags(str(config)), tiers, None, results / name, name=name, kind=kind, oracle=against, seed=0, rounds=3,
                      faults=None, echo=False)
     finals = {row["scenario"]: row for row in analyze(results)}
     gap = finals["hetero"]["vs_oracle"]

@@ -1,5 +1,6 @@
 """Psyche's run-config surface: every schedule, optimizer, data_location and checkpoint
-form, both state.toml layouts, the [config] keys that change a round, the overrides for
+form, both layouts Psyche reads (a local testnet's state.toml, a Solana run's config), what
+Psyche at HEAD refuses and ignores, the [config] keys that change a round, the overrides for
 what this machine cannot reach, and Psyche's one-client tier flag.
 
 The fixtures under tests/fixtures/psyche/ are matsim's own, written in Psyche's layout;
@@ -73,27 +74,61 @@ def test_the_cold_start_warmup_scales_the_first_steps_and_the_batch_ramps_by_tok
 def test_each_fixture_reads_its_forms():
     read = {name: load_config(FIXTURES / name, data_location="dummy", model_config=model) for name, model in
             [("distro-linear-server", LLAMA), ("adamw-constant-http", LLAMA), ("dummy-wsd-weighted", NANOGPT),
-             ("cosine-preprocessed-gcs", LLAMA), ("distro-local-p2p", None)]}
+             ("cosine-preprocessed-hub", LLAMA), ("distro-local-p2p", None)]}
     distro = read["distro-linear-server"]
     assert (distro.optimizer, distro.distro.clip_grad_norm, distro.distro.weight_decay) == ("Distro", 1.0, 0.1)
     assert isinstance(distro.lr_schedule, LinearSchedule) and distro.data_location == "Server 127.0.0.1:20001"
     assert distro.checkpoint == "Hub example/remote-20m-init"
-    adamw = read["adamw-constant-http"]   # the [model_extra_data] layout
+    adamw = read["adamw-constant-http"]
     assert adamw.optimizer == "AdamW" and adamw.adamw.betas == (0.9, 0.95) and adamw.adamw.clip_grad_norm == 1.0
     assert isinstance(adamw.lr_schedule, ConstantSchedule) and adamw.data_location.startswith("Http SingleUrl")
     assert adamw.checkpoint == "P2P example/remote-20m-init"
     dummy = read["dummy-wsd-weighted"]
     assert dummy.optimizer == "Dummy" and isinstance(dummy.lr_schedule, WarmupStableDecaySchedule)
-    assert (dummy.checkpoint, dummy.rounds_per_epoch, dummy.data_location) == (
-        "Ephemeral", 5, "WeightedHttp https://example.invalid/weights.json")
-    gcs = read["cosine-preprocessed-gcs"]
-    assert gcs.checkpoint == "Gcs example-bucket" and gcs.data_location.startswith("Preprocessed")
+    assert (dummy.checkpoint, dummy.data_location) == ("Ephemeral", "WeightedHttp https://example.invalid/weights.json")
+    assert dummy.ignored == ("config.rounds_per_epoch",)   # epochs are timed at HEAD: Psyche skips the key
+    hub = read["cosine-preprocessed-hub"]
+    assert hub.checkpoint == "Hub example/remote-init" and hub.data_location.startswith("Preprocessed")
     local = load_config(FIXTURES / "distro-local-p2p")   # Local data beside state.toml: read as it is
     assert local.data == str(FIXTURES / "distro-local-p2p" / "corpus.txt") and local.checkpoint == "Dummy"
+    assert all(not config.refused for config in read.values())
+
+
+@pytest.mark.parametrize("name, reasons, ignored", [
+    ("stale-no-epoch-time", ["serde: config: missing field `epoch_time`",
+                             "past that, CoordinatorConfig::check: cooldown_time > 0 fails (cooldown_time = 0)"],
+     ["config.rounds_per_epoch"]),
+    ("stale-model-extra-data", ["serde: model.LLM: missing field `architecture`"],
+     ["model.LLM.checkpoint_source", "model_extra_data"]),
+])
+def test_a_config_psyche_refuses_is_refused_with_its_reason_unless_the_run_accepts_it(tmp_path, name, reasons, ignored):
+    """Psyche at HEAD's serde and checks decide: the file is refused in one line with every reason
+    and the flag; --accept-stale-config runs it and scenario.json records why it was refused and
+    which keys Psyche skips. A [model_extra_data] table is one of those: Psyche reads nothing there."""
+    argv = ["testnet", "start", "--config-path", str(FIXTURES / name), "--model-config", str(LLAMA),
+            "--data-location", "dummy", "--client-matformer-tiers", "0,1", "--rounds", "1", "--out", str(tmp_path / "run")]
+    refused = matsim_here(*argv)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert all(reason in refused.stderr for reason in reasons) and "--accept-stale-config" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    ran = matsim_here(*argv, "--accept-stale-config")
+    assert ran.returncode == 0, ran.stderr
+    meta = json.loads((tmp_path / "run" / "scenario.json").read_text())
+    assert meta["psyche_refuses"] == reasons and meta["psyche_ignores"] == ignored
+
+
+def test_a_solana_run_config_is_read_as_psyche_reads_one(tmp_path):
+    """A Solana run's config: [config] and [model] with no run_id, as a .toml file of its own."""
+    state = (FIXTURES / "distro-local-p2p" / "state.toml").read_text()
+    solana = "\n".join(line for line in state.splitlines() if not line.startswith(("run_id", "run_state")))
+    (tmp_path / "run.toml").write_text(solana.replace('"corpus.txt"', f'"{FIXTURES / "distro-local-p2p" / "corpus.txt"}"'))
+    shutil.copy(FIXTURES / "distro-local-p2p" / "config.json", tmp_path / "config.json")
+    config = load_config(tmp_path / "run.toml")
+    assert config.name == "run" and not config.refused and config.optimizer == "Distro"
 
 
 @pytest.mark.parametrize("name", ["distro-linear-server", "adamw-constant-http", "dummy-wsd-weighted",
-                                  "cosine-preprocessed-gcs"])
+                                  "cosine-preprocessed-hub"])
 def test_remote_data_names_the_key_and_the_flag_and_the_override_is_recorded(tmp_path, name):
     model = NANOGPT if "dummy" in name else LLAMA
     config = load_config(FIXTURES / name, model_config=model)
@@ -199,22 +234,28 @@ warmup_steps = 0"""
 
 
 @pytest.mark.parametrize("old, new, fragment", [
-    (DISTRO, "[model.LLM.optimizer.Adam]\nlr = 1.0", "model.LLM.optimizer {'Adam': {'lr': 1.0}} is unknown: valid are "
-                                                     "Distro, AdamW, Dummy"),
-    (DISTRO, '[model_extra_data]\noptimizer = "Adam"', "model.LLM.optimizer 'Adam' is unknown"),
-    (COSINE, "[model.LLM.lr_schedule.Exponential]\nbase_lr = 1.0\n[x]", "model.LLM.lr_schedule {'Exponential'"),
+    # What Psyche's serde refuses, in its words.
+    (DISTRO, "[model.LLM.optimizer.Adam]\nlr = 1.0", "Psyche at HEAD refuses it: serde: model.LLM.optimizer: unknown "
+                                                     "variant `Adam`, expected one of `Dummy`, `AdamW`, `Distro`"),
+    (DISTRO, '[model_extra_data]\noptimizer = "AdamW"', "serde: model.LLM: missing field `optimizer`"),
+    (COSINE, "[model.LLM.lr_schedule.Exponential]\nbase_lr = 1.0\n[x]", "unknown variant `Exponential`"),
     (DISTRO, "[model.LLM.optimizer.AdamW]\nbetas = [0.9]\nweight_decay = 0.0\neps = 1e-8",
-     "optimizer.AdamW betas [0.9] is invalid: expected a list of two numbers"),
+     "serde: model.LLM.optimizer.AdamW.betas: invalid length"),
+    (COSINE, "[model.LLM.lr_schedule.WarmupStableDecay]\nbase_lr = 1e-3\ncosine_decay_final_lr = 1e-2\n[x]",
+     "serde: model.LLM.lr_schedule.WarmupStableDecay: missing field `warmup_init_lr`"),
+    ('{ Local = "corpus.txt" }', '{ Ftp = "x" }', "unknown variant `Ftp`"),
+    ("compression_chunk = 16", "compression_chunk = -16", "invalid value: integer `-16`, expected u16"),
+    # What its CoordinatorConfig::check refuses, the condition named.
+    ("global_batch_size_end = 4", "global_batch_size_end = 2",
+     "CoordinatorConfig::check: global_batch_size_end >= global_batch_size_start fails"),
+    ("cooldown_time = 5", "cooldown_time = 0", "CoordinatorConfig::check: cooldown_time > 0 fails (cooldown_time = 0)"),
+    # What Psyche accepts and cannot run, matsim refuses in its own words.
     (DISTRO, "[model.LLM.optimizer.AdamW]\nbetas = [0.9, 0.95]\nweight_decay = -0.1\neps = 1e-8",
      "optimizer.AdamW weight_decay -0.1 is invalid"),
     ("quantize_1bit = true", "quantize_1bit = true\nweight_decay = -1.0", "optimizer.Distro weight_decay -1.0 is invalid"),
     ("warmup_steps = 0", "warmup_steps = 10", "lr_schedule.Cosine total_steps 10 is invalid: expected more than "
                                               "warmup_steps 10"),
-    (COSINE, "[model.LLM.lr_schedule.WarmupStableDecay]\nbase_lr = 1e-3\ncosine_decay_final_lr = 1e-2\n[x]",
-     "lr_schedule.WarmupStableDecay needs linear_decay_final_lr <= cosine_decay_final_lr <= base_lr"),
-    ('{ Local = "corpus.txt" }', '{ Ftp = "x" }', "model.LLM.data_location {'Ftp': 'x'} is unknown"),
     ("[model.LLM.checkpoint.Dummy]", "[model.LLM.checkpoint.Hub]", "model.LLM.checkpoint.Hub repo_id is empty"),
-    ("global_batch_size_end = 4", "global_batch_size_end = 2", "global_batch_size_end 2 is below global_batch_size_start 4"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_and_exit_2(tmp_path, old, new, fragment):
     config = tmp_path / "cfg"
@@ -241,3 +282,60 @@ def test_a_hub_checkpoint_on_a_local_path_supplies_the_models_config_json(tmp_pa
     loaded = load_config(config, data_location="dummy")
     assert loaded.checkpoint == f"Hub {checkpoint}" and loaded.model.hidden_size == 64
     assert [key for key, _, _ in loaded.overrides] == ["data_location"]
+
+
+# --- micro-batches --------------------------------------------------------------------
+
+def test_a_step_too_big_for_this_machine_names_the_micro_batch_that_fits(tmp_path, monkeypatch):
+    """The budget is the machine's (half its memory): here set just below one trainer's whole
+    batch, so the refusal names --micro-batch-size and the largest that fits, and that one runs."""
+    import sim.memory
+    config = load_config("tiny").replace(global_batch_size=8, global_batch_size_end=8)
+    need = {m: sim.memory.step_bytes(config.replace(micro_batch_size=m), 0, 4) for m in (1, 2, 3, 4)}
+    monkeypatch.setattr(sim.memory, "memory_budget", lambda: need[2] + 1)   # 2 of 4 sequences at once fit, 4 do not
+    config_dir = tmp_path / "cfg"
+    shutil.copytree(REPO / "configs" / "tiny", config_dir)
+    state = (config_dir / "state.toml").read_text()
+    (config_dir / "state.toml").write_text(state.replace("global_batch_size_start = 4", "global_batch_size_start = 8")
+                                           .replace("global_batch_size_end = 4", "global_batch_size_end = 8"))
+    argv = ["testnet", "start", "--config-path", str(config_dir), "--client-matformer-tiers", "0,1", "--rounds", "1",
+            "--out", str(tmp_path / "run")]
+    refused = matsim_here(*argv)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    # 3 splits 4 sequences as Psyche does, into ceil(4 / 3) = 2 pieces of 2: the largest flag that fits.
+    assert "give --micro-batch-size 3 (the largest that fits: pieces of at most 2 sequences" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    ran = matsim_here(*argv, "--micro-batch-size", "3")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads((tmp_path / "run" / "scenario.json").read_text())["micro_batch_size"] == 3
+
+
+def test_the_configs_script_accounts_for_every_toml_of_a_config_folder(tmp_path):
+    """scripts/psyche_configs.py on a folder laid out as Psyche's config/: a state.toml Psyche
+    accepts (run), one it refuses (not run, with its reason; run with --accept-stale-config), a
+    Solana run config (read and run), and a data server's data.toml (named, not a run config)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("psyche_configs", REPO / "scripts" / "psyche_configs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "checkout" / "config"
+    shutil.copytree(FIXTURES / "distro-local-p2p", folder / "fresh")
+    shutil.copytree(FIXTURES / "stale-no-epoch-time", folder / "stale")
+    state = (FIXTURES / "distro-local-p2p" / "state.toml").read_text()
+    (folder / "solana").mkdir()
+    (folder / "solana" / "run.toml").write_text("\n".join(
+        line for line in state.splitlines() if not line.startswith(("run_id", "run_state"))).replace(
+        '"corpus.txt"', f'"{FIXTURES / "distro-local-p2p" / "corpus.txt"}"'))
+    shutil.copy(FIXTURES / "distro-local-p2p" / "config.json", folder / "solana" / "config.json")
+    (folder / "fresh" / "data.toml").write_text('dir = "data"\n')
+    for accept, out in ((False, tmp_path / "strict"), (True, tmp_path / "lenient")):
+        argv = [str(tmp_path / "checkout"), "--rounds", "1", "--out", str(out)] + (["--accept-stale-config"] if accept else [])
+        assert script.main(argv) == 0
+        table = json.loads((out / "table.json").read_text())
+        rows = {row["file"]: row for row in table["files"]}
+        assert set(rows) == {"fresh/state.toml", "fresh/data.toml", "stale/state.toml", "solana/run.toml"}
+        assert table["commit"] and "dirty" in table
+        assert rows["fresh/state.toml"]["ran"] and rows["solana/run.toml"]["ran"]
+        assert rows["solana/run.toml"]["kind"] == "Solana run config" and rows["fresh/data.toml"]["kind"] == "data server config"
+        assert rows["stale/state.toml"]["psyche"].startswith("refuses: serde: config: missing field `epoch_time`")
+        assert rows["stale/state.toml"]["ran"] == accept and not rows["fresh/data.toml"]["ran"]

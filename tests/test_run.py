@@ -84,10 +84,10 @@ def test_log_level_debug_prints_each_gradients_local_and_full_shape(tmp_path):
 
 
 def test_analyze_passes_a_good_matrix_and_fails_a_heterogeneous_run_15_percent_off(tmp_path):
-    from sim.cli import run_scenario
-    run_scenario("tiny", "0,0", None, tmp_path / "homogeneous", name="homogeneous", kind="baseline", oracle=None,
+    from sim.scenario import RunFlags, run_scenario
+    run_scenario(RunFlags("tiny"), "0,0", None, tmp_path / "homogeneous", name="homogeneous", kind="baseline", oracle=None,
                  seed=0, rounds=3, faults=None, echo=False)
-    run_scenario("tiny", "0,1", None, tmp_path / "hetero", name="hetero", kind="heterogeneous", oracle="homogeneous",
+    run_scenario(RunFlags("tiny"), "0,1", None, tmp_path / "hetero", name="hetero", kind="heterogeneous", oracle="homogeneous",
                  seed=0, rounds=3, faults=None, echo=False)
     good = matsim_here("analyze", str(tmp_path))
     assert good.returncode == 0 and "verdict: PASS (2/2" in good.stdout, good.stdout
@@ -123,14 +123,14 @@ def test_replica_max_diff_is_the_largest_difference_on_shared_elements():
     (["--peer-batching", "sometimes"], "--peer-batching: invalid choice: 'sometimes'"),
 ])
 def test_matrix_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, argv, fragment):
-    result = matsim_here("matrix", "--config-path", "tiny", "--skip-unit-tests", "--out", str(tmp_path / "out"), *argv)
+    result = matsim_here("matrix", "--config-path", "tiny", "--out", str(tmp_path / "out"), *argv)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_a_killed_matrix_takes_its_scenario_processes_with_it(tmp_path):
     """SIGKILL leaves a process pool no chance to stop its workers: they must notice."""
-    matrix = subprocess.Popen([sys.executable, "-m", "sim", "matrix", "--config-path", "tiny", "--skip-unit-tests",
+    matrix = subprocess.Popen([sys.executable, "-m", "sim", "matrix", "--config-path", "tiny",
                                "--only", "homogeneous", "--jobs", "2", "--rounds", "100000",
                                "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -159,8 +159,8 @@ def poll(done, within_s: float = 120.0) -> bool:
 
 def test_analyze_warns_when_the_no_suffix_baseline_ends_where_the_oracle_does(tmp_path):
     """A matrix whose baseline matches its oracle has no power over FFN-side bugs: say so."""
-    from sim.cli import run_scenario
-    run_scenario("tiny", "0,0", None, tmp_path / "homogeneous", name="homogeneous", kind="baseline", oracle=None,
+    from sim.scenario import RunFlags, run_scenario
+    run_scenario(RunFlags("tiny"), "0,0", None, tmp_path / "homogeneous", name="homogeneous", kind="baseline", oracle=None,
                  seed=0, rounds=2, faults=None, echo=False)
     shutil.copytree(tmp_path / "homogeneous", tmp_path / "no_suffix")
     meta = json.loads((tmp_path / "no_suffix" / "scenario.json").read_text())
