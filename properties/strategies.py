@@ -6,6 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from sim.align import PREFIX_DIMS
+from sim.fuzz import value_strategy, value_vectors
 from sim.config import STYLES, ModelConfig
 from sim.tiers import max_tier
 
@@ -92,29 +93,12 @@ def mlp_grad_cases(draw, max_hidden: int = 24):
 
 
 SEEDS = st.integers(0, 2**31 - 1)
-MAX_SET = 32   # (position, value) pairs a draw sets at most
-
-# Values a reader checks by hand first: small integers, then a few floats of other scales.
-small_values = (st.integers(-3, 3).filter(bool).map(float) | st.sampled_from([0.5, -0.25, 1e-3])
-                | st.floats(-8, 8, allow_nan=False, allow_infinity=False, width=32).filter(bool))
-
-
-def value_vectors(n: int, dtype=torch.float32, base: float = 0.0, values=small_values):
-    """n values that shrink toward what fits in a failure report: `base` everywhere but a
-    drawn set of (position, value) pairs. Shrinking leaves fewer pairs, earlier positions and
-    small integers: a counterexample reads as a few numbers, not as a seed. Signs (`base` 1,
-    `values` -1): flips of an all +1 vector."""
-    def placed(pairs):
-        x = torch.full((n,), base, dtype=dtype)
-        for i, v in pairs:
-            x[i] = v
-        return x
-    return st.lists(st.tuples(st.integers(0, max(n - 1, 0)), values), max_size=min(n, MAX_SET),
-                    unique_by=lambda pair: pair[0]).map(placed)
+# Values that shrink to a few small numbers: the one definition, which `matsim fuzz` draws too.
+small_values = value_strategy()
 
 
 def tensors(shape, dtype=torch.float32):
-    """Tensors of `shape`: zero but for a few small values, or dense random (`value_vectors`)."""
+    """Tensors of `shape`: zero but for a few small values (`value_vectors`)."""
     return value_vectors(math.prod(shape), dtype).map(lambda x: x.view(*shape) if shape else x.view(()))
 
 

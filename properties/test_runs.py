@@ -5,7 +5,8 @@ corrupt a payload, run a round, checkpoint and restore).
 The whole-run claim: a run under faults keeps its invariants (finite losses, replicas that
 agree, a loss exactly from the peers dealt sequences), and ends at most `fault_gap_bound(cost)`
 above the same seed's fault-free run, a bound that grows with what its faults cost in payloads
-(`sim.oracle.fault_cost`: lost ones, byzantine ones twice, churns once).
+(`sim.oracle.fault_cost`, in rounds' worth: lost ones, byzantine ones twice, churns once,
+each as a share of its round's payloads).
 The bound is calibrated on correct code by scripts/calibrate_faults.py over cases of this
 very strategy (docs/data/fault_gap.json: its seeds, the gaps seen, the false-alarm rate on
 cases it was not fitted on). A run whose faults cost nothing is the fault-free run, bit for bit.
@@ -48,9 +49,9 @@ def runs(draw):
     return tiers, fractions, spec, draw(st.integers(0, 2**16))
 
 
-def fault_gap_bound(cost: int) -> float:
+def fault_gap_bound(cost: float) -> float:
     """The held-out loss a run may end above its fault-free twin, its faults having cost `cost`."""
-    return json.loads(FAULT_GAP.read_text())["bound"]["per_payload"] * cost
+    return json.loads(FAULT_GAP.read_text())["bound"]["per_round"] * cost
 
 
 def play_pair(case):
@@ -67,6 +68,7 @@ def play_pair(case):
 # three rounds in a row with a single contributor; and a byzantine peer in a network of two.
 @example(case=([0, 1, 0], [0.0, 0.0, 0.0], "churn=0.1,drop=0.05", 4))
 @example(case=([0, 0], [0.0, 0.0], "byzantine=0.1", 849))
+@example(case=([0], [0.0], "nan=0.1", 3))   # a lone peer's round lost: the calibration once missed it
 @given(runs())
 def test_random_tiers_and_faults_keep_the_invariants_and_cost_at_most_what_they_lose(case):
     """Random (per-layer) tiers, helper fractions and fault plans. Catches: NaN reaching
@@ -86,7 +88,7 @@ def test_random_tiers_and_faults_keep_the_invariants_and_cost_at_most_what_they_
     gap = run.final_eval_loss - clean.final_eval_loss
     if cost == 0:   # duplicates, and faults that fell on no payload, change nothing
         assert all(torch.equal(run.final_weights[n], clean.final_weights[n]) for n in run.final_weights), spec
-    assert gap <= fault_gap_bound(cost), f"faults costing {cost} payloads cost {gap:.4f} of held-out loss"
+    assert gap <= fault_gap_bound(cost), f"faults costing {cost:.3f} rounds' payloads cost {gap:.4f} of held-out loss"
 
 
 @pytest.mark.slow
@@ -141,8 +143,8 @@ def _rejoin_by_hand(network, churn):
             model.load_state_dict(donor.state_dict())
         else:
             path = save_checkpoint(donor, Path(tmp) / "full")
-            if churn.rejoin_from == "sliced-checkpoint":
-                path = export_tiers(path, [churn.rejoin_tier], Path(tmp) / "sliced")[0]
+            if churn.rejoin_from == "sliced-checkpoint" and churn.rejoin_tier > 0:
+                path = export_tiers(path, [churn.rejoin_tier])[0]
             model = load_checkpoint(path, churn.rejoin_tier, "auto", device="cpu")[0]
             if churn.rejoin_from == "sliced-checkpoint" and churn.rejoin_tier > 0:
                 peer.helper_fraction = 0.0

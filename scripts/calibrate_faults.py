@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Calibrate the whole-run property's learning claim (properties/test_runs.py): over cases of
 its own strategy, the held-out loss a run under faults ends above the same seed's fault-free
-run, against what its faults cost in payloads (sim.oracle.fault_cost). The bound is per
-payload, gap <= c * cost (a run whose faults cost nothing is the fault-free run): c is fitted
-on the first half of the cases as the largest gap per payload seen there, times `--margin`;
-the false-alarm rate is measured on the other half. Writes docs/data/fault_gap.json with the commit it measured.
+run, against what its faults cost in rounds' worth of payloads (sim.oracle.fault_cost). The
+bound is per round, gap <= c * cost (a run whose faults cost nothing is the fault-free run): c
+is fitted on the first half of the cases as the largest gap per round seen there, times
+`--margin`; the false-alarm rate is measured on the other half. Writes docs/data/fault_gap.json with the commit it measured.
 
     .venv/bin/python scripts/calibrate_faults.py --cases 400
 """
@@ -56,18 +56,18 @@ def main():
         if (i + 1) % 50 == 0:
             print(f"{i + 1} cases, {time.perf_counter() - start:.0f} s", flush=True)
     fit, test = rows[: len(rows) // 2], rows[len(rows) // 2:]
-    per_payload = max(r["gap"] / r["cost"] for r in fit if r["cost"]) * args.margin
-    alarms = [r for r in test if r["gap"] > per_payload * r["cost"]]
+    per_round = max(r["gap"] / r["cost"] for r in fit if r["cost"]) * args.margin
+    alarms = [r for r in test if r["gap"] > per_round * r["cost"]]
     costless_moved = [r for r in rows if not r["cost"] and r["gap"] != 0]
     result = {**stamp(), "cases": len(rows), "seed": args.seed, "margin": args.margin,
-              "bound": {"per_payload": per_payload},
-              "fit": {"cases": len(fit), "largest_gap_per_payload": per_payload / args.margin},
+              "bound": {"per_round": per_round},
+              "fit": {"cases": len(fit), "largest_gap_per_round": per_round / args.margin},
               "test": {"cases": len(test), "false_alarms": len(alarms),
                        "false_alarm_rate": len(alarms) / len(test)},
               "costing_nothing_moved": len(costless_moved), "seconds": time.perf_counter() - start, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"bound: {per_payload:.5f} of held-out loss per payload (fitted on {len(fit)} cases, margin "
+    print(f"bound: {per_round:.5f} of held-out loss per round's worth of payloads lost (fitted on {len(fit)} cases, margin "
           f"{args.margin}); false alarms on the other {len(test)}: {len(alarms)} ({len(alarms) / len(test):.1%})")
 
 

@@ -1,7 +1,7 @@
 """For each planted bug of tests/planted_bugs.py that lives in an op the conformance vectors
 export, the shrunk input of that op on which the bug changes matsim's answer: Hypothesis's
 `find` over the op's inputs, the bug planted in the answer it compares against the honest
-one. Written to vectors/killers.json; `matsim vectors export` turns each into a case
+one. Written to sim/vectors/killers.json; `matsim vectors export` turns each into a case
 flagged kills:BUG, so the vectors carry the suite's bug-finding power to any implementation
 (tests/test_vectors.py checks that each still kills its bug).
 
@@ -21,11 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sim import vectors  # noqa: E402
+from sim.vectors import cases, store  # noqa: E402
 from sim.conformance import OPS, encode, error_kind  # noqa: E402
 from sim.errors import SimError  # noqa: E402
 from tests.planted_bugs import plant  # noqa: E402
 
-KILLERS = REPO / "vectors" / "killers.json"
+KILLERS = REPO / "sim" / "vectors" / "killers.json"
 SMALL = st.integers(-3, 3).map(float)
 
 
@@ -83,7 +84,7 @@ def feedback(draw):
 def generated(op):
     """The vectors' own cases of `op` (inputs and flags), by index: for ops whose inputs are
     whole payloads; the shrunk one is the lowest index that kills."""
-    return st.integers(0, 199).map(lambda index: vectors.CASES[op](vectors._generator(0, op, index), index)[:2])
+    return st.integers(0, 199).map(lambda index: vectors.CASES[op](cases.Draws(0, op, index), index)[:2])
 
 
 @st.composite
@@ -142,7 +143,7 @@ def kills(bug: str, op: str, inputs: dict) -> bool:
     honest = answer(op, inputs)
     with pytest.MonkeyPatch.context() as patched:
         plant(patched, bug)
-        return not vectors._same(honest, answer(op, inputs))
+        return not store._same(honest, answer(op, inputs), store.FLOAT if op in cases.FLOAT_OPS else store.EXACT)
 
 
 def main() -> None:

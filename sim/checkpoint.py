@@ -12,6 +12,9 @@ reads it as an ordinary narrower model. Load strategies:
   (the peer holds the suffix, so helper mode can work). On a sliced
   checkpoint at tier > 0 that would slice twice: DoubleSlicingError.
 
+Where Psyche's client looks: tier t of the checkpoint at `base` is the sibling directory
+`<base>-tier<t>` (`resolve_tier_checkpoint`: its three rules), which `export_tiers` writes.
+
 Saves are atomic: the new checkpoint is written beside the old one and swapped
 in by renames, so an interrupted save leaves the previous checkpoint loadable.
 """
@@ -29,7 +32,7 @@ import torch
 
 from sim.align import prefix_dim
 from sim.config import ModelConfig
-from sim.errors import CheckpointError, ConfigError, DoubleSlicingError
+from sim.errors import CheckpointError, ConfigError, DoubleSlicingError, MissingTierCheckpoint
 from sim.model import MatFormerLM, default_device, is_mlp_sliced
 from sim.tiers import tier_width, width_tier
 
@@ -118,13 +121,16 @@ def save_checkpoint(model: MatFormerLM, directory: str | Path, max_shard_bytes: 
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], hf: dict, directory: str | Path,
-                 max_shard_bytes: int | None = None) -> Path:
-    """A checkpoint directory from its tensors and config.json, written beside and swapped in
-    by renames (an interrupted save leaves the previous checkpoint loadable)."""
+                 max_shard_bytes: int | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """A checkpoint directory from its tensors, config.json and other `files` (name -> bytes),
+    written beside and swapped in by renames (an interrupted save leaves the previous
+    checkpoint loadable)."""
     directory = Path(directory)
     staging, backup = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".bak")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    for name, data in (files or {}).items():
+        _fsync_write(staging / name, data)
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         _fsync_write(staging / WEIGHTS, safetensors.torch.save(shards[0], metadata={"format": "pt"}))
@@ -278,7 +284,10 @@ def load_checkpoint(directory: str | Path, tier: int = 0, strategy: str = "auto"
     held as `dtype`. With `expected`, the checkpoint must be that model (at any tier)."""
     if strategy not in LOAD_STRATEGIES:
         raise ConfigError(f"load strategy {strategy!r} is unknown: valid strategies are {', '.join(LOAD_STRATEGIES)}")
-    path, cfg, stored_tier, tensors = checkpoint_layout(directory)
+    if not isinstance(tier, int) or isinstance(tier, bool) or tier < 0:
+        raise ConfigError(f"tier {tier!r} is invalid: expected an integer >= 0")
+    found, _ = resolve_tier_checkpoint(directory, tier, strategy)   # <checkpoint>-tier<t> first, as Psyche
+    path, cfg, stored_tier, tensors = checkpoint_layout(directory if found is None else found)
     if expected is not None and cfg != expected:
         field = next(f for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(expected, f))
         raise CheckpointError(f"checkpoint {str(path)!r} is a different model than the config: {field} is "
@@ -310,22 +319,63 @@ def load_checkpoint(directory: str | Path, tier: int = 0, strategy: str = "auto"
                            cfg.intermediate_size, helper, reason)
 
 
-def export_tiers(directory: str | Path, tiers, out: str | Path, max_shard_bytes: int | None = None) -> list[Path]:
-    """Sliced checkpoints `out/tier{t}` for each tier (Psyche's export_matformer_tiers.py),
-    sharded past `max_shard_bytes`. Everything is validated before anything is written."""
+# Files of a checkpoint an export copies as they are (Psyche's export_matformer_tiers.py's list).
+AUXILIARY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "*.py")
+
+
+def tier_path(base: Path, tier: int) -> Path:
+    """Where Psyche looks for tier `tier` of the checkpoint at `base`: the sibling `<base>-tier<t>`."""
+    return base.with_name(f"{base.name}-tier{tier}") if base.name else base
+
+
+def resolve_tier_checkpoint(base: str | Path, tier: int, strategy: str) -> tuple[Path | None, bool]:
+    """(the checkpoint directory to load, whether it is a tier export by its name): Psyche's
+    resolve_matformer_local_repo_path (shared/client/src/state/init.rs). Tier 0 and
+    `universal` load `base`; `auto` prefers the sibling `<base>-tier<t>` and falls back to
+    `base`; `sliced` requires the sibling where `base` exists (MissingTierCheckpoint). None:
+    neither exists."""
+    base = Path(base)
+    if tier == 0 or strategy == "universal":
+        return (base if base.exists() else None), False
+    sibling = tier_path(base, tier)
+    if sibling.exists():
+        return sibling, True
+    if strategy == "sliced" and base.exists():
+        raise MissingTierCheckpoint(f"Required MatFormer tier checkpoint for tier {tier} not found at {sibling} "
+                                    f"(the sliced strategy loads <checkpoint>-tier<t>: export it with matsim "
+                                    f"export-tiers, or use --matformer-load-strategy auto)")
+    return (base if base.exists() else None), False
+
+
+def export_tiers(directory: str | Path, tiers, out: str | Path | None = None,
+                 max_shard_bytes: int | None = None) -> list[Path]:
+    """Sliced checkpoints of a full one, where Psyche's client looks for them: `<name>-tier<t>`
+    beside it (or in `out`), as Psyche's scripts/export_matformer_tiers.py writes them: every
+    tensor in its stored dtype, each FFN tensor's prefix; config.json with every key of the
+    source's, the FFN width and the MatFormer metadata updated; the tokenizer and auxiliary
+    files copied. An already-sliced source is refused (a second slice), as is tier 0 (the
+    source itself). Everything is validated before anything is written."""
     path, cfg, stored_tier, tensors = checkpoint_layout(directory)
+    _model_from_tensors(cfg, stored_tier, tensors, path)   # validates the source's tensors
+    if stored_tier > 0:
+        raise DoubleSlicingError(f"checkpoint {str(path)!r} is already sliced to tier {stored_tier}: exporting "
+                                 f"tiers from it would slice it a second time; export from the full checkpoint")
     for t in tiers:
         tier_width(cfg.intermediate_size, t)
-        if t < stored_tier:
-            raise ConfigError(f"cannot export tier {t} from {str(path)!r}: it stores only tier {stored_tier} "
-                              f"(valid tiers are {stored_tier}..{cfg.max_tier})")
-    _model_from_tensors(cfg, stored_tier, tensors, path)   # validates the source's tensors
+        if t < 1:
+            raise ConfigError(f"cannot export tier {t}: tier 0 is the full checkpoint itself (valid tiers are "
+                              f"1..{cfg.max_tier})")
+    hf = json.loads((path / CONFIG).read_text())
+    files = {f.name: f.read_bytes() for pattern in AUXILIARY for f in sorted(path.glob(pattern)) if f.is_file()}
+    out = Path(out) if out is not None else path.parent
     written = []
     for t in tiers:   # tensor by tensor, in their stored dtypes: a prefix of every FFN tensor
         width = cfg.intermediate_size >> t
         sliced = {name: x.narrow(prefix_dim(name), 0, width).contiguous() if is_mlp_sliced(name) else x
                   for name, x in tensors.items()}
-        written.append(save_tensors(sliced, tier_config(cfg, t), Path(out) / f"tier{t}", max_shard_bytes))
+        config = {**hf, "intermediate_size": width, "matformer_tier": t,
+                  "matformer_base_intermediate_size": cfg.intermediate_size}
+        written.append(save_tensors(sliced, config, out / tier_path(path, t).name, max_shard_bytes, files))
     return written
 
 

@@ -347,7 +347,8 @@ def build_parser() -> Parser:
     export = commands.add_parser("export-tiers", help="write sliced checkpoints with tier metadata")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--tiers", required=True, help="comma-separated tiers, e.g. 1,2")
-    export.add_argument("--out", required=True, help="directory; each tier goes to OUT/tier<t>")
+    export.add_argument("--out", help="directory for the exports (default: beside the checkpoint, where Psyche's "
+                                      "client looks: <checkpoint>-tier<t>)")
     export.add_argument("--max-shard-size", help=SHARD_HELP)
     export.set_defaults(run=cmd_export_tiers)
 
@@ -441,7 +442,39 @@ def build_parser() -> Parser:
     check.add_argument("--reading", default="matsim", help="what psyche_divergent cases expect: matsim (default) or "
                                                            "psyche (Psyche's known behaviour)")
     check.set_defaults(run=cmd_vectors_check)
+
+    fuzzing = commands.add_parser("fuzz", help="property-based differential fuzzing of an implementation through "
+                                               "the vectors' protocol")
+    fuzzing.add_argument("--impl", required=True, help='the implementation\'s command, e.g. "python -m sim.conformance"')
+    fuzzing.add_argument("--ops", help="comma-separated ops (default: every op the implementation lists)")
+    fuzzing.add_argument("--seconds", type=float, default=60.0, help="seconds of fuzzing per op (default 60)")
+    fuzzing.add_argument("--reading", default="matsim", help="compare with matsim's outputs (default) or, where "
+                                                             "Psyche's code reads an op otherwise, with Psyche's")
+    fuzzing.add_argument("--seed", type=int, default=0)
+    fuzzing.add_argument("--timeout", type=float, default=30.0, help="seconds an answer may take (default 30)")
+    fuzzing.add_argument("--out", default="results/fuzz-impl", help="where found cases and report.json go")
+    fuzzing.add_argument("--db", default=".hypothesis/fuzz-impl", help="Hypothesis's example database, one per op: "
+                                                                       "what was found is tried first next time")
+    fuzzing.set_defaults(run=cmd_fuzz)
     return parser
+
+
+def cmd_fuzz(args) -> int:
+    from sim import fuzz
+    ops = args.ops.split(",") if args.ops else None
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout} is invalid: expected seconds > 0")
+    reports = fuzz.fuzz(args.impl, ops, args.seconds, args.reading, args.seed, args.out, args.db,
+                        echo=lambda line: console().print(line, highlight=False, markup=False), timeout_s=args.timeout)
+    table = Table("op", "tried", "unsupported", "passed", "mismatches", "errors", "first mismatch", "seconds",
+                  title=f"matsim fuzz --impl {args.impl}")
+    for r in reports:
+        first = "-" if r.first_mismatch_s is None else f"{r.first_mismatch_s:.1f} s"
+        table.add_row(r.op, str(r.tried), str(r.unsupported), str(r.passed), str(r.mismatches), str(r.errors), first,
+                      r.skipped or f"{r.seconds:.0f}")
+    console().print(table)
+    console().print(f"report: {Path(args.out) / 'report.json'}", highlight=False)
+    return 1 if any(r.mismatches or r.errors for r in reports) else 0
 
 
 def cmd_vectors_export(args) -> None:
@@ -461,13 +494,15 @@ def cmd_vectors_check(args) -> int:
         by_op.setdefault(result.op, Counter())[result.status] += 1
         by_op[result.op]["other"] += result.other_reading
     other = "psyche" if args.reading == "matsim" else "matsim"
-    table = Table("op", "cases", "pass", "fail", f"of which {other}'s reading", "error", "skipped", "verdict")
+    table = Table("op", "cases", "pass", "fail", f"of which {other}'s reading", "error", "unsupported", "skipped",
+                  "verdict")
     for op, counts in sorted(by_op.items()):
         bad = counts["fail"] + counts["error"]
-        total = sum(counts[s] for s in ("pass", "fail", "error", "skipped"))
-        verdict = "FAIL" if bad else "skipped" if counts["skipped"] == total else "PASS"
+        total = sum(counts[s] for s in ("pass", "fail", "error", "unsupported", "skipped"))
+        verdict = ("FAIL" if bad else "skipped" if counts["skipped"] == total
+                   else "unsupported" if counts["unsupported"] == total else "PASS")
         table.add_row(op, str(total), str(counts["pass"]), str(counts["fail"]), str(counts["other"]),
-                      str(counts["error"]), str(counts["skipped"]), verdict)
+                      str(counts["error"]), str(counts["unsupported"]), str(counts["skipped"]), verdict)
     console().print(table)
     for result in results:
         if result.status in ("fail", "error"):

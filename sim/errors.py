@@ -36,3 +36,7 @@ class CheckpointError(SimError):
 
 class DoubleSlicingError(CheckpointError):
     """A sliced checkpoint asked to be sliced again (universal strategy at tier > 0)."""
+
+
+class MissingTierCheckpoint(CheckpointError):
+    """Psyche's MissingMatformerTierCheckpoint: the sliced strategy found no <checkpoint>-tier<t>."""

@@ -52,14 +52,19 @@ def all_complete(result: RunResult, rounds: int) -> bool:
         p["loss"] is not None for r in result.records for p in r["peers"].values() if p["sequences"])
 
 
-def fault_cost(result: RunResult, clean: RunResult) -> int:
-    """What a run's faults took, in payloads: those the same seed's fault-free run counted and
-    `result` did not, round by round; a byzantine payload twice (a good one lost, and a bad one
-    applied); a churn once (even where the peers present carry its share of the batch, it
-    changes who trains what, and at which tier). A run of cost 0 is its fault-free run."""
-    missing = sum(c["contributing_peers"] - r["contributing_peers"] for r, c in zip(result.records, clean.records))
-    faults = result.faults()
-    return missing + 2 * faults.get("byzantine", 0) + faults.get("churn", 0)
+def fault_cost(result: RunResult, clean: RunResult) -> float:
+    """What a run's faults took, in rounds' worth of payloads: each round, the payloads the same
+    seed's fault-free run counted and `result` did not, as a share of that round's; a byzantine
+    payload twice (a good one lost, and a bad one applied); a churn once (even where the peers
+    present carry its share of the batch, it changes who trains what, and at which tier). Under
+    sign-SGD a round's step has one size however many payloads make it, so losing one payload
+    of one is a whole round lost, and one of eight an eighth. A run of cost 0 is its fault-free run."""
+    cost = 0.0
+    for mine, theirs in zip(result.records, clean.records):
+        expected = max(theirs["contributing_peers"], 1)
+        lost = theirs["contributing_peers"] - mine["contributing_peers"]
+        cost += (lost + 2 * mine["faults"].get("byzantine", 0) + mine["faults"].get("churn", 0)) / expected
+    return cost
 
 
 def within_tolerance(result: RunResult, oracle: RunResult, tolerance: float = TOLERANCE) -> bool:

@@ -247,8 +247,8 @@ class Network:
         if via == "current":
             return copy.deepcopy(donor).set_tiers(tiers), helper_fraction
         path = save_checkpoint(donor, Path(self._scratch.name) / tag)
-        if via == "sliced-checkpoint":  # sliced to the widest layer the peer runs: every layer fits
-            path = export_tiers(path, [min(tiers)], Path(self._scratch.name) / f"{tag}-sliced")[0]
+        if via == "sliced-checkpoint" and min(tiers) > 0:  # at the widest layer it runs; auto finds <path>-tier<t>
+            export_tiers(path, [min(tiers)])
         model, info = load_checkpoint(path, min(tiers), "auto", helper_fraction, device=self.device, dtype=self.dtype)
         return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 

@@ -136,7 +136,8 @@ def test_reads_a_checkpoint_written_by_transformers_save_pretrained(tmp_path):
 def test_schema_hash_of_a_full_checkpoint_and_its_tier1_export_agree_from_the_cli(full, tmp_path):
     assert matsim_here("export-tiers", "--checkpoint", str(full[0]), "--tiers", "1,2", "--out", str(tmp_path / "out")).returncode == 0
     a = matsim_here("print-schema-hash", "--checkpoint", str(full[0]), "--matformer-tier", "0")
-    b = matsim_here("print-schema-hash", "--checkpoint", str(tmp_path / "out" / "tier1"), "--matformer-tier", "1")
+    b = matsim_here("print-schema-hash", "--checkpoint", str(tmp_path / "out" / f"{full[0].name}-tier1"),
+                    "--matformer-tier", "1")
     assert a.returncode == b.returncode == 0 and len(a.stdout.strip()) == 64 and a.stdout == b.stdout
 
 
@@ -149,15 +150,15 @@ def test_schema_hash_of_a_full_checkpoint_and_its_tier1_export_agree_from_the_cl
 def test_cli_checkpoint_errors_are_one_line_exit_2_and_overwrite_nothing(full, tmp_path, argv, fragment):
     out = tmp_path / "out"
     export_tiers(full[0], [1], out)
-    before = (out / "tier1" / "model.safetensors").read_bytes()
+    before = (out / f"{full[0].name}-tier1" / "model.safetensors").read_bytes()
     truncated = tmp_path / "truncated"
     save_checkpoint(build_model(TINY, device="cpu"), truncated)
     corrupt(truncated, "truncated")
     names = {"FULL": str(full[0]), "OUT": str(out), "NOWHERE": str(tmp_path / "nowhere"), "TRUNCATED": str(truncated)}
     result = matsim_here(*[names.get(a, a) for a in argv])
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr
-    assert (out / "tier1" / "model.safetensors").read_bytes() == before
-    assert not (out / "tier9").exists()
+    assert (out / f"{full[0].name}-tier1" / "model.safetensors").read_bytes() == before
+    assert not (out / f"{full[0].name}-tier9").exists()
 
 
 def test_memory_command_measures_each_tier_and_writes_table_data_and_chart(tmp_path):
@@ -173,9 +174,90 @@ def test_memory_command_measures_each_tier_and_writes_table_data_and_chart(tmp_p
 def test_a_run_that_loads_a_checkpoint_prints_the_matformer_configuration_box(full, tmp_path):
     export_tiers(full[0], [1], tmp_path / "out")
     result = matsim_here("tiers", "--config-path", "tiny", "--tiers", "1,2", "--no-step",
-                    "--checkpoint", str(tmp_path / "out" / "tier1"))
+                    "--checkpoint", str(tmp_path / "out" / f"{full[0].name}-tier1"))
     assert result.returncode == 0, result.stderr
     box = result.stdout
     for line in ("MATFORMER CONFIGURATION", "auto -> sliced", "yes, stored tier 1", "CLI 1 -> effective 1",
                  f"{TINY.intermediate_size // 2} / {TINY.intermediate_size}"):
         assert line in box, line
+
+
+# --- tier checkpoints where Psyche's client looks -------------------------------------
+
+def test_tier_checkpoints_resolve_by_psyches_three_rules(tmp_path):
+    """Psyche's resolve_matformer_local_repo_path: tier t of `base` is `<base>-tier<t>`. auto takes
+    it where it exists, else `base` (sliced at load); sliced requires it where `base` exists
+    (MissingMatformerTierCheckpoint, Psyche's words); universal and tier 0 always take `base`."""
+    from sim.checkpoint import resolve_tier_checkpoint
+    from sim.errors import MissingTierCheckpoint
+    base = save_checkpoint(build_model(TINY, device="cpu"), tmp_path / "init")
+    (tier1,) = export_tiers(base, [1])
+    assert tier1 == tmp_path / "init-tier1"
+    assert resolve_tier_checkpoint(base, 1, "auto") == (tier1, True)
+    assert resolve_tier_checkpoint(base, 2, "auto") == (base, False)
+    assert resolve_tier_checkpoint(base, 1, "sliced") == (tier1, True)
+    assert resolve_tier_checkpoint(base, 1, "universal") == (base, False)
+    assert resolve_tier_checkpoint(base, 0, "sliced") == (base, False)
+    with pytest.raises(MissingTierCheckpoint, match=f"Required MatFormer tier checkpoint for tier 2 not found at "
+                                                    f"{tmp_path / 'init-tier2'}"):
+        resolve_tier_checkpoint(base, 2, "sliced")
+    assert resolve_tier_checkpoint(tmp_path / "gone", 1, "sliced") == (None, False)
+    model, info = load_checkpoint(base, 1, "auto", device="cpu")   # a Psyche-layout export loads by its rules
+    assert info.checkpoint == str(tier1) and info.sliced and model.stored_widths == (TINY.intermediate_size // 2,) * 2
+    refused = matsim_here("print-schema-hash", "--checkpoint", str(base), "--matformer-tier", "2",
+                          "--matformer-load-strategy", "sliced")
+    assert refused.returncode == 2 and "Required MatFormer tier checkpoint for tier 2" in refused.stderr
+
+
+def test_an_export_keeps_every_config_key_and_the_auxiliary_files_and_refuses_a_sliced_source(tmp_path):
+    base = save_checkpoint(build_model(TINY, device="cpu"), tmp_path / "init")
+    config = json.loads((base / "config.json").read_text())
+    extra = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "initializer_range": 0.02,
+             "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "torch_dtype": "float32"}
+    (base / "config.json").write_text(json.dumps({**config, **extra}))
+    aux = {"tokenizer.json": "{}", "tokenizer_config.json": "{\"x\": 1}", "special_tokens_map.json": "{}",
+           "generation_config.json": "{\"eos_token_id\": 2}", "modeling_custom.py": "# code\n"}
+    for name, text in aux.items():
+        (base / name).write_text(text)
+    (tier1,) = export_tiers(base, [1])
+    written = json.loads((tier1 / "config.json").read_text())
+    assert {k: v for k, v in written.items() if k in extra} == extra
+    assert (written["intermediate_size"], written["matformer_tier"], written["matformer_base_intermediate_size"]) == (
+        TINY.intermediate_size // 2, 1, TINY.intermediate_size)
+    assert all((tier1 / name).read_text() == text for name, text in aux.items())
+    refused = matsim_here("export-tiers", "--checkpoint", str(tier1), "--tiers", "2")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "already sliced to tier 1" in refused.stderr
+    assert not (tmp_path / "init-tier1-tier2").exists()
+
+
+@pytest.mark.parametrize("source", ["transformers", "matsim"])
+def test_an_export_equals_psyches_export_script_tensor_for_tensor_and_key_for_key(tmp_path, source):
+    """Psyche's scripts/export_matformer_tiers.py run as it is, beside matsim's export-tiers, on a
+    checkpoint saved by transformers and on one saved by matsim: the same directories, config.json
+    keys and values, tensors (names, dtypes, values) and auxiliary files."""
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    from tests.psyche import source as psyche_file
+    script = psyche_file("scripts/export_matformer_tiers.py")
+    for side in ("psyche", "matsim"):
+        base = tmp_path / side / "init"
+        if source == "transformers":
+            from transformers import LlamaConfig, LlamaForCausalLM
+            hf = {k: v for k, v in TINY.to_hf_dict().items() if k not in ("architectures", "model_type")}
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(**hf)).save_pretrained(base)
+        else:
+            save_checkpoint(build_model(TINY, seed=0, device="cpu"), base)
+        (base / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    subprocess.run([sys.executable, str(script), "--src", str(tmp_path / "psyche" / "init"), "--tiers", "1", "2"],
+                   check=True, capture_output=True, timeout=300)
+    assert matsim_here("export-tiers", "--checkpoint", str(tmp_path / "matsim" / "init"), "--tiers", "1,2").returncode == 0
+    for tier in (1, 2):
+        theirs, ours = tmp_path / "psyche" / f"init-tier{tier}", tmp_path / "matsim" / f"init-tier{tier}"
+        assert json.loads((theirs / "config.json").read_text()) == json.loads((ours / "config.json").read_text())
+        assert (theirs / "tokenizer_config.json").read_text() == (ours / "tokenizer_config.json").read_text()
+        a, b = (safetensors.torch.load_file(d / "model.safetensors") for d in (theirs, ours))
+        assert a.keys() == b.keys() and all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)

@@ -27,9 +27,11 @@ def test_the_readme_checkpoint_commands_run_end_to_end_from_a_testnet_run(tmp_pa
     assert matsim_here("export-tiers", "--checkpoint", str(checkpoint), "--tiers", "1,2",
                        "--out", str(exports)).returncode == 0
     full = matsim_here("print-schema-hash", "--checkpoint", str(checkpoint), "--matformer-tier", "0")
-    sliced = matsim_here("print-schema-hash", "--checkpoint", str(exports / "tier1"), "--matformer-tier", "1")
+    sliced = matsim_here("print-schema-hash", "--checkpoint", str(exports / f"{checkpoint.name}-tier1"),
+                         "--matformer-tier", "1")
     assert full.returncode == sliced.returncode == 0 and full.stdout == sliced.stdout
-    box = matsim_here("tiers", "--config-path", "tiny", "--checkpoint", str(exports / "tier1"), "--tiers", "1,2")
+    box = matsim_here("tiers", "--config-path", "tiny", "--checkpoint", str(exports / f"{checkpoint.name}-tier1"),
+                      "--tiers", "1,2")
     assert box.returncode == 0 and "MATFORMER CONFIGURATION" in box.stdout
     restart = matsim_here("testnet", "start", "--config-path", "tiny", "--client-matformer-tiers", "0,1,2",
                           "--rounds", "1", "--init-checkpoint", str(checkpoint), "--out", str(tmp_path / "again"))
@@ -76,14 +78,14 @@ def test_an_init_checkpoint_that_cannot_serve_the_clients_is_one_line_and_exit_2
     for tiers, fragment in [("0,1", "tier 0 needs FFN width 64, but checkpoint"),
                             ("1,2", "is an export sliced to tier 1: a run needs one client holding the full weights")]:
         result = matsim_here("testnet", "start", "--config-path", "tiny", "--client-matformer-tiers", tiers,
-                             "--init-checkpoint", str(tmp_path / "x" / "tier1"), "--out", str(tmp_path / "out"))
+                             "--init-checkpoint", str(tmp_path / "x" / "checkpoint-tier1"), "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
         assert not (tmp_path / "out").exists()
     other = matsim_here("testnet", "start", "--config-path", "test-nanogpt-small", "--client-matformer-tiers", "0",
                         "--init-checkpoint", str(run / "checkpoint"), "--out", str(tmp_path / "out"))
     assert other.returncode == 2 and "is a different model than the config" in other.stderr
     with pytest.raises(ConfigError, match="sliced export"):
-        Network(TINY, [1, 2], device="cpu", init_checkpoint=tmp_path / "x" / "tier1")
+        Network(TINY, [1, 2], device="cpu", init_checkpoint=tmp_path / "x" / "checkpoint-tier1")
 
 
 def test_checkpoints_past_the_shard_size_are_written_and_read_as_hf_writes_them(tmp_path):
@@ -95,20 +97,21 @@ def test_checkpoints_past_the_shard_size_are_written_and_read_as_hf_writes_them(
     model, info = load_checkpoint(tmp_path / "hf", 1, "auto", device="cpu")
     assert not info.sliced and torch.equal(model.state_dict()["model.embed_tokens.weight"],
                                            reference.state_dict()["model.embed_tokens.weight"])
-    exported = matsim_here("export-tiers", "--checkpoint", str(tmp_path / "hf"), "--tiers", "0,1",
+    exported = matsim_here("export-tiers", "--checkpoint", str(tmp_path / "hf"), "--tiers", "1",
                            "--out", str(tmp_path / "exports"), "--max-shard-size", "20KB")
     assert exported.returncode == 0, exported.stderr
-    index = json.loads((tmp_path / "exports" / "tier0" / INDEX).read_text())
+    tier1 = tmp_path / "exports" / "hf-tier1"
+    index = json.loads((tier1 / INDEX).read_text())
     shards = set(index["weight_map"].values())
-    assert len(shards) > 1 and all((tmp_path / "exports" / "tier0" / s).stat().st_size <= 20_000 + 4096 for s in shards)
-    _, _, tensors = read_checkpoint(tmp_path / "exports" / "tier0")
+    assert len(shards) > 1 and all((tier1 / s).stat().st_size <= 20_000 + 4096 for s in shards)
+    _, _, tensors = read_checkpoint(tier1)
     for name, weight in reference.state_dict().items():
-        if name in tensors:
+        if name in tensors and tensors[name].shape == weight.shape:
             assert torch.equal(tensors[name], weight)
     # A shard the index names but the directory lacks: a clear error, not a traceback.
-    (tmp_path / "exports" / "tier0" / sorted(shards)[0]).unlink()
+    (tier1 / sorted(shards)[0]).unlink()
     with pytest.raises(CheckpointError, match="which is not a file"):
-        read_checkpoint(tmp_path / "exports" / "tier0")
+        read_checkpoint(tier1)
 
 
 @pytest.mark.parametrize("text, size", [("200000", 200_000), ("200KB", 200_000), ("5GB", 5 * 10**9),

@@ -172,8 +172,14 @@ def aggregate(inputs: dict) -> dict:
     return {"updates": updates, "contributing_peers": len(payloads)}
 
 
+class Unsupported(Exception):
+    """A variant of an op this implementation does not have: answered `unsupported`."""
+
+
 def apply_update(inputs: dict) -> dict:
     lr, wd, rule = inputs["lr"], inputs["weight_decay"], inputs["rule"]
+    if rule not in ("sign", "sgd"):
+        raise Unsupported(f"apply_update rule {rule!r}: this implementation applies sign and sgd only")
     out = {}
     for name, p in inputs["params"].items():
         step = np.sign(inputs["updates"][name]) if rule == "sign" else inputs["updates"][name]
@@ -230,6 +236,8 @@ def main() -> None:
                          "outputs": encode_output(OPS[request["op"]](resolve(request["inputs"], directory, files)))}
             except Refused as refused:
                 reply = {"id": request["id"], "error": {"kind": refused.kind, "message": str(refused)}}
+            except Unsupported as unsupported:
+                reply = {"id": request["id"], "unsupported": str(unsupported)}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
