@@ -14,6 +14,10 @@ Every run is one process (spawned: a planted bug never outlives its run), `--job
 time; finished runs are kept in OUT/runs.jsonl and reused (`--fresh` to start over).
 
     .venv/bin/python scripts/power.py --calibrate 100 --detect 10 --write
+
+--write also publishes the summary as docs/data/power.json, stamped with the commit that
+ran (sim/provenance.py): run it from a clean checkout, since the spawned runs import the
+code as it is on disk while they start.
 """
 import argparse
 import json
@@ -33,8 +37,10 @@ sys.path.insert(0, str(REPO))
 
 from sim import oracle as criteria  # noqa: E402
 from sim.config import load_config  # noqa: E402
+from sim.provenance import stamp  # noqa: E402
 
 ORACLE, HETERO, BASELINE = "0,0,0", "0,1,1", "2,2,2"
+PUBLISHED = REPO / "docs" / "data" / "power.json"
 
 
 def one_run(job: dict) -> dict:
@@ -144,6 +150,7 @@ def main(argv=None) -> int:
     if args.fresh:
         (out / "runs.jsonl").unlink(missing_ok=True)
     console = Console(width=160)
+    provenance = stamp()   # before the runs: what they import is the checkout as it is now
 
     cal_seeds = list(range(args.calibrate))
     det_seeds = list(range(args.calibrate, args.calibrate + args.detect))
@@ -197,7 +204,12 @@ def main(argv=None) -> int:
     summary["detection"] = detection
     summary["seeds"] = {"calibration": [cal_seeds[0], cal_seeds[-1]], "detection": det_seeds[:1] + det_seeds[-1:]}
     summary["runs"], summary["cpu_seconds"] = len(jobs), sum(runs[key(j)]["wall_s"] for j in jobs)
-    (out / "power.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary["provenance"] = provenance
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    (out / "power.json").write_text(text)
+    if args.write:
+        PUBLISHED.write_text(text)
+        console.print(f"wrote {PUBLISHED.relative_to(REPO)}")
     report(console, summary, names)
     return 0
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sim.errors import ConfigError
+from sim.provenance import stamp
 from sim.run import RunResult, simulate
 
 TOLERANCE = 0.15
@@ -137,7 +138,8 @@ class Calibration:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CALIBRATION
-        data = {**asdict(self), "learning": asdict(self.learning), "paired": {k: asdict(b) for k, b in self.paired.items()}}
+        data = {**asdict(self), "learning": asdict(self.learning), "paired": {k: asdict(b) for k, b in self.paired.items()},
+                "provenance": stamp()}
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
