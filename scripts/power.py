@@ -154,7 +154,8 @@ def main(argv=None) -> int:
 
     cal_seeds = list(range(args.calibrate))
     det_seeds = list(range(args.calibrate, args.calibrate + args.detect))
-    job = lambda tiers, seed, bug=None: {"config": args.config_path, "rounds": rounds, "tiers": tiers, "seed": seed, "bug": bug}
+    job = lambda tiers, seed, bug=None: {"config": args.config_path, "rounds": rounds, "tiers": tiers, "seed": seed, "bug": bug,
+                                         "commit": provenance["commit"], "dirty": provenance["dirty"]}
     jobs = [job(t, s) for s in cal_seeds for t in (ORACLE, HETERO)]
     jobs += [job(BASELINE, s) for s in cal_seeds[:args.baseline]]
     jobs += [job(t, s, bug) for bug in bugs for s in det_seeds for t in (ORACLE, HETERO)]   # none with --detect 0
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
         "oracle_final": statistics.mean(get(ORACLE, s)["final"] for s in cal_seeds),
         "oracle_final_sd": statistics.stdev(get(ORACLE, s)["final"] for s in cal_seeds),
         "hetero_final": statistics.mean(get(HETERO, s)["final"] for s in cal_seeds),
+        "hetero_final_sd": statistics.stdev(get(HETERO, s)["final"] for s in cal_seeds),
         "baseline_final": statistics.mean(finals[BASELINE]), "baseline_final_sd": statistics.stdev(finals[BASELINE]),
         "baseline_minus_oracle": statistics.mean(paired_base), "baseline_minus_oracle_sd": statistics.stdev(paired_base),
         "learning": cal.learning.__dict__, "paired": cal.paired[HETERO].__dict__,
@@ -204,7 +206,13 @@ def main(argv=None) -> int:
     summary["detection"] = detection
     summary["seeds"] = {"calibration": [cal_seeds[0], cal_seeds[-1]], "detection": det_seeds[:1] + det_seeds[-1:]}
     summary["runs"], summary["cpu_seconds"] = len(jobs), sum(runs[key(j)]["wall_s"] for j in jobs)
-    summary["provenance"] = provenance
+    measured = {(runs[key(j)].get("commit"), runs[key(j)].get("dirty")) for j in jobs}
+    if len(measured) > 1:
+        console.print(f"[red]the runs come from several checkouts {sorted(map(str, measured))}: not published[/] "
+                      f"(--fresh measures them all again)")
+        args.write = False
+    commit, dirty = measured.pop() if len(measured) == 1 else (None, None)
+    summary["provenance"] = {**provenance, "commit": commit, "dirty": dirty}
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
     (out / "power.json").write_text(text)
     if args.write:
