@@ -3,7 +3,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench fuzz clean
+.PHONY: run test bench fuzz docs check-wheel clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	sh scripts/setup_venv.sh $(VENV)
@@ -23,10 +23,18 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -p no:xdist --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
 
 # Coverage-guided fuzzing of the properties with HypoFuzz for FUZZ_SECONDS on every core;
-# what it finds replays under pytest and `matsim reproduce` (scripts/fuzz.sh).
+# what it finds replays under pytest and scripts/reproduce.sh (scripts/fuzz.sh).
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	sh scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The docs site (mkdocs.yml, docs/), built as CI builds it: any warning is an error.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir results/site
+
+# The wheel in a clean venv outside the checkout, with the shipped configs (scripts/check_wheel.sh).
+check-wheel: $(STAMP)
+	sh scripts/check_wheel.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(items):
         inner = getattr(getattr(getattr(item, "obj", None), "hypothesis", None), "inner_test", None)
         if inner is not None:
             inner._hypothesis_internal_add_digest = item.nodeid.encode()
-    records.apply_reproduction(items)  # only under `matsim reproduce` ($MATSIM_REPRODUCE)
+    records.apply_reproduction(items)  # only under properties/reproduce.py ($MATSIM_REPRODUCE)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -59,7 +59,7 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" and report.failed and getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
         path = records.write_record(item.nodeid, report.longreprtext, PROFILE)
         shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
-        report.sections.append(("reproduce", f"matsim reproduce {shown}"))
+        report.sections.append(("reproduce", f"scripts/reproduce.sh {shown}"))
 
 
 def pytest_unconfigure(config):

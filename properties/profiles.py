@@ -34,7 +34,7 @@ PROFILES = {
     "dev": dict(max_examples=50),
     # No explain phase: after shrinking it reruns the failing example many times over (each a
     # whole simulation for the run properties); a red CI run reports sooner, and its record's
-    # `matsim reproduce` line is how a developer looks closer.
+    # `scripts/reproduce.sh` line is how a developer looks closer.
     "ci": dict(max_examples=CI_EXAMPLES, phases=tuple(p for p in Phase if p is not Phase.explain)),
     "nightly": dict(max_examples=100 * CI_EXAMPLES),
     "mutation": dict(max_examples=50, phases=(Phase.explicit, Phase.generate)),

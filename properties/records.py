@@ -7,9 +7,9 @@ chose to `describe` about it (tier assignment, fault plan, seed), the profile,
 a planted bug if one was switched on, and the versions that produced it. The
 failure report then ends with the one-line command that replays it:
 
-    matsim reproduce results/failures/<test>.json
+    scripts/reproduce.sh results/failures/<test>.json
 
-`matsim reproduce` runs that one test with $MATSIM_REPRODUCE pointing at the
+properties/reproduce.py runs that one test with $MATSIM_REPRODUCE pointing at the
 record; `apply_reproduction` (called at collection) attaches the blob to the
 test, so Hypothesis replays exactly that example, on CPU, without the database.
 State machines replay the same way (the blob goes on the machine class). A

@@ -42,7 +42,8 @@ from properties.records import describe
 from sim.aggregate import ApplyRule, MeanSemantics
 from sim.config import ZERO_BLOCKS, DistroConfig, ModelConfig, load_config
 from sim.faults import KINDS, STAGES, Fault, FaultPlan, parse_fault_spec, plan_faults
-from sim.reference import DeMo, ffn_axis, held_out, learning_rate, loss_of, lossless_round, peer_loss, round_inputs
+from sim.reference import ffn_axis, held_out, learning_rate, loss_of, lossless_round, peer_loss, round_inputs
+from sim.reference_demo import DeMo
 from sim.run import Network, play_round
 from sim.schedule import (SCHEDULES, ConstantSchedule, CosineSchedule, LinearSchedule,
                           WarmupStableDecaySchedule)

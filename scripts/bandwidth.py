@@ -5,15 +5,15 @@ Payload sizes are measured by encoding real payloads (sim/wire.py), so index
 and sign overheads are counted. Default: the chapter's 8 tier-0 + 24 tier-1
 peers against 32 tier-0, on nanogpt-20m-run and on llama 1B / 7B shapes.
 
-    .venv/bin/python scripts/bandwidth.py
+    .venv/bin/python -m scripts.bandwidth
 """
 import argparse
 
 from rich.table import Table
 
-from sim.scenario import console
 from sim.config import DistroConfig, ModelConfig, load_config
 from sim.model import local_shapes, param_count
+from sim.scenario import console
 from sim.wire import dense_bytes, payload_size
 
 LLAMA = {  # public llama shapes (TinyLlama-1.1B, Llama-2-7B)

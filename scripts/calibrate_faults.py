@@ -6,22 +6,19 @@ bound is per round, gap <= c * cost (a run whose faults cost nothing is the faul
 is fitted on the first half of the cases as the largest gap per round seen there, times
 `--margin`; the false-alarm rate is measured on the other half. Writes docs/data/fault_gap.json with the commit it measured.
 
-    .venv/bin/python scripts/calibrate_faults.py --cases 400
+    .venv/bin/python -m scripts.calibrate_faults --cases 400
 """
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hypothesis import HealthCheck, Phase, find, settings
 
-from hypothesis import HealthCheck, Phase, find, settings  # noqa: E402
-
-from properties import test_runs  # noqa: E402
-from sim.oracle import fault_cost  # noqa: E402
-from sim.provenance import stamp  # noqa: E402
+from properties import test_runs
+from sim.oracle import fault_cost
+from sim.provenance import stamp
 
 
 def draw_cases(count: int, seed: int) -> list:

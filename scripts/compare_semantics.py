@@ -4,7 +4,7 @@
 gradients: peers of the given tiers each train one shard of a config, compress
 with DisTrO, and a full-width receiver aggregates under both semantics.
 
-    .venv/bin/python scripts/compare_semantics.py --config-path nanogpt-20m-run --tiers 0,1,1
+    .venv/bin/python -m scripts.compare_semantics --config-path nanogpt-20m-run --tiers 0,1,1
 """
 import argparse
 

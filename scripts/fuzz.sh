@@ -3,7 +3,7 @@
 # in the suite's own example database (.hypothesis/examples, or $MATSIM_EXAMPLES_DB): what it
 # finds replays first under `pytest`. Afterwards the properties replay that database under
 # pytest (the `replay` profile), so each failure HypoFuzz found gets its record under
-# results/failures/ and its `matsim reproduce` line, and results/fuzz/ gets HypoFuzz's report.
+# results/failures/ and its `scripts/reproduce.sh` line, and results/fuzz/ gets HypoFuzz's report.
 #   scripts/fuzz.sh SECONDS [pytest selection]      (default: properties/; make fuzz)
 # SECONDS 0: no fuzzing, only the replay and the report (of a database HypoFuzz filled before).
 # $MATSIM_PLANT plants a bug of tests/planted_bugs.py in the fuzzing and the replay alike.
@@ -30,5 +30,5 @@ esac
 HYPOTHESIS_PROFILE=replay .venv/bin/python -m pytest $workers -q -p no:cacheprovider "$@" >"$out/replay.log" 2>&1
 status=$?
 tail -n 3 "$out/replay.log"
-.venv/bin/python scripts/fuzz_report.py --out "$out" "$@"
+.venv/bin/python -m scripts.fuzz_report --out "$out" "$@"
 exit $status

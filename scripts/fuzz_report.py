@@ -2,15 +2,13 @@
 behaviors (branches and events) and fingerprints reached, time fuzzed, and failures found
 (scripts/fuzz.sh writes it to results/fuzz/report.json after a run).
 
-    .venv/bin/python scripts/fuzz_report.py [--out results/fuzz] [pytest selection]
+    .venv/bin/python -m scripts.fuzz_report [--out results/fuzz] [pytest selection]
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from scripts import CHECKOUT as REPO
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ profile's engine), on the same time budget, one property at a time (README table
   properties under each engine until the first failing example (no shrinking) or DETECT
   seconds; random runs untraced, as the nightly job runs it.
 
-    .venv/bin/python scripts/fuzz_vs_random.py [--seconds 10] [--detect 60] [--jobs N] [--out results/fuzz]
+    .venv/bin/python -m scripts.fuzz_vs_random [--seconds 10] [--detect 60] [--jobs N] [--out results/fuzz]
 
 Both engines are seeded (--seed): the same command gives the same examples, though what fits
 in a time budget depends on the machine's speed.
@@ -21,15 +21,14 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from scripts import CHECKOUT as REPO
+
 SIM = str(REPO / "sim")
 
 

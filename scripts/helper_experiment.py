@@ -4,7 +4,7 @@ Runs tiers 0,1,1 with helper fractions 0, 0.25 and 0.5 and the oracle 0,0,0 over
 several seeds, prints the final held-out loss gap per fraction (mean and spread
 over seeds) and plots the seed-mean loss curves.
 
-    .venv/bin/python scripts/helper_experiment.py --config-path test-nanogpt-small --rounds 60 --seeds 5
+    .venv/bin/python -m scripts.helper_experiment --config-path test-nanogpt-small --rounds 60 --seeds 5
 """
 import argparse
 import statistics

@@ -38,7 +38,7 @@ for step in "$@"; do
                 timeout -s INT -k 60 "$seconds" sh scripts/fuzz.sh $((seconds > rest ? seconds - rest : 0)) ;;
         matrix) timeout -s INT -k 60 "$seconds" .venv/bin/matsim matrix --config-path nanogpt-20m-chain \
                     --out results/nanogpt-20m-chain ${NIGHTLY_MATRIX_ROUNDS:+--rounds "$NIGHTLY_MATRIX_ROUNDS"} ;;
-        power)  timeout -s INT -k 60 "$seconds" .venv/bin/python scripts/power.py --calibrate 50 \
+        power)  timeout -s INT -k 60 "$seconds" .venv/bin/python -m scripts.power --calibrate 50 \
                     --detect 10 --out results/power ;;
     esac
     code=$?

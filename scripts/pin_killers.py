@@ -5,26 +5,22 @@ one. Written to sim/vectors/killers.json; `matsim vectors export` turns each int
 flagged kills:BUG, so the vectors carry the suite's bug-finding power to any implementation
 (tests/test_vectors.py checks that each still kills its bug).
 
-    .venv/bin/python scripts/pin_killers.py [--examples 2000]
+    .venv/bin/python -m scripts.pin_killers [--examples 2000]
 """
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, find, settings
 from hypothesis import strategies as st
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from sim import vectors  # noqa: E402
-from sim.vectors import cases, store  # noqa: E402
-from sim.conformance import OPS, encode, error_kind  # noqa: E402
-from sim.errors import SimError  # noqa: E402
-from tests.planted_bugs import plant  # noqa: E402
+from scripts import CHECKOUT as REPO
+from sim import vectors
+from sim.conformance import OPS, encode, error_kind
+from sim.errors import SimError
+from sim.vectors import cases, store
+from tests.planted_bugs import plant
 
 KILLERS = REPO / "sim" / "vectors" / "killers.json"
 SMALL = st.integers(-3, 3).map(float)

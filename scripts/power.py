@@ -13,7 +13,7 @@ chapter's heterogeneous scenario 0,1,1 and its oracle 0,0,0:
 Every run is one process (spawned: a planted bug never outlives its run), `--jobs` at a
 time; finished runs are kept in OUT/runs.jsonl and reused (`--fresh` to start over).
 
-    .venv/bin/python scripts/power.py --calibrate 100 --detect 10 --write
+    .venv/bin/python -m scripts.power --calibrate 100 --detect 10 --write
 
 --write also publishes the summary as docs/data/power.json, stamped with the commit that
 ran (sim/provenance.py): run it from a clean checkout, since the spawned runs import the
@@ -32,12 +32,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from sim import oracle as criteria  # noqa: E402
-from sim.config import load_config  # noqa: E402
-from sim.provenance import stamp  # noqa: E402
+from scripts import CHECKOUT as REPO
+from sim import oracle as criteria
+from sim.config import load_config
+from sim.provenance import stamp
 
 ORACLE, HETERO, BASELINE = "0,0,0", "0,1,1", "2,2,2"
 PUBLISHED = REPO / "docs" / "data" / "power.json"
@@ -52,6 +50,7 @@ def one_run(job: dict) -> dict:
     patch = None
     if job["bug"]:
         import pytest
+
         from tests.planted_bugs import plant
         patch = pytest.MonkeyPatch()
         plant(patch, job["bug"])

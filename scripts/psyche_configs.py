@@ -10,11 +10,12 @@ server's data.toml (DataServerInfo, read with --data-config: not a run config). 
 config names data or a model this machine cannot reach, the run substitutes what matsim can
 run here, and only that: --data-location dummy for remote data, and for a model on a hub with
 no config.json beside the file, the stand-in config.json of its architecture
-(configs/stand-ins/). Optimizers, schedules and batches are never substituted. A file Psyche
+(sim/configs/stand-ins/). Optimizers, schedules and batches are never substituted. A file Psyche
 refuses runs only with --accept-stale-config. Prints the table and writes OUT/table.json,
 stamped with the commit that measured it."""
 import argparse
 import json
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -22,16 +23,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from scripts import CHECKOUT as REPO
+from sim.config import CONFIGS, load_config
+from sim.errors import SimError
+from sim.provenance import stamp
+from sim.psyche_schema import psyche_verdict
+from sim.scenario import RunFlags, run_scenario
 
-from sim.config import load_config  # noqa: E402
-from sim.errors import SimError  # noqa: E402
-from sim.provenance import stamp  # noqa: E402
-from sim.psyche_schema import psyche_verdict  # noqa: E402
-from sim.scenario import RunFlags, run_scenario  # noqa: E402
-
-STAND_INS = {"HfLlama": REPO / "configs" / "stand-ins" / "llama", "HfNanoGPT": REPO / "configs" / "stand-ins" / "nanogpt"}
+STAND_INS = {"HfLlama": CONFIGS / "stand-ins" / "llama", "HfNanoGPT": CONFIGS / "stand-ins" / "nanogpt"}
 
 
 def substitutions(path: Path, table: dict, accept_stale: bool) -> dict:
@@ -95,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--accept-stale-config", action="store_true", help="run the files Psyche refuses too")
     parser.add_argument("--only", help="comma-separated files (relative to the config folder)")
     parser.add_argument("--out", default="results/psyche-configs")
+    parser.add_argument("--write", action="store_true", help="publish the table as docs/data/psyche_configs.json")
     args = parser.parse_args(argv)
     given = Path(args.checkout)
     root = given / "config" if (given / "config").is_dir() else given
@@ -111,9 +111,13 @@ def main(argv=None) -> int:
                       ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "none")
     Console(width=240).print(table)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "table.json").write_text(json.dumps(
-        {**stamp(), "source": str(root), "rounds": args.rounds, "micro_batch_size": args.micro_batch_size,
-         "accept_stale_config": args.accept_stale_config, "files": rows}, indent=2))
+    psyche = subprocess.run(["git", "-C", str(given), "rev-parse", "HEAD"], capture_output=True, text=True)
+    text = json.dumps({**stamp(), "psyche_commit": psyche.stdout.strip() if psyche.returncode == 0 else None,
+                       "rounds": args.rounds, "micro_batch_size": args.micro_batch_size,
+                       "accept_stale_config": args.accept_stale_config, "files": rows}, indent=2) + "\n"
+    (Path(args.out) / "table.json").write_text(text)
+    if args.write:
+        (REPO / "docs" / "data" / "psyche_configs.json").write_text(text)
     runnable = [row for row in rows if row["kind"] and row["kind"] != "data server config"
                 and (row["psyche"] == "accepts" or args.accept_stale_config)]
     return 0 if all(row["ran"] for row in runnable) else 1

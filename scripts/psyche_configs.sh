@@ -4,4 +4,4 @@
 set -e
 here="$(cd "$(dirname "$0")/.." && pwd)"
 [ -x "$here/.venv/bin/python" ] || make -C "$here" .venv/.installed
-exec "$here/.venv/bin/python" "$here/scripts/psyche_configs.py" "$@"
+cd "$here" && exec .venv/bin/python -m scripts.psyche_configs "$@"

@@ -4,19 +4,16 @@ reference properties' own strategy, every aggregate's error against the referenc
 fraction of its scale (the size of what went into it), per mode and dtype. Writes
 results/round_off.json with the commit it measured.
 
-    .venv/bin/python scripts/round_off.py --examples 300
+    .venv/bin/python -m scripts.round_off --examples 300
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hypothesis import HealthCheck, Phase, find, settings
 
-from hypothesis import HealthCheck, Phase, find, settings  # noqa: E402
-
-from properties import test_reference as ref  # noqa: E402
-from sim.provenance import stamp  # noqa: E402
+from properties import test_reference as ref
+from sim.provenance import stamp
 
 
 def measure(lossless: bool, dtype: str, examples: int, seed: int) -> dict:

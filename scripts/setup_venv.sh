@@ -34,4 +34,4 @@ if ! "$py" -c "import torch" 2>/dev/null; then
         "$py" -m pip install "$spec"
     fi
 fi
-"$py" -m pip install -e ".[test]"
+"$py" -m pip install -e ".[test,docs]"

@@ -5,7 +5,7 @@ and report what the shrunk example holds: each drawn tensor's shape and its non-
 elements (a payload: its values, over every parameter; under 1-bit, the signs that are not +1). Writes results/shrink_report.json
 with the commit it measured.
 
-    .venv/bin/python scripts/shrink_report.py [--bugs a,b] [--out results/shrink_report.json]
+    .venv/bin/python -m scripts.shrink_report [--bugs a,b] [--out results/shrink_report.json]
 
 It reads the final example through Hypothesis internals (ConjectureData.draw and
 StateForActualGivenExecution.execute_once: the draws of the last example run, which is the
@@ -15,19 +15,16 @@ public API exposes either. A measurement script, never part of the suite.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.core import StateForActualGivenExecution
+from hypothesis.internal.conjecture.data import ConjectureData
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-from hypothesis.core import StateForActualGivenExecution  # noqa: E402
-from hypothesis.internal.conjecture.data import ConjectureData  # noqa: E402
-
-from tests.planted_bugs import BUGS, CATCHERS, plant, property_function  # noqa: E402
+from tests.planted_bugs import BUGS, CATCHERS, plant, property_function
 
 TENSOR_PROPERTIES = ("test_align", "test_distro", "test_aggregate", "test_wire", "test_helper")
 drawn: list = []

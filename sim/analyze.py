@@ -13,9 +13,12 @@ import json
 import math
 from pathlib import Path
 
+from rich.table import Table
+
 from sim import oracle as criteria
 from sim.errors import ConfigError
-from sim.run import RunResult
+from sim.metrics import RunResult
+from sim.provenance import stamp
 
 # The chapter's matrix, the no-suffix baseline (how much the data needs the FFN suffix), then
 # the helper-mode experiment: name, tiers, helper fractions, kind, oracle.
@@ -167,3 +170,36 @@ def plot(directory: str | Path, path: str | Path, scenarios: set[str] | None = N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(results: str | Path, out) -> int:
+    """`matsim analyze`: the matrix table, each scenario's criteria, the loss curves and
+    analysis.json (stamped with the commit) in `results`; 0 when every scenario passes."""
+    rows = analyze(results)
+    table = Table("scenario", "tiers", "helpers", "modes", "final loss", "floor", "oracle", "no-suffix", "vs oracle",
+                  "suffix share", "errors", "NaN", "criteria", "verdict", title=f"MatFormer scenario matrix: {results}")
+    number = lambda value, spec: "-" if value is None else format(value, spec)
+    for row in rows:
+        table.add_row(row["scenario"], row["tiers"], row["helpers"], modes_label(row["modes"]),
+                      f"{row['final_loss']:.4f}", f"{row['floor']:.4f}",
+                      number(row["oracle"], ".4f"), number(row["no_suffix"], ".4f"), number(row["vs_oracle"], "+.1%"),
+                      number(row["suffix_share"], ".0%"), str(row["errors"]), str(row["nan"]),
+                      f"{sum(row['criteria'].values())}/{len(row['criteria'])}",
+                      "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]")
+    out.print(table)
+    for row in rows:
+        out.print(f"{row['scenario']}: " + "; ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in row["criteria"].items()),
+                  highlight=False)
+    png = Path(results) / "loss_curves.png"
+    plot(results, png)
+    helped = {row["scenario"] for row in rows if row["helpers"] != "0"}
+    if helped:  # the helper-mode experiment on its own: 0,1,1 with and without helpers, and its oracle
+        same = {row["scenario"] for row in rows if row["tiers"] in {r["tiers"] for r in rows if r["scenario"] in helped}}
+        plot(results, Path(results) / "helper_mode.png", same | {"homogeneous"})
+    (Path(results) / "analysis.json").write_text(json.dumps({**stamp(), "rows": rows}, indent=2))
+    for warning in powerless(rows):
+        out.print(f"warning: {warning}", highlight=False)
+    verdict = all(row["passed"] for row in rows)
+    out.print(f"verdict: {'PASS' if verdict else 'FAIL'} ({sum(r['passed'] for r in rows)}/{len(rows)} scenarios); "
+              f"loss curves in {png}", highlight=False)
+    return 0 if verdict else 1

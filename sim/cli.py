@@ -15,17 +15,16 @@ from rich.table import Table
 from sim import analyze as analysis
 from sim import matrix, memory, vectors
 from sim.checkpoint import LOAD_STRATEGIES, LoadInfo, export_tiers, load_checkpoint, parse_size
-from sim.config import (APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, STALE_FLAG, ZERO_BLOCKS,
-                        load_config, remote_data_error)
+from sim.config import APPLY_RULES, DEFAULT_CONFIG, MATRIX_CONFIG, MEAN_SEMANTICS, STALE_FLAG, ZERO_BLOCKS, load_config
 from sim.errors import ConfigError, SimError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.faults import parse_fault_spec
 from sim.run import check_every, validate_assignment
 from sim.scenario import RunFlags, console, parse_fractions, run_scenario
 from sim.schema import checkpoint_schema_hash
+from sim.sources import remote_data_error
 from sim.distributed import run_peer, torchrun_rank
 from sim.engine import BATCHING
-from sim.reproduce import reproduce
 from sim.tiers import parse_client_tiers, parse_int_list, tier_width
 
 
@@ -250,35 +249,7 @@ def cmd_testnet(args) -> None:
 
 
 def cmd_analyze(args) -> int:
-    rows = analysis.analyze(args.results)
-    out = console()
-    table = Table("scenario", "tiers", "helpers", "modes", "final loss", "floor", "oracle", "no-suffix", "vs oracle",
-                  "suffix share", "errors", "NaN", "criteria", "verdict", title=f"MatFormer scenario matrix: {args.results}")
-    number = lambda value, spec: "-" if value is None else format(value, spec)
-    for row in rows:
-        table.add_row(row["scenario"], row["tiers"], row["helpers"], analysis.modes_label(row["modes"]),
-                      f"{row['final_loss']:.4f}", f"{row['floor']:.4f}",
-                      number(row["oracle"], ".4f"), number(row["no_suffix"], ".4f"), number(row["vs_oracle"], "+.1%"),
-                      number(row["suffix_share"], ".0%"), str(row["errors"]), str(row["nan"]),
-                      f"{sum(row['criteria'].values())}/{len(row['criteria'])}",
-                      "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]")
-    out.print(table)
-    for row in rows:
-        out.print(f"{row['scenario']}: " + "; ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in row["criteria"].items()),
-                  highlight=False)
-    png = Path(args.results) / "loss_curves.png"
-    analysis.plot(args.results, png)
-    helped = {row["scenario"] for row in rows if row["helpers"] != "0"}
-    if helped:  # the helper-mode experiment on its own: 0,1,1 with and without helpers, and its oracle
-        same = {row["scenario"] for row in rows if row["tiers"] in {r["tiers"] for r in rows if r["scenario"] in helped}}
-        analysis.plot(args.results, Path(args.results) / "helper_mode.png", same | {"homogeneous"})
-    (Path(args.results) / "analysis.json").write_text(json.dumps(rows, indent=2))
-    for warning in analysis.powerless(rows):
-        out.print(f"warning: {warning}", highlight=False)
-    verdict = all(row["passed"] for row in rows)
-    out.print(f"verdict: {'PASS' if verdict else 'FAIL'} ({sum(r['passed'] for r in rows)}/{len(rows)} scenarios); "
-              f"loss curves in {png}", highlight=False)
-    return 0 if verdict else 1
+    return analysis.report(args.results, console())
 
 
 def cmd_matrix(args) -> int:
@@ -421,9 +392,6 @@ def build_parser() -> Parser:
     add_mode_flags(matrix)
     add_run_flags(matrix)
     matrix.set_defaults(run=cmd_matrix)
-    replay = commands.add_parser("reproduce", help="replay a property failure from its record (results/failures/*.json)")
-    replay.add_argument("record")
-    replay.set_defaults(run=lambda args: reproduce(args.record))
 
     vec = commands.add_parser("vectors", help="conformance vectors: export matsim's cases, check an implementation")
     vec_commands = vec.add_subparsers(dest="vectors_command", required=True)

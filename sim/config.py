@@ -1,4 +1,4 @@
-"""Run configs in the Psyche layout: configs/<name>/state.toml + config.json.
+"""Run configs in the Psyche layout: <config>/state.toml + config.json.
 
 A state.toml (or a Solana run's config, the same [config] and [model] without run_id) is
 first held to what Psyche at HEAD accepts (sim/psyche_schema.py: its serde's required fields
@@ -12,6 +12,7 @@ HF model config. Every value read is validated here, once, with a ConfigError na
 """
 import dataclasses
 import json
+import importlib.resources
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from pathlib import Path
 from sim.data import MarkovSpec
 from sim.errors import ConfigError
 from sim.psyche_schema import psyche_verdict
+from sim.sources import checkpoint_form, data_override, model_config_path, read_data_location, variant
 from sim.schedule import SCHEDULES, CosineSchedule, Schedule, cold_start_factor
 from sim.tiers import max_tier
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The bundled configs ship inside the package, so an installed matsim finds them as a checkout does.
+CONFIGS = Path(str(importlib.resources.files("sim") / "configs"))
 DEFAULT_CONFIG = "nanogpt-20m-run"
 MATRIX_CONFIG = "ffn-small"   # `make run`: the CI config of the convergence checks
 # Receivers' modes, by their flag names: sim/aggregate.py's MeanSemantics ("coeff" is COEFF_MEAN) and ApplyRule.
@@ -312,14 +315,14 @@ def _check_count(name: str, value, least: int) -> None:
 
 def resolve_config_path(path: str | Path) -> Path:
     """A config directory (or a run config's .toml file), given as a path or as a bare name
-    under configs/."""
+    of the bundled configs (sim/configs/)."""
     candidate = Path(path)
     if candidate.is_dir() or (candidate.is_file() and candidate.suffix == ".toml"):
         return candidate
-    bundled = REPO_ROOT / "configs" / str(path)
+    bundled = CONFIGS / str(path)
     if candidate.parent == Path(".") and bundled.is_dir():
         return bundled
-    available = sorted(p.name for p in (REPO_ROOT / "configs").iterdir() if (p / "state.toml").is_file())
+    available = sorted(p.name for p in CONFIGS.iterdir() if (p / "state.toml").is_file())
     raise ConfigError(f"config path {str(path)!r} does not exist: give a directory holding state.toml and "
                       f"config.json, or one of the bundled configs: {', '.join(available)}")
 
@@ -331,93 +334,6 @@ def _section(table: dict, dotted: str, source: str) -> dict:
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: [{dotted}] must be a table, got {node!r}")
     return node
-
-
-def _variant(value, key: str, allowed: tuple[str, ...], source: str, units: tuple[str, ...] = ()
-             ) -> tuple[str, object] | None:
-    """Psyche's enums in TOML: a unit variant (one of `units`) is a string (optimizer =
-    "Dummy"), any other a table with one key ([model.LLM.optimizer.Distro], data_location =
-    { Server = "..." })."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value in units:
-        return value, {}
-    if isinstance(value, str) and value in allowed:
-        raise ConfigError(f"{source}: model.LLM.{key} = {value!r} names a variant with fields: write it as a "
-                          f"table, [model.LLM.{key}.{value}]")
-    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in allowed:
-        return next(iter(value.items()))
-    raise ConfigError(f"{source}: model.LLM.{key} {value!r} is unknown: valid are {', '.join(allowed)}")
-
-
-DATA_LOCATIONS = ("Dummy", "Local", "Server", "Http", "WeightedHttp", "Preprocessed")
-CHECKPOINTS = ("Hub", "Dummy", "Ephemeral", "P2P")
-DATA_FLAG = "--data-location dummy|PATH"
-MODEL_FLAG = "--model-config PATH"
-
-
-def _data_location(value, source: str, directory: Path) -> tuple[str | None, str]:
-    """(what the run reads, the config's form as a label): Dummy and existing Local paths are
-    read here; the other forms are data matsim cannot reach (the run then needs DATA_FLAG)."""
-    kind, detail = _variant(value, "data_location", DATA_LOCATIONS, source, units=("Dummy",))
-    if kind == "Dummy":
-        return "Dummy", "Dummy"
-    if kind == "Http":
-        if not isinstance(detail, dict) or not {"location", "token_size_in_bytes", "shuffle"} <= set(detail):
-            raise ConfigError(f"{source}: model.LLM.data_location.Http needs location, token_size_in_bytes and "
-                              f"shuffle, got {detail!r}")
-        where = _variant(detail["location"], "data_location.Http.location", ("SingleUrl", "NumberedFiles", "Gcp"),
-                         source)
-        return None, f"Http {where[0]} {json.dumps(where[1], sort_keys=True)}"
-    if not isinstance(detail, str) or not detail:
-        raise ConfigError(f"{source}: model.LLM.data_location.{kind} {detail!r} is invalid: expected a non-empty "
-                          f"string")
-    label = f"{kind} {detail}"
-    # A Local path as Psyche reads it (from where the run starts), else beside state.toml.
-    for candidate in (Path(detail), directory / detail) if kind == "Local" else ():
-        if candidate.is_file():
-            return str(candidate), label
-    return None, label
-
-
-def remote_data_error(config: RunConfig) -> ConfigError:
-    return ConfigError(f"model.LLM.data_location is {config.data_location}, which matsim cannot read on this machine "
-                       f"(remote, or not a local file): run with {DATA_FLAG} (the synthetic source, or a local byte "
-                       f"corpus); the run records the substitution")
-
-
-def _checkpoint(value, source: str) -> tuple[str, Path | None]:
-    """(the checkpoint form as a label, a local directory it names, if any)."""
-    if value is None:
-        return "Dummy", None
-    kind, detail = _variant(value, "checkpoint", CHECKPOINTS, source, units=("Ephemeral",))
-    if kind == "Ephemeral":
-        return kind, None
-    key = "repo_id"
-    if not isinstance(detail, dict) or not isinstance(detail.get(key), str):
-        raise ConfigError(f"{source}: model.LLM.checkpoint.{kind} needs {key} (a string), got {detail!r}")
-    if kind != "Dummy" and not detail[key]:   # Psyche's Model::check: an empty repo is a bad checkpoint
-        raise ConfigError(f"{source}: model.LLM.checkpoint.{kind} {key} is empty: name a repository")
-    local = Path(detail[key]) if key == "repo_id" and detail[key] and Path(detail[key]).is_dir() else None
-    return f"{kind} {detail[key]}" if detail[key] else kind, local
-
-
-def _model_config(directory: Path, model_config: str | Path | None, checkpoint: str, local: Path | None,
-                  state_path: Path) -> Path:
-    """Where the model's config.json comes from: --model-config, else beside state.toml, else
-    in the checkpoint's local directory."""
-    if model_config is not None:
-        given = Path(model_config)
-        found = given / "config.json" if given.is_dir() else given
-        if not found.is_file():
-            raise ConfigError(f"--model-config {str(model_config)!r} is not a config.json file or a directory "
-                              f"holding one")
-        return found
-    for candidate in (directory / "config.json", local / "config.json" if local else None):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    raise ConfigError(f"{state_path}: the model's config.json is neither beside it nor in model.LLM.checkpoint "
-                      f"({checkpoint}; matsim fetches nothing from a hub): give it with {MODEL_FLAG}")
 
 
 def _build(cls, values: dict, source: str):
@@ -433,7 +349,7 @@ STALE_FLAG = "--accept-stale-config"
 
 def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None = None,
                 model_config: str | Path | None = None, accept_stale: bool = False) -> RunConfig:
-    """Load and validate configs/<name>/state.toml + config.json (or a run config .toml file
+    """Load and validate <config>/state.toml + config.json (or a run config .toml file
     with config.json beside it). `data_location` ("dummy" or a file) replaces the config's
     data, `model_config` its config.json; `accept_stale` runs a file Psyche refuses. The run
     records all three."""
@@ -454,8 +370,8 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None 
         raise ConfigError(f"{source}: Psyche at HEAD refuses it: {'; '.join(verdict.refused)}. Run it anyway with "
                           f"{STALE_FLAG} (the run records why)")
     run, llm = _section(state, "config", source), _section(state, "model.LLM", source)
-    checkpoint, local = _checkpoint(llm.get("checkpoint"), source)
-    hf_path = _model_config(directory, model_config, checkpoint, local, state_path)
+    checkpoint, local = checkpoint_form(llm.get("checkpoint"), source)
+    hf_path = model_config_path(directory, model_config, checkpoint, local, state_path)
     try:
         hf = json.loads(hf_path.read_text())
     except json.JSONDecodeError as err:
@@ -472,16 +388,16 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None 
     if "max_seq_len" not in llm or "total_steps" not in run or "global_batch_size_start" not in run:
         raise ConfigError(f"{state_path}: needs model.LLM.max_seq_len, config.total_steps and "
                           f"config.global_batch_size_start")
-    schedule = _variant(llm.get("lr_schedule"), "lr_schedule", tuple(SCHEDULES), source)
-    optimizer = _variant(llm.get("optimizer"), "optimizer", OPTIMIZERS, source, units=("Dummy",)) or ("Distro", {})
+    schedule = variant(llm.get("lr_schedule"), "lr_schedule", tuple(SCHEDULES), source)
+    optimizer = variant(llm.get("optimizer"), "optimizer", OPTIMIZERS, source, units=("Dummy",)) or ("Distro", {})
     distro_table = optimizer[1] if optimizer[0] == "Distro" else {}
     missing = sorted({"betas", "weight_decay", "eps"} - set(optimizer[1])) if optimizer[0] == "AdamW" else []
     if missing:   # Psyche's AdamW has no defaults for these
         raise ConfigError(f"{source}: [model.LLM.optimizer.AdamW] needs {', '.join(missing)}")
-    data, data_label = _data_location(llm.get("data_location", "Dummy"), source, directory)
+    data, data_label = read_data_location(llm.get("data_location", "Dummy"), source, directory)
     overrides = []
     if data_location is not None:
-        data = _data_override(data_location)
+        data = data_override(data_location)
         overrides.append(("data_location", data_label, data))
     if model_config is not None:
         beside = directory / "config.json"
@@ -519,15 +435,6 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None 
         refused=verdict.refused,
         path=directory,
     )
-
-
-def _data_override(value: str) -> str:
-    if value.lower() == "dummy":
-        return "Dummy"
-    if not Path(value).is_file():
-        raise ConfigError(f"--data-location {value!r} is neither dummy nor a local file: give dummy (the synthetic "
-                          f"source) or the path of a byte corpus")
-    return value
 
 
 def _modes(table: dict, source: str) -> dict:

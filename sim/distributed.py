@@ -39,10 +39,10 @@ from sim.clock import WALL, Clock
 from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
-from sim.faults import FaultPlan
+from sim.faults import FaultPlan, Sent
+from sim.metrics import RunResult, count_churn, summary
 from sim.model import build_model
-from sim.run import (CHECKPOINT, Network, RunResult, Sent, check_every, count_churn, evaluates, fault_plan, run_length,
-                     saves_checkpoint, summary)
+from sim.run import CHECKPOINT, Network, check_every, evaluates, fault_plan, run_length, saves_checkpoint
 from sim.tiers import layer_tiers
 
 JOIN_TIMEOUT_S = 120.0

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sim.distro import Sparse
 from sim.errors import ConfigError
+from sim.wire import Payload, encode_payload
 
 KINDS = ("drop", "late", "duplicate", "corrupt", "nan", "byzantine", "churn")
 LOSING = {"drop", "late", "corrupt", "nan", "churn"}  # the payload of that round does not count
@@ -157,3 +159,52 @@ def plan_faults(rates: dict[str, float], num_peers: int, rounds: int, seed: int,
             del chosen[min(p for p, f in chosen.items() if f.kind == "churn")]
         faults.extend(chosen.values())
     return FaultPlan(tuple(faults), dict(rates))
+
+
+# --- faults on the wire: what leaves a sender ---------------------------------------------
+
+@dataclass
+class Sent:
+    """What one peer's send half produced in a round."""
+    peer: int
+    loss: float | None                                   # None: no sequences were assigned to it
+    faults: tuple[str, ...] = ()                         # the kinds that acted on what it sent
+    withheld: bool = False                               # the sender's NaN guard kept it back
+    bytes_sent: int = 0
+    outgoing: list[bytes] = field(default_factory=list)  # arrives this round
+    late: list[bytes] = field(default_factory=list)      # arrives next round
+
+
+@torch.inference_mode()  # no autograd in a sender's wire work: skip its bookkeeping per call
+def send_through(peer: int, payload: Payload | None, loss: float | None, faults, distro) -> Sent:
+    """What leaves a peer: its payload (None when its NaN guard withheld it) encoded, with its `faults` (None, a Fault, or several of different stages) acting on
+    the payload, its bytes and its delivery, in that order."""
+    acting = {f.kind: f for f in ((faults,) if isinstance(faults, Fault) else faults or ())}
+    named = tuple(sorted(acting, key=STAGES.get))
+    if payload is None:
+        return Sent(peer, loss, named, withheld=True)
+    if "nan" in acting:  # unquantized: the NaN goes on the wire for receivers to catch
+        next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
+    if "byzantine" in acting:
+        payload = byzantine(payload, scale=not distro.quantize_1bit and acting["byzantine"].byte % 2 == 1)
+    data = encode_payload(payload, distro.compression_chunk)  # values at the run's dtype
+    sent = Sent(peer, loss, named, bytes_sent=len(data))
+    if "corrupt" in acting:
+        flipped = bytearray(data)
+        flipped[acting["corrupt"].byte % len(flipped)] ^= 0xFF
+        data = bytes(flipped)
+    if "late" in acting:
+        sent.late = [data]
+    elif "drop" not in acting:
+        sent.outgoing = [data, data] if "duplicate" in acting else [data]
+    return sent
+
+
+def byzantine(payload: Payload, scale: bool) -> Payload:
+    """Sign-flipped (or, unquantized, 10x scaled) copy, helper slabs too: well-formed, and wrong."""
+    factor = 10.0 if scale else -1.0
+
+    def skewed(sparses):
+        return {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in sparses.items()}
+    return Payload(payload.peer, payload.round, payload.tiers, skewed(payload.params), payload.quantized,
+                   payload.helper_neurons, skewed(payload.helper_params))

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from sim.errors import ConfigError
 from sim.provenance import stamp
-from sim.run import RunResult, simulate
+from sim.metrics import RunResult
+from sim.run import simulate
 
 TOLERANCE = 0.15
 ALPHA = 0.005          # per calibrated criterion: together they false-alarm at most 1%

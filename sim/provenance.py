@@ -10,20 +10,23 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parent.parent   # the checkout, when matsim runs from one
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, source: Path = SOURCE) -> str | None:
+    if not (source / ".git").exists():   # an installed package: never an enclosing repository's commit
+        return None
     try:
-        out = subprocess.run(["git", *args], cwd=SOURCE, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def stamp() -> dict:
+def stamp(source: str | Path = SOURCE) -> dict:
     """{commit, dirty, date, machine}: commit None outside a git checkout (an installed wheel);
-    dirty when tracked files differ from that commit."""
+    dirty when tracked files differ from that commit. `source`: another checkout measured."""
     import torch
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    source = Path(source)
+    commit = _git("rev-parse", "HEAD", source=source)
+    status = _git("status", "--porcelain", "--untracked-files=no", source=source) if commit else None
     return {
         "commit": commit,
         "dirty": bool(status) if status is not None else None,

@@ -12,7 +12,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,67 +19,24 @@ import torch
 from sim.aggregate import ApplyRule, MeanSemantics, apply_update, mean_semantics, receive_decoded
 from sim.align import align_prefix_grad
 from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
-from sim.config import RunConfig, remote_data_error
+from sim.config import RunConfig
+from sim.sources import remote_data_error
 from sim.assignment import assign, round_seed
 from sim.data import held_out, make_source, sequences
 from sim.engine import check_batching, train_group, train_peers
-from sim.distro import DistroState, Sparse
+from sim.distro import DistroState
 from sim.errors import ConfigError
-from sim.faults import JOIN_VIA, STAGES, Fault, FaultPlan, parse_fault_spec, plan_faults
+from sim.faults import JOIN_VIA, FaultPlan, Sent, parse_fault_spec, plan_faults, send_through
+from sim.metrics import RunResult, count_churn, round_record, summary
 from sim.helper import helper_indices
 from sim.model import build_model, default_device, parameters_by_name
 from sim.peer import Peer, train_locally
 from sim.tiers import layer_tiers, layer_widths
-from sim.wire import VALUE_DTYPES, Payload, decode_payload, encode_payload
+from sim.wire import VALUE_DTYPES, Payload, decode_payload
 
 EVAL_SEQUENCES = 16
 CHECKPOINT = "checkpoint"   # a run's checkpoint, in its results directory
 EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of the run's time
-
-
-@dataclass
-class Sent:
-    """What one peer's send half produced in a round."""
-    peer: int
-    loss: float | None                                   # None: no sequences were assigned to it
-    faults: tuple[str, ...] = ()                         # the kinds that acted on what it sent
-    withheld: bool = False                               # the sender's NaN guard kept it back
-    bytes_sent: int = 0
-    outgoing: list[bytes] = field(default_factory=list)  # arrives this round
-    late: list[bytes] = field(default_factory=list)      # arrives next round
-
-
-@dataclass
-class RunResult:
-    records: list[dict]                   # one per round, as in metrics.jsonl
-    timings: list[dict]                   # one per round, as in timing.jsonl
-    loss_floor: float                     # entropy rate of the data: no model can beat it
-    stopped_early: bool = False
-    final_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def eval_rounds(self) -> list[int]:
-        """Rounds whose record carries a held-out loss (every `eval_every`-th, and the last)."""
-        return [r["round"] for r in self.records if r["eval_loss"] is not None]
-
-    @property
-    def eval_losses(self) -> list[float]:
-        return [r["eval_loss"] for r in self.records if r["eval_loss"] is not None]
-
-    @property
-    def final_eval_loss(self) -> float:
-        return self.records[-1]["eval_loss"]
-
-    def rejected(self) -> Counter:
-        return sum((Counter(r["rejected"]) for r in self.records), Counter())
-
-    def faults(self) -> Counter:
-        return sum((Counter(r["faults"]) for r in self.records), Counter())
-
-    def non_finite_losses(self) -> int:
-        """Peers' training losses that were NaN or infinite."""
-        return sum(1 for r in self.records for p in r["peers"].values()
-                   if p["loss"] is not None and not math.isfinite(p["loss"]))
 
 
 def validate_assignment(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None):
@@ -338,30 +294,9 @@ class Network:
         (payload, loss); no payload when its NaN guard withholds it (the nan fault's poison)."""
         return train_group(self, [peer], round_, {peer.id: fault} if fault else {}, batched=False)[0]
 
-    @torch.inference_mode()  # no autograd in a sender's or receiver's wire work: skip its bookkeeping per call
-    def post(self, peer: Peer, payload: Payload | None, loss: float, faults=None) -> "Sent":
-        """What leaves a peer: its payload encoded, with its `faults` (None, a Fault, or several
-        of different stages) acting on the payload, its bytes and its delivery."""
-        distro = self.config.distro
-        acting = {f.kind: f for f in ((faults,) if isinstance(faults, Fault) else faults or ())}
-        named = tuple(sorted(acting, key=STAGES.get))
-        if payload is None:
-            return Sent(peer.id, loss, named, withheld=True)
-        if "nan" in acting:  # unquantized: the NaN goes on the wire for receivers to catch
-            next(iter(payload.params.values())).values.view(-1)[0] = float("nan")
-        if "byzantine" in acting:
-            payload = _byzantine(payload, scale=not distro.quantize_1bit and acting["byzantine"].byte % 2 == 1)
-        data = encode_payload(payload, distro.compression_chunk)  # values at the run's dtype
-        sent = Sent(peer.id, loss, named, bytes_sent=len(data))
-        if "corrupt" in acting:
-            flipped = bytearray(data)
-            flipped[acting["corrupt"].byte % len(flipped)] ^= 0xFF
-            data = bytes(flipped)
-        if "late" in acting:
-            sent.late = [data]
-        elif "drop" not in acting:
-            sent.outgoing = [data, data] if "duplicate" in acting else [data]
-        return sent
+    def post(self, peer: Peer, payload: Payload | None, loss: float, faults=None) -> Sent:
+        """What leaves a peer: its payload encoded, with its `faults` acting on it (sim/faults.py)."""
+        return send_through(peer.id, payload, loss, faults, self.config.distro)
 
     @torch.inference_mode()
     def deliver(self, round_: int, arrived: Sequence[bytes], receivers: Sequence[dict[str, torch.Tensor]]) -> list:
@@ -388,28 +323,10 @@ class Network:
             apply_update(same_shapes, aggregates[key].updates, lr, self.apply_rule, self.weight_decay)
         return results
 
-    def record(self, round_: int, sent: Sequence["Sent"], rejected: Counter, contributing: Sequence[int],
+    def record(self, round_: int, sent: Sequence[Sent], rejected: Counter, contributing: Sequence[int],
                replica_max_diff: float, evaluate: bool) -> dict:
-        """The round's metrics line, from every sender's half and the receivers' counts
-        (rejections as the first receiver saw them; contributing peers per receiver)."""
-        losses, assigned = {s.peer: s.loss for s in sent if s.loss is not None}, self.assignment(round_)
-        rejected = Counter(rejected)
-        rejected["non_finite"] += sum(s.withheld for s in sent)
-        return {
-            "round": round_, "lr": self.config.lr(round_),
-            "loss": sum(losses.values()) / len(losses),
-            "eval_loss": self.eval_loss() if evaluate else None,
-            "peers": {str(p.id): {"tier": _tier_label(p.tiers), "helper": p.helper_fraction, "loss": losses.get(p.id),
-                                  "present": p.id not in self.away, "sequences": len(assigned.get(p.id, ()))}
-                      for p in self.peers},
-            "contributing_peers": contributing[0],
-            "receivers_agree": len(set(contributing)) == 1,
-            "replica_max_diff": replica_max_diff,
-            "rejected": dict(sorted((k, v) for k, v in rejected.items() if v)),
-            "faults": dict(sorted(Counter(kind for s in sent for kind in s.faults).items())),
-            "bytes_sent": sum(s.bytes_sent for s in sent),
-        }
-
+        """The round's metrics line (sim/metrics.py)."""
+        return round_record(self, round_, sent, rejected, contributing, replica_max_diff, evaluate)
     def eval_loss(self) -> float:
         """Loss of the full (tier-0) model on the fixed held-out batch: what the network learned.
         A forward over EVAL_SEQUENCES sequences, the one cost `eval_every` amortizes."""
@@ -425,6 +342,12 @@ class Network:
 
     def close(self) -> None:
         self._scratch.cleanup()
+
+    def __enter__(self) -> "Network":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
@@ -524,14 +447,6 @@ def evaluates(round_: int, eval_every: int, rounds: int, last: bool = False) -> 
     return round_ % eval_every == 0 or round_ + 1 == rounds or last
 
 
-def count_churn(record: dict, leaving: Sequence) -> dict:
-    """Add the peers that left this round to the record's faults: churn acts on membership,
-    not on a payload, so the round itself cannot count it."""
-    if leaving:
-        record["faults"] = dict(sorted({**record["faults"], "churn": len(leaving)}.items()))
-    return record
-
-
 def fault_plan(faults: FaultPlan | str | None, network: Network, rounds: int, seed: int) -> FaultPlan:
     """A FaultPlan as given, or drawn from a spec ("drop=0.1,churn=0.05") for this network."""
     if isinstance(faults, FaultPlan):
@@ -569,31 +484,3 @@ def _holds_full(model) -> bool:
     return all(width == model.cfg.intermediate_size for width in model.stored_widths)
 
 
-def _tier_label(tiers: tuple[int, ...]):
-    return tiers[0] if len(set(tiers)) == 1 else list(tiers)
-
-
-def _byzantine(payload: Payload, scale: bool) -> Payload:
-    """Sign-flipped (or, unquantized, 10x scaled) copy, helper slabs too: well-formed, and wrong."""
-    factor = 10.0 if scale else -1.0
-
-    def skewed(sparses):
-        return {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in sparses.items()}
-    return Payload(payload.peer, payload.round, payload.tiers, skewed(payload.params), payload.quantized,
-                   payload.helper_neurons, skewed(payload.helper_params))
-
-
-def summary(result: RunResult) -> dict:
-    losses = result.eval_losses
-    return {
-        "rounds": len(result.records),
-        "stopped_early": result.stopped_early,
-        "first_eval_loss": losses[0],
-        "final_eval_loss": losses[-1],
-        "final_train_loss": result.records[-1]["loss"],
-        "loss_floor": result.loss_floor,
-        "rejected": dict(result.rejected()),
-        "faults": dict(result.faults()),
-        "non_finite_losses": result.non_finite_losses(),
-        "bytes_sent": sum(r["bytes_sent"] for r in result.records),
-    }

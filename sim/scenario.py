@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sim.config import load_config, remote_data_error
+from sim.config import load_config
+from sim.sources import remote_data_error
 from sim.distributed import simulate_distributed
 from sim.errors import ConfigError
 from sim.memory import check_fits

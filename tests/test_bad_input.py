@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from sim.cli import main
-from sim.config import REPO_ROOT, load_config
+from sim.config import CONFIGS, load_config
 from sim.errors import ConfigError
 from sim.model import build_model
 from sim.tiers import layer_tiers, tier_width
@@ -50,7 +50,7 @@ def test_python_m_sim_answers_bad_input_with_one_line_and_exit_status_2():
 
 def test_cli_unknown_model_style_in_config_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(REPO_ROOT / "configs" / "tiny", bad)
+    shutil.copytree(CONFIGS / "tiny", bad)
     hf = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**hf, "model_type": "mamba"}))
     result = matsim_here("tiers", "--config-path", str(bad))
@@ -60,7 +60,7 @@ def test_cli_unknown_model_style_in_config_is_one_line_and_exit_2(tmp_path):
 
 def test_state_toml_contradicting_config_json_is_rejected(tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(REPO_ROOT / "configs" / "tiny", bad)
+    shutil.copytree(CONFIGS / "tiny", bad)
     state = (bad / "state.toml").read_text().replace('"HfLlama"', '"HfNanoGPT"')
     (bad / "state.toml").write_text(state)
     with pytest.raises(ConfigError, match="contradicts config.json model_type 'llama'"):

@@ -9,7 +9,7 @@ import pytest
 from sim import oracle
 from sim.analyze import analyze
 from sim.scenario import RunFlags, run_scenario
-from sim.config import REPO_ROOT
+from sim.config import CONFIGS
 from sim.errors import ConfigError
 
 
@@ -58,7 +58,7 @@ def test_the_analysis_judges_a_calibrated_config_by_its_bands(tmp_path):
     """A run of a calibrated config (same length) gets the learning and paired-gap criteria;
     a heterogeneous run past its band fails them, the chapter's 15% notwithstanding."""
     config = tmp_path / "config"
-    shutil.copytree(REPO_ROOT / "configs" / "tiny", config)
+    shutil.copytree(CONFIGS / "tiny", config)
     results = tmp_path / "results"
     for name, tiers, kind, against in [("homogeneous", "0,0", "baseline", None), ("no_suffix", "2,2", "no-suffix",
                                        "homogeneous"), ("hetero", "0,1", "heterogeneous", "homogeneous")]:

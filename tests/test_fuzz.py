@@ -1,7 +1,7 @@
 """Failures HypoFuzz finds are ordinary failures: HypoFuzz fuzzes in the suite's example
 database, under the keys pytest replays (root conftest.py); `make fuzz` (scripts/fuzz.sh)
-then replays the database under pytest, so each failure gets its record and its `matsim
-reproduce` line, which replays it exactly. Shown on a planted bug."""
+then replays the database under pytest, so each failure gets its record and its
+`scripts/reproduce.sh` line, which replays it exactly. Shown on a planted bug."""
 import json
 import os
 import signal
@@ -47,7 +47,7 @@ def run(argv, env):
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
-def test_a_failure_hypofuzz_finds_gets_a_record_that_matsim_reproduce_replays(tmp_path, monkeypatch):
+def test_a_failure_hypofuzz_finds_gets_a_record_that_reproduce_replays(tmp_path, monkeypatch):
     env = {**os.environ, "MATSIM_PLANT": BUG, "MATSIM_EXAMPLES_DB": str(tmp_path / "db"),
            "MATSIM_FAILURES": str(tmp_path / "failures"), "MATSIM_FUZZ_OUT": str(tmp_path / "fuzz")}
     env.pop("PYTEST_XDIST_WORKER", None)

@@ -11,7 +11,7 @@ import torch
 
 from sim.aggregate import ApplyRule, MeanSemantics
 from sim.analyze import modes_label
-from sim.config import REPO_ROOT, DistroConfig, load_config
+from sim.config import CONFIGS, DistroConfig, load_config
 from sim.run import Network
 from tests.cli import matsim_here
 
@@ -142,7 +142,7 @@ def test_testnet_flags_override_the_config_and_the_record_and_analysis_name_the_
     assert meta["modes"] == {"mean_semantics": "peer", "apply_rule": "sgd", "weight_decay": 0.0, "zero_blocks": "sent"}
     analysis = matsim_here("analyze", str(tmp_path))
     assert "peer, sgd" in analysis.stdout
-    row = json.loads((tmp_path / "analysis.json").read_text())[0]
+    row = json.loads((tmp_path / "analysis.json").read_text())["rows"][0]
     assert modes_label(row["modes"]) == "peer, sgd, zero blocks sent"
 
 
@@ -175,7 +175,7 @@ def test_a_bad_mode_flag_is_one_line_and_exit_2(tmp_path, argv, fragment):
 def with_state(tmp_path, after: str, text: str, load: bool = True):
     """tiny's config with `text` added after the line `after` (or at the end)."""
     directory = tmp_path / "cfg"
-    shutil.copytree(REPO_ROOT / "configs" / "tiny", directory)
+    shutil.copytree(CONFIGS / "tiny", directory)
     state = (directory / "state.toml").read_text()
     state = state.replace(after + "\n", after + "\n" + text) if after else state + "\n" + text
     (directory / "state.toml").write_text(state)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sim.config import load_config
+from sim.config import CONFIGS, load_config
 from sim.errors import ConfigError
 from sim.run import simulate
 from sim.schedule import ConstantSchedule, CosineSchedule, LinearSchedule, WarmupStableDecaySchedule
@@ -22,8 +22,8 @@ from tests.cli import matsim_here
 
 REPO = Path(__file__).parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "psyche"
-LLAMA = REPO / "configs" / "stand-ins" / "llama"
-NANOGPT = REPO / "configs" / "stand-ins" / "nanogpt"
+LLAMA = CONFIGS / "stand-ins" / "llama"
+NANOGPT = CONFIGS / "stand-ins" / "nanogpt"
 
 
 # --- schedules: Psyche's formulas at their boundaries -------------------------------
@@ -294,7 +294,7 @@ def test_a_step_too_big_for_this_machine_names_the_micro_batch_that_fits(tmp_pat
     need = {m: sim.memory.step_bytes(config.replace(micro_batch_size=m), 0, 4) for m in (1, 2, 3, 4)}
     monkeypatch.setattr(sim.memory, "memory_budget", lambda: need[2] + 1)   # 2 of 4 sequences at once fit, 4 do not
     config_dir = tmp_path / "cfg"
-    shutil.copytree(REPO / "configs" / "tiny", config_dir)
+    shutil.copytree(CONFIGS / "tiny", config_dir)
     state = (config_dir / "state.toml").read_text()
     (config_dir / "state.toml").write_text(state.replace("global_batch_size_start = 4", "global_batch_size_start = 8")
                                            .replace("global_batch_size_end = 4", "global_batch_size_end = 8"))
@@ -314,10 +314,7 @@ def test_the_configs_script_accounts_for_every_toml_of_a_config_folder(tmp_path)
     """scripts/psyche_configs.py on a folder laid out as Psyche's config/: a state.toml Psyche
     accepts (run), one it refuses (not run, with its reason; run with --accept-stale-config), a
     Solana run config (read and run), and a data server's data.toml (named, not a run config)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("psyche_configs", REPO / "scripts" / "psyche_configs.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from scripts import psyche_configs as script
     folder = tmp_path / "checkout" / "config"
     shutil.copytree(FIXTURES / "distro-local-p2p", folder / "fresh")
     shutil.copytree(FIXTURES / "stale-no-epoch-time", folder / "stale")

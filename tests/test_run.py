@@ -98,7 +98,7 @@ def test_analyze_passes_a_good_matrix_and_fails_a_heterogeneous_run_15_percent_o
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     bad = matsim_here("analyze", str(tmp_path))
     assert bad.returncode == 1 and "verdict: FAIL (1/2" in bad.stdout
-    rows = {row["scenario"]: row for row in json.loads((tmp_path / "analysis.json").read_text())}
+    rows = {row["scenario"]: row for row in json.loads((tmp_path / "analysis.json").read_text())["rows"]}
     assert rows["hetero"]["criteria"]["final loss within 15% of homogeneous"] is False
     assert rows["homogeneous"]["passed"]
 

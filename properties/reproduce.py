@@ -1,11 +1,14 @@
-"""`matsim reproduce RECORD`: replay a property failure from its JSON record.
+"""Replay a property failure from its JSON record, in a checkout (the suite is not part of
+the installed package):
+
+    scripts/reproduce.sh results/failures/<test>.json     # = python -m properties.reproduce RECORD
 
 The record (written by properties/records.py when a property fails) names the
 test and carries Hypothesis's blob of the shrunk example. Replaying runs that
 one test under pytest, on CPU, with $MATSIM_REPRODUCE pointing at the record,
 so exactly that example runs; a planted bug named in the record is planted
 again. Exit status as pytest's for that test: 1 when the failure reproduces,
-0 when the test passes on that example now (the bug is fixed).
+0 when the test passes on that example now (the bug is fixed), 2 when the record is bad.
 """
 import json
 import os
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from sim.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parent.parent
 FIELDS = ("test", "blob", "hypothesis_version")
 
 
@@ -46,7 +49,7 @@ def reproduce(path: str | Path) -> int:
                "--no-header"]
     print(f"replaying {record['test']}" + (f" with planted bug {record['planted_bug']}" if record.get("planted_bug") else ""),
           flush=True)
-    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=CHECKOUT, env=env, capture_output=True, text=True)
     output = run.stdout + run.stderr
     if run.returncode not in (0, 1):
         raise ConfigError(f"could not run {record['test']} (pytest exit {run.returncode}): "
@@ -57,3 +60,19 @@ def reproduce(path: str | Path) -> int:
     print(output.rstrip())
     print(f"reproduced: {record['test']} fails on the recorded example")
     return 1
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m properties.reproduce RECORD (a results/failures/*.json file)", file=sys.stderr)
+        return 2
+    try:
+        return reproduce(args[0])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
