@@ -3,7 +3,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench fuzz docs check-wheel clean
+.PHONY: run test bench fuzz docs check-wheel figures clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	sh scripts/setup_venv.sh $(VENV)
@@ -30,11 +30,17 @@ fuzz: $(STAMP)
 
 # The docs site (mkdocs.yml, docs/), built as CI builds it: any warning is an error.
 docs: $(STAMP)
+	$(PY) -m scripts.tables --check
 	$(VENV)/bin/mkdocs build --strict --site-dir results/site
 
 # The wheel in a clean venv outside the checkout, with the shipped configs (scripts/check_wheel.sh).
 check-wheel: $(STAMP)
 	sh scripts/check_wheel.sh
+
+# Every published figure measured again at this commit, then the docs' tables regenerated
+# (scripts/figures.sh; FIGURES=matrix bench ... for some; PSYCHE=checkout for Psyche's configs).
+figures: $(STAMP)
+	sh scripts/figures.sh $(FIGURES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

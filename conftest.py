@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 from properties import records  # noqa: E402
 from properties.profiles import register_profiles  # noqa: E402
+from sim.provenance import stamp  # noqa: E402
 
 PROFILE = register_profiles()
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,4 +87,5 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"{median:7.2f}  median over {len(found)} bugs (goal: at most 10 s)")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "planted_bugs.json").write_text(json.dumps(
-        {"profile": PROFILE, "seconds_to_detection": found, "median_seconds": median}, indent=2, sort_keys=True))
+        {**stamp(), "profile": PROFILE, "workers": getattr(terminalreporter.config.option, "numprocesses", None),
+         "seconds_to_detection": found, "median_seconds": median}, indent=2, sort_keys=True))

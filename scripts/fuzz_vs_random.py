@@ -9,7 +9,7 @@ profile's engine), on the same time budget, one property at a time (README table
   properties under each engine until the first failing example (no shrinking) or DETECT
   seconds; random runs untraced, as the nightly job runs it.
 
-    .venv/bin/python -m scripts.fuzz_vs_random [--seconds 10] [--detect 60] [--jobs N] [--out results/fuzz]
+    .venv/bin/python -m scripts.fuzz_vs_random [--seconds 10] [--detect 60] [--jobs N] [--out docs/data]
 
 Both engines are seeded (--seed): the same command gives the same examples, though what fits
 in a time budget depends on the machine's speed.
@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from scripts import CHECKOUT as REPO
+from sim.provenance import stamp
 
 SIM = str(REPO / "sim")
 
@@ -215,7 +216,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--only", choices=("coverage", "detection"))
-    parser.add_argument("--out", default=str(REPO / "results" / "fuzz"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "data"), help="folder of fuzz_vs_random.json")
     args = parser.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -224,7 +225,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    report = {"seconds": args.seconds, "detect_seconds": args.detect, "seed": args.seed, "jobs": args.jobs}
+    report = {**stamp(), "seconds": args.seconds, "detect_seconds": args.detect, "seed": args.seed, "jobs": args.jobs}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker) as pool:
         if args.only != "detection":
             targets = property_targets()
@@ -258,7 +259,7 @@ def main() -> None:
                                        for e in ("random", "hypofuzz")}
         console.print(table)
         console.print(report["detection_summary"])
-    (out / "fuzz_vs_random.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out / "fuzz_vs_random.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     console.print(f"written: {out / 'fuzz_vs_random.json'}")
 
 

@@ -15,10 +15,4 @@ cd "$(dirname "$0")/.."
 # One thread per process means no pool, so nothing to deadlock.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-mutation} .venv/bin/mutmut run "$@" || true
-.venv/bin/mutmut results --all true | awk -F': ' '
-    { count[$2]++; total++ }
-    END {
-        for (s in count) printf "%-12s %d\n", s, count[s]
-        judged = count["killed"] + count["survived"]
-        if (judged) printf "mutation score: %.1f%% (%d killed of %d killed or survived; %d timeouts not counted)\n", 100 * count["killed"] / judged, count["killed"], judged, count["timeout"]
-    }'
+.venv/bin/python -m scripts.mutation_report

@@ -42,7 +42,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/round_off.json")
+    parser.add_argument("--out", default="docs/data/round_off.json")
     args = parser.parse_args()
     table = {}
     for mode, lossless in (("lossless", True), ("compressed", False)):

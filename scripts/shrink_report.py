@@ -2,10 +2,10 @@
 """How small the suite's counterexamples shrink: for each planted bug whose catcher is a
 property over tensors or payloads, plant it, let Hypothesis find and shrink a failing example,
 and report what the shrunk example holds: each drawn tensor's shape and its non-zero
-elements (a payload: its values, over every parameter; under 1-bit, the signs that are not +1). Writes results/shrink_report.json
+elements (a payload: its values, over every parameter; under 1-bit, the signs that are not +1). Writes docs/data/shrink_after.json
 with the commit it measured.
 
-    .venv/bin/python -m scripts.shrink_report [--bugs a,b] [--out results/shrink_report.json]
+    .venv/bin/python -m scripts.shrink_report [--bugs a,b] [--out docs/data/shrink_after.json]
 
 It reads the final example through Hypothesis internals (ConjectureData.draw and
 StateForActualGivenExecution.execute_once: the draws of the last example run, which is the
@@ -87,7 +87,7 @@ def shrunk(bug: str) -> dict | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bugs", help="comma-separated; default: every bug with a tensor catcher")
-    parser.add_argument("--out", default="results/shrink_report.json")
+    parser.add_argument("--out", default="docs/data/shrink_after.json")
     args = parser.parse_args()
     ConjectureData.draw = _recording(ConjectureData.draw)
     StateForActualGivenExecution.execute_once = _clearing(StateForActualGivenExecution.execute_once)

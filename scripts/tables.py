@@ -177,10 +177,177 @@ def matrix() -> str:
                   "suffix share", "verdict"], body) + "\n\n" + source(d, "make run"))
 
 
+def memory() -> str:
+    d = load("memory")
+    mib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    measured, by_config = [], {}
+    for r in d["measured"]:
+        by_config.setdefault(r["config"], []).append(r)
+    for config, tiers in by_config.items():
+        base = tiers[0]
+        for r in tiers:
+            measured.append([config, r["tier"], r["device"], mib(r["peak_bytes"]),
+                             pct(r["peak_bytes"] / base["peak_bytes"] - 1, True), mib(r["analytic_bytes"]),
+                             pct(r["analytic_bytes"] / base["analytic_bytes"] - 1, True)])
+    analytic, base = [], {}
+    for r in d["analytic"]:
+        base.setdefault(r["model"], r["total"])
+        analytic.append([r["model"], r["tokens"], r["tier"], mib(r["parameters"]), mib(r["gradients"]),
+                         mib(r["distro_state"]), mib(r["activations"]), mib(r["total"]),
+                         pct(r["total"] / base[r["model"]] - 1, True)])
+    return ("Measured, one training step per tier:\n\n"
+            + rows(["config", "tier", "device", "peak", "vs tier 0", "analytic", "analytic vs tier 0"], measured)
+            + "\n\nAnalytic, fp32:\n\n"
+            + rows(["model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
+                    "vs tier 0"], analytic) + "\n\n" + source(d, "matsim memory --tiers 0,1,2"))
+
+
+def reference_modes() -> str:
+    from tests.planted_bugs import BUGS, CATCHERS, REFERENCE_MODES
+    d = load("planted_bugs")
+    body = [[BUGS[bug][0], bug, ", ".join(f"`{c.split('::')[-1]}`" for c in CATCHERS[bug]),
+             f"{d['seconds_to_detection'][bug]:.1f}" if bug in d["seconds_to_detection"] else "not caught"]
+            for bug in REFERENCE_MODES]
+    return (rows(["the dimension's bug", "planted bug", "caught by", "seconds to detection"], body) + "\n\n"
+            + source(d, f"make test (profile {d['profile']}, {d.get('workers')} workers)"))
+
+
+def planted_bugs() -> str:
+    from tests.planted_bugs import BUGS, CATCHERS
+    d = load("planted_bugs")
+    seconds = d["seconds_to_detection"]
+    body = [[bug, BUGS[bug][0], ", ".join(f"`{c.split('::')[-1]}`" for c in CATCHERS[bug]),
+             f"{seconds[bug]:.2f}" if bug in seconds else "not caught"] for bug in sorted(BUGS)]
+    caught = [s for b, s in seconds.items() if b in BUGS]
+    return (rows(["planted bug", "what it does", "caught by", "seconds to detection"], body) + "\n\n"
+            + f"{len(caught)} of {len(BUGS)} caught; median {d['median_seconds']:.2f} s, slowest {max(caught):.1f} s."
+            + "\n\n" + source(d, f"make test (profile {d['profile']}, {d.get('workers')} workers)"))
+
+
+def mutation() -> str:
+    d = load("mutation")
+    c = d["counts"]
+    body = [[state, n] for state, n in sorted(c.items())]
+    return (rows(["mutants", "count"], body) + "\n\n"
+            + f"Score {d['score']:.1%}: {c.get('killed', 0)} killed of {c.get('killed', 0) + c.get('survived', 0)} "
+            + f"killed or survived. Survivors: {', '.join(f'`{n}`' for n in d['survivors'][:40]) or 'none'}"
+            + (f" and {len(d['survivors']) - 40} more" if len(d["survivors"]) > 40 else "") + ".\n\n"
+            + source(d, "scripts/mutation_score.sh"))
+
+
+def fuzz_vs_random() -> str:
+    d = load("fuzz_vs_random")
+    cov, det = d["coverage_summary"], d["detection_summary"]
+    examples = {e: [r[e]["examples"] for r in d["coverage"]] for e in ("random", "hypofuzz")}
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    coverage = rows([f"coverage, {cov['targets']} targets x {d['seconds']:g} s each", "random", "HypoFuzz"], [
+        ["examples run (total; median per target)", *(f"{sum(examples[e]):,}; {median(examples[e])}" for e in ("random", "hypofuzz"))],
+        ["line transitions reached in sim/ (sum over targets)", *(f"{cov['total'][e]:,}" for e in ("random", "hypofuzz"))],
+        ["targets where it reached more", cov["more_for"]["random"], cov["more_for"]["hypofuzz"]],
+        ["failures on the honest code", *(sum(r[e]["found_at"] is not None for r in d["coverage"]) for e in ("random", "hypofuzz"))]])
+    first = {e: sum(1 for r in d["detection"] if r[e] is not None and (r[o] is None or r[e] < r[o]))
+             for e, o in (("random", "hypofuzz"), ("hypofuzz", "random"))}
+    slowest = {e: max((r[e] for r in d["detection"] if r[e] is not None), default=None) for e in ("random", "hypofuzz")}
+    n = len(d["detection"])
+    detection = rows([f"detection, {n} planted bugs one at a time, budget {d['detect_seconds']:g} s", "random", "HypoFuzz"], [
+        ["found", *(f"{det[e]['found']} of {n}" for e in ("random", "hypofuzz"))],
+        ["median seconds to detection", *(f"{det[e]['median_s']:.2f}" for e in ("random", "hypofuzz"))],
+        ["slowest", *(f"{slowest[e]:.2f}" for e in ("random", "hypofuzz"))],
+        ["bugs it found first", first["random"], first["hypofuzz"]]])
+    return (coverage + "\n\n" + detection + "\n\n"
+            + source(d, f"python -m scripts.fuzz_vs_random --seconds {d['seconds']:g} --detect {d['detect_seconds']:g}"))
+
+
+def bandwidth() -> str:
+    d = load("bandwidth")
+    n0, n1 = d["tier0"], d["tier1"]
+    body = [[m["model"], f"{m['params'] / 1e6:,.1f}M", pct(m["mlp_share"]), f"{m['tier0_bytes']:,} B",
+             f"{m['tier1_bytes']:,} B", f"{m['dense_fp32_bytes'] / m['tier0_bytes']:.0f}x smaller",
+             pct(m["mixed_round_bytes"] / m["tier0_round_bytes"] - 1, True)] for m in d["models"]]
+    return (rows(["model", "params", "MLP share", "tier-0 payload", "tier-1 payload", "vs dense fp32",
+                  f"{n0}xT0+{n1}xT1 vs {n0 + n1}xT0"], body) + "\n\n"
+            + source(d, f"python -m scripts.bandwidth (top-{d['topk']} of {d['chunk']}x{d['chunk']} blocks)"))
+
+
+def cli() -> str:
+    """Every matsim command and its options, from the parser itself (not a measurement)."""
+    import argparse as ap
+
+    from sim.cli import build_parser
+
+    def commands(parser, prefix):
+        for action in parser._actions:   # argparse has no public walk over subcommands
+            if isinstance(action, ap._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    yield from commands(sub, f"{prefix} {name}") if any(
+                        isinstance(a, ap._SubParsersAction) for a in sub._actions) else [(f"{prefix} {name}", helps.get(name), sub)]
+    out = []
+    for name, help_, parser in commands(build_parser(), "matsim"):
+        body = []
+        for action in parser._actions:
+            if isinstance(action, ap._HelpAction):
+                continue
+            flag = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest.upper()}`"
+            choices = f" ({', '.join(map(str, action.choices))})" if action.choices else ""
+            flags_only = isinstance(action, (ap._StoreTrueAction, ap._StoreFalseAction, ap._StoreConstAction))
+            default = ("" if action.default is None or action.default is ap.SUPPRESS or action.required or flags_only
+                       else f"`{action.default}`")
+            what = (action.help or "").replace("|", "\\|").replace("%%", "%").replace("<", "&lt;").replace(">", "&gt;")
+            body.append([flag, (what + choices).strip(), default])
+        out.append(f"### `{name}`\n\n{help_ or ''}\n\n" + rows(["option", "what", "default"], body))
+    return "\n\n".join(out) + "\n\n<sub>Generated from `sim/cli.py`'s parser by `python -m scripts.tables`.</sub>"
+
+
+def findings() -> str:
+    from scripts.findings import FINDINGS
+    d = load("findings")["findings"]
+    out = []
+    for name, f in FINDINGS.items():
+        figures = d.get(name)
+        measured = f.summary(figures) if figures else "not measured yet (run its command)"
+        command = f"python -m scripts.findings {name}" + (" --psyche CHECKOUT" if f.needs_psyche else "")
+        out.append(f"## {f.title}\n\n- **What Psyche does:** {f.psyche}\n- **What it should do:** {f.expected}\n"
+                   f"- **Measured:** {measured}" + (" It still holds." if figures and figures["holds"] else "") + "\n"
+                   f"- **Reproduce:** `{command}`\n\n" + (source(figures, command) if figures else ""))
+    return "\n\n".join(out)
+
+
+def bench() -> str:
+    d = load("bench")
+    by_name = {b["name"]: b for b in d["benchmarks"]}
+    goals = [("batched over serial round, tiny, 64 peers at tiers 0,1,2 (goal: at least 5x)",
+              "test_bench_batched_round_over_serial[tiny-0,1,2 x64]", "serial_over_batched"),
+             ("harness overhead, tiny: a round over bare peers, interleaved (goal: at most 1.10)",
+              "test_bench_harness_overhead_interleaved[tiny]", "round_over_bare"),
+             ("harness overhead, test-nanogpt-small, interleaved (goal: at most 1.10)",
+              "test_bench_harness_overhead_interleaved[test-nanogpt-small]", "round_over_bare")]
+    headline = rows(["goal", "measured"], [[label, f"{by_name[name]['extra'][key]:.2f}x" if name in by_name else "not run"]
+                                           for label, name, key in goals])
+    within = [[b["group"], b["name"].split("[")[-1].rstrip("]"), f"{b['extra'][k]:.2f}x"]
+              for b in d["benchmarks"] for k in ("serial_over_batched", "round_over_bare", "ratio") if k in b["extra"]]
+    against = [[b["group"], b["name"].removeprefix("test_bench_"), b["baseline"].removeprefix("test_bench_"),
+                f"{b['median_s'] * 1e3:.2f} ms", f"{b['over_baseline']:.2f}x"]
+               for b in d["benchmarks"] if b["over_baseline"] is not None]
+    rates = [[b["group"], b["name"].removeprefix("test_bench_"), f"{b['extra'][k]:,.1f}"]
+             for b in d["benchmarks"] for k in ("examples_per_second", "rounds_per_second") if k in b["extra"]]
+    return ("\n\n".join([
+        headline,
+        "Ratios measured inside one benchmark (pairs timed together, the median over pairs; peak RSS batched over serial):",
+        rows(["group", "case", "ratio"], within),
+        "Against the group's bare baseline, from the medians of the same run:",
+        rows(["group", "benchmark", "baseline", "median", "ratio"], against),
+        "Rates (the property benchmarks against drawing the same examples and doing nothing):",
+        rows(["group", "benchmark", "per second"], rates)])
+        + "\n\n" + source(d, "python -m scripts.bench_report" + (f" -k {d['selection']}" if d.get("selection") else "")))
+
+
 TABLES = {
     "power-detection": power_detection, "power-runs": power_runs, "fault-gap": fault_gap, "round-off": round_off,
     "shrink": shrink, "bug-paths": bug_paths, "psyche-configs": psyche_configs, "zero-blocks": zero_blocks,
-    "matrix": matrix,
+    "matrix": matrix, "memory": memory, "reference-modes": reference_modes, "planted-bugs": planted_bugs,
+    "mutation": mutation, "fuzz-vs-random": fuzz_vs_random,
+    "bandwidth": bandwidth, "cli": cli, "findings": findings, "bench": bench,
 }
 
 

@@ -22,31 +22,41 @@ from sim.run import Network, simulate
 EMBED, SEEN = "model.embed_tokens.weight", 16
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=CHECKOUT / "docs" / "data" / "zero_blocks.json")
-    args = parser.parse_args(argv)
+def unseen_rows_moved(rounds: int) -> dict:
+    """Per zero-blocks mode: how far the embedding rows of tokens no batch contains moved, and
+    the held-out loss, after `rounds` rounds of tiny at tiers 0,1 under 1-bit signs."""
     base = load_config("tiny")
     base = base.replace(markov=dataclasses.replace(base.markov, states=SEEN),
                         distro=dataclasses.replace(base.distro, quantize_1bit=True))
     with Network(base, [0, 1], seed=0, device="cpu") as network:
         start = network.peers[0].model.state_dict()[EMBED][SEEN:].clone()
     rows = {}
-    print(f"tiny, tiers 0,1, {args.rounds} rounds, 1-bit, chain over tokens 0-{SEEN - 1} of {base.model.vocab_size}")
-    print(f"{'zero blocks':<12} {'unseen rows: mean |moved|':>26} {'max |moved|':>12} {'moved elements':>15} "
-          f"{'final loss':>11}")
     for mode in ("absent", "sent"):
         config = base.replace(distro=dataclasses.replace(base.distro, zero_blocks=mode))
-        result = simulate(config, [0, 1], rounds=args.rounds, seed=0, device="cpu")
+        result = simulate(config, [0, 1], rounds=rounds, seed=0, device="cpu")
         moved = (result.final_weights[EMBED][SEEN:] - start).abs()
         rows[mode] = {"mean_moved": moved.mean().item(), "max_moved": moved.max().item(),
                       "moved_share": (moved > 0).float().mean().item(), "initial_scale": start.abs().mean().item(),
                       "final_loss": result.final_eval_loss}
-        print(f"{mode:<12} {moved.mean().item():>26.4f} {moved.max().item():>12.4f} "
-              f"{(moved > 0).float().mean().item():>14.1%} {result.final_eval_loss:>11.4f}")
-    args.out.write_text(json.dumps({**stamp(), "rounds": args.rounds, "seen": SEEN, "vocab": base.model.vocab_size,
-                                    "modes": rows}, indent=2, sort_keys=True) + "\n")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=CHECKOUT / "docs" / "data" / "zero_blocks.json")
+    args = parser.parse_args(argv)
+    rows = unseen_rows_moved(args.rounds)
+    print(f"tiny, tiers 0,1, {args.rounds} rounds, 1-bit, chain over tokens 0-{SEEN - 1} of "
+          f"{load_config('tiny').model.vocab_size}")
+    print(f"{'zero blocks':<12} {'unseen rows: mean |moved|':>26} {'max |moved|':>12} {'moved elements':>15} "
+          f"{'final loss':>11}")
+    for mode, row in rows.items():
+        print(f"{mode:<12} {row['mean_moved']:>26.4f} {row['max_moved']:>12.4f} {row['moved_share']:>14.1%} "
+              f"{row['final_loss']:>11.4f}")
+    args.out.write_text(json.dumps({**stamp(), "rounds": args.rounds, "seen": SEEN,
+                                    "vocab": load_config("tiny").model.vocab_size, "modes": rows},
+                                   indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

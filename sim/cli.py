@@ -127,39 +127,7 @@ def cmd_memory(args) -> None:
     for run in runs:
         for tier in tiers:
             tier_width(run.model.intermediate_size, tier)
-    out = console()
-    measured = Table("config", "tier", "FFN width", "device", "tokens", "peak", "vs tier 0",
-                     "analytic", "analytic vs tier 0", title="Measured: one training step per tier")
-    records = []
-    for run in runs:
-        base = None
-        for tier in tiers:
-            row = memory.measure_step(str(run.path), tier, micro_batch_size=run.micro_batch_size)
-            estimate = memory.step_bytes(run, tier, run.client_batch)
-            base = base or (row["peak_bytes"], estimate)
-            records.append({**row, "analytic_bytes": estimate})
-            measured.add_row(run.name, str(tier), str(run.model.intermediate_size >> tier), row["device"],
-                             f"{run.client_batch}x{run.seq_len}", memory.human(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
-                             memory.human(estimate), f"{estimate / base[1] - 1:+.1%}")
-    out.print(measured)
-    analytic = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
-                     "vs tier 0", title="Analytic breakdown (fp32)")
-    bars = []
-    shapes = {run.name: (run.model, memory.largest_piece(run.client_batch, run.micro_batch_size), run.seq_len)
-              for run in runs}
-    for name, (cfg, batch, seq) in {**shapes, **memory.LLAMA_SHAPES}.items():
-        base = memory.analytic(cfg, 0, batch, seq).total
-        for tier in tiers:
-            b = memory.analytic(cfg, tier, batch, seq)
-            analytic.add_row(name, f"{batch}x{seq}", str(tier), memory.human(b.parameters), memory.human(b.gradients),
-                             memory.human(b.distro_state), memory.human(b.activations), memory.human(b.total), f"{b.total / base - 1:+.1%}")
-            bars.append((name, tier, b))
-    out.print(analytic)
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    memory.bar_chart(bars, outdir / "memory.png")
-    (outdir / "memory.json").write_text(json.dumps(records, indent=2))
-    out.print(f"wrote {outdir / 'memory.png'} and {outdir / 'memory.json'}")
+    memory.report(runs, tiers, Path(args.out), console())
 
 
 def run_flags(args) -> RunFlags:

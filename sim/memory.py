@@ -16,15 +16,19 @@ import os
 import resource
 import subprocess
 import sys
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from sim.config import ModelConfig, load_config
 from sim.distro import DistroState
 from sim.errors import ConfigError
 from sim.model import build_model, default_device, param_count, random_tokens
 from sim.peer import train_and_compress
+from sim.provenance import stamp
 from sim.tiers import layer_widths
 
 BYTES = 4  # fp32
@@ -169,3 +173,42 @@ def bar_chart(rows: list[tuple[str, int, Breakdown]], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(runs, tiers: list[int], outdir: Path, out) -> None:
+    """`matsim memory`: measured and analytic memory per tier, printed, charted and written
+    (memory.json, stamped with the commit) to `outdir`."""
+    measured = Table("config", "tier", "FFN width", "device", "tokens", "peak", "vs tier 0",
+                     "analytic", "analytic vs tier 0", title="Measured: one training step per tier")
+    records = []
+    for run in runs:
+        base = None
+        for tier in tiers:
+            row = measure_step(str(run.path), tier, micro_batch_size=run.micro_batch_size)
+            estimate = step_bytes(run, tier, run.client_batch)
+            base = base or (row["peak_bytes"], estimate)
+            records.append({**row, "analytic_bytes": estimate})
+            measured.add_row(run.name, str(tier), str(run.model.intermediate_size >> tier), row["device"],
+                             f"{run.client_batch}x{run.seq_len}", human(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
+                             human(estimate), f"{estimate / base[1] - 1:+.1%}")
+    out.print(measured)
+    analytic = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
+                     "vs tier 0", title="Analytic breakdown (fp32)")
+    bars, breakdown = [], []
+    shapes = {run.name: (run.model, largest_piece(run.client_batch, run.micro_batch_size), run.seq_len)
+              for run in runs}
+    for name, (cfg, batch, seq) in {**shapes, **LLAMA_SHAPES}.items():
+        base = analytic(cfg, 0, batch, seq).total
+        for tier in tiers:
+            b = analytic(cfg, tier, batch, seq)
+            analytic.add_row(name, f"{batch}x{seq}", str(tier), human(b.parameters), human(b.gradients),
+                             human(b.distro_state), human(b.activations), human(b.total), f"{b.total / base - 1:+.1%}")
+            bars.append((name, tier, b))
+            breakdown.append({"model": name, "tokens": f"{batch}x{seq}", "tier": tier, **dataclasses.asdict(b),
+                              "total": b.total})
+    out.print(analytic)
+    outdir.mkdir(parents=True, exist_ok=True)
+    bar_chart(bars, outdir / "memory.png")
+    (outdir / "memory.json").write_text(json.dumps({**stamp(), "measured": records, "analytic": breakdown},
+                                                   indent=2) + "\n")
+    out.print(f"wrote {outdir / 'memory.png'} and {outdir / 'memory.json'}")

@@ -26,6 +26,16 @@ def test_same_seed_same_config_gives_byte_identical_metrics_on_cpu(tmp_path):
     assert other.records != [json.loads(line) for line in a.read_text().splitlines()]
 
 
+def test_batching_auto_is_bit_identical_to_on_wherever_it_batches_every_group(tmp_path):
+    """The docs' table of bit-identical settings: on tiny (under auto's bound) with two peers
+    of each shape, auto batches every group as on does, so the two are one computation. The
+    twin with batching off takes the other gradient route; it is only equal to round-off."""
+    runs = {b: simulate(TINY, [0, 0, 1, 1], faults="drop=0.1,late=0.1", seed=3, rounds=4, out=tmp_path / b,
+                        device="cpu", batching=b) for b in ("auto", "on")}
+    assert (tmp_path / "auto" / "metrics.jsonl").read_bytes() == (tmp_path / "on" / "metrics.jsonl").read_bytes()
+    assert all(torch.equal(runs["on"].final_weights[n], t) for n, t in runs["auto"].final_weights.items())
+
+
 @pytest.mark.parametrize("tiers", [(0, 1, 1), (0, 2, 1, 0)])
 def test_shared_weights_mode_equals_replica_mode_exactly(tiers):
     replicas = simulate(TINY, list(tiers), seed=1, rounds=4, device="cpu")
