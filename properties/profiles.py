@@ -6,6 +6,8 @@
 - mutation: dev's examples, no shrinking and no database (scripts/mutation_score.sh):
   a mutant only has to make a property fail, and each of ~1800 mutants runs the suites.
 - replay: nothing new, only the pinned examples and what the database holds (make fuzz).
+- sweep: a few new examples of every property, no shrinking past the first failure's (make
+  fuzz's first step: every property gets examples, whichever HypoFuzz reaches).
 HYPOTHESIS_PROFILE picks one; otherwise `ci` when CI=true, else `dev`.
 
 The example database and pytest-xdist: every worker process opens the same
@@ -30,6 +32,7 @@ from hypothesis.database import (DirectoryBasedExampleDatabase, GitHubArtifactDa
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_DB = Path(os.environ.get("MATSIM_EXAMPLES_DB", REPO_ROOT / ".hypothesis" / "examples"))
 CI_EXAMPLES = 200
+SWEEP_EXAMPLES = 10   # scaled() properties get their fraction of it, at least one
 PROFILES = {
     "dev": dict(max_examples=50),
     # No explain phase: after shrinking it reruns the failing example many times over (each a
@@ -41,6 +44,7 @@ PROFILES = {
     # Only what the database holds (scripts/fuzz.sh): HypoFuzz's failures replay under pytest,
     # which writes their records.
     "replay": dict(max_examples=CI_EXAMPLES, phases=(Phase.explicit, Phase.reuse)),
+    "sweep": dict(max_examples=SWEEP_EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)),
 }
 
 

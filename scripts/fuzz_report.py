@@ -1,14 +1,17 @@
-"""What HypoFuzz's campaigns left in the example database, per property: examples run,
-behaviors (branches and events) and fingerprints reached, time fuzzed, and failures found
-(scripts/fuzz.sh writes it to results/fuzz/report.json after a run).
+"""What a fuzzing run did, per property: whether the sweep's random examples ran (and
+passed), and what HypoFuzz's campaigns left in the example database: examples run, behaviors
+(branches and events) and fingerprints reached, time fuzzed, and failures found
+(scripts/fuzz.sh writes it to results/fuzz/report.json after a run, with the commit).
 
     .venv/bin/python -m scripts.fuzz_report [--out results/fuzz] [pytest selection]
 """
 import argparse
 import json
 from pathlib import Path
+from xml.etree import ElementTree
 
 from scripts import CHECKOUT as REPO
+from sim.provenance import stamp
 
 
 def main() -> None:
@@ -24,6 +27,7 @@ def main() -> None:
 
     targets = collect_tests(args.selection).fuzz_targets
     database = HypofuzzDatabase(settings().database)
+    swept = sweep_outcomes(Path(args.out) / "sweep.xml")
     rows = []
     for target in targets:
         key = target.database_key
@@ -40,18 +44,34 @@ def main() -> None:
             "fingerprints": max((r.fingerprints for r in reports), default=0),
             "seconds": round(sum(r.elapsed_time for r in reports), 1),
             "failures": len(list(database.failures(state=FailureState.SHRUNK).fetch(key))),
+            "sweep": swept.get(target.nodeid, "not run"),
         })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    (out / "report.json").write_text(json.dumps({**stamp(), "properties": rows}, indent=2))
     table = Table(title="HypoFuzz, per property (example database)")
-    for column in ("test", "examples", "behaviors", "fingerprints", "seconds", "failures"):
+    for column in ("test", "sweep", "examples", "behaviors", "fingerprints", "seconds", "failures"):
         table.add_column(column, justify="left" if column == "test" else "right")
     for row in sorted(rows, key=lambda r: (-r["failures"], r["test"])):
-        table.add_row(*(str(row[c]) for c in ("test", "examples", "behaviors", "fingerprints", "seconds", "failures")))
+        table.add_row(*(str(row[c]) for c in ("test", "sweep", "examples", "behaviors", "fingerprints", "seconds",
+                                              "failures")))
     Console(width=160).print(table)
-    print(f"fuzz: {sum(r['examples'] for r in rows)} examples over {len(rows)} properties, "
+    print(f"fuzz: sweep ran {sum(r['sweep'] != 'not run' for r in rows)} of {len(rows)} properties; HypoFuzz "
+          f"{sum(r['examples'] for r in rows)} examples over {sum(r['examples'] > 0 for r in rows)} of them; "
           f"{sum(r['failures'] > 0 for r in rows)} failing; {out / 'report.json'}")
+
+
+def sweep_outcomes(junit: Path) -> dict[str, str]:
+    """{pytest node id: passed | failed | skipped} of the sweep step's junit report."""
+    if not junit.is_file():
+        return {}
+    outcomes = {}
+    for case in ElementTree.parse(junit).iter("testcase"):
+        path = case.get("classname", "").replace(".", "/") + ".py"
+        state = "failed" if case.find("failure") is not None or case.find("error") is not None else \
+            "skipped" if case.find("skipped") is not None else "passed"
+        outcomes[f"{path}::{case.get('name')}"] = state
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ MARKED = re.compile(r"(<!-- table: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!--
 def load(name: str) -> dict:
     path = DATA / f"{name}.json"
     if not path.is_file():
-        raise SystemExit(f"tables: {path.relative_to(CHECKOUT)} is missing: run the script that writes it")
+        raise SystemExit(f"tables: docs/data/{path.name} is missing: run the script that writes it")
     return json.loads(path.read_text())
 
 
@@ -342,12 +342,41 @@ def bench() -> str:
         + "\n\n" + source(d, "python -m scripts.bench_report" + (f" -k {d['selection']}" if d.get("selection") else "")))
 
 
+def fuzz_power() -> str:
+    d = load("fuzz_power")
+    body = [[bug, r["op"], "missed" if r["first_mismatch_s"] is None else f"{r['first_mismatch_s']:.2f}",
+             r["tried"] if r["tried"] is not None else "-",
+             "-" if r["shrunk_elements"] is None else f"{r['shrunk_elements']} / {r['shrunk_peers']}",
+             f"{r['killer_elements']} / {r['killer_peers']}"] for bug, r in sorted(d["rows"].items())]
+    return (rows(["planted bug", "op", "seconds to the first mismatch", "cases tried", "shrunk: elements / peers",
+                  "killing case: elements / peers"], body) + "\n\n"
+            + f"Found {d['found']} of {d['bugs']} within {d['seconds']:g} s each; median {d['median_s']:.2f} s.\n\n"
+            + source(d, f"python -m scripts.fuzz_power --seconds {d['seconds']:g}"))
+
+
+def fuzz_impl() -> str:
+    d = load("fuzz_impl")
+    out = []
+    for name, run in sorted(d["runs"].items()):
+        body = [[r["op"], r["tried"], r["unsupported"], r["passed"], r["mismatches"], r["errors"],
+                 f"{r['seconds']:.0f}" if not r.get("skipped") else "skipped"] for r in run["ops"]]
+        out.append(f"**{name}** (`--reading {run['reading']}`, {run['seconds_per_op']:g} s per op):\n\n"
+                   + rows(["op", "tried", "unsupported", "passed", "mismatches", "errors", "seconds"], body))
+    found = [[name, f["op"], f["elements"], f["peers"], f["reason"][:90].replace("|", "\\|")]
+             for name, run in sorted(d["runs"].items()) for f in run["found"]]
+    if found:
+        out.append("Found, shrunk (each replays with `matsim vectors check` on its directory):\n\n"
+                   + rows(["implementation", "op", "non-zero elements", "peers", "mismatch"], found))
+    return "\n\n".join(out) + "\n\n" + source(d, "python -m scripts.fuzz_impl")
+
+
 TABLES = {
     "power-detection": power_detection, "power-runs": power_runs, "fault-gap": fault_gap, "round-off": round_off,
     "shrink": shrink, "bug-paths": bug_paths, "psyche-configs": psyche_configs, "zero-blocks": zero_blocks,
     "matrix": matrix, "memory": memory, "reference-modes": reference_modes, "planted-bugs": planted_bugs,
     "mutation": mutation, "fuzz-vs-random": fuzz_vs_random,
     "bandwidth": bandwidth, "cli": cli, "findings": findings, "bench": bench,
+    "fuzz-power": fuzz_power, "fuzz-impl": fuzz_impl,
 }
 
 

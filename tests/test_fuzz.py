@@ -70,7 +70,7 @@ def test_a_failure_hypofuzz_finds_gets_a_record_that_reproduce_replays(tmp_path,
 
     replayed = run(["sh", "scripts/fuzz.sh", "0", PROPERTY], env)   # make fuzz's replay and report
     assert replayed.returncode == 1, replayed.stdout[-3000:] + replayed.stderr[-2000:]
-    (report,) = json.loads((tmp_path / "fuzz" / "report.json").read_text())
+    (report,) = json.loads((tmp_path / "fuzz" / "report.json").read_text())["properties"]
     assert report["test"] == PROPERTY and report["failures"] == 1 and report["examples"] > 0, report
     (record_path,) = (tmp_path / "failures").glob("*.json")
     record = json.loads(record_path.read_text())

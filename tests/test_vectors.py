@@ -78,10 +78,16 @@ def test_a_psyche_divergent_case_gives_both_readings_and_check_says_which_an_ans
     divergent = [c for c in cases if "psyche_divergent" in c["flags"]]
     assert {c["op"] for c in divergent} >= {"aggregate", "helper_indices", "quantize_1bit"}
     assert all(("psyche" in c["expected"]) == (c in divergent) for c in cases)
-    # matsim itself, held to Psyche's reading, fails exactly those cases, each one as matsim's reading
+    # Where Psyche would have sent other pairs, the case carries them, and matsim's mathematics
+    # on Psyche's own pairs is Psyche's reading (the divergence was in what is sent); elsewhere
+    # matsim itself, held to Psyche's reading, fails exactly those cases, each as matsim's reading.
+    other_pairs = {c["id"] for c in divergent if "inputs" in c["expected"]["psyche"]}
+    assert {c["op"] for c in divergent if c["id"] in other_pairs} >= {"batch_decompress", "aggregate"}
     results = [vectors.run_case(InProcess(exported), case, exported, reading="psyche") for case in cases]
     failed = {r.case for r in results if r.status == "fail"}
-    assert failed == {c["id"] for c in divergent}
+    # (a tie among nonzero magnitudes is read by the values: another valid top-k passes)
+    ties = {c["id"] for c in divergent if c["op"] == "compress" and "tie" in c["flags"]}
+    assert failed <= {c["id"] for c in divergent} - other_pairs and failed >= {c["id"] for c in divergent} - other_pairs - ties
     assert all(r.other_reading and "matsim's reading" in r.reason for r in results if r.status == "fail")
 
 

@@ -60,7 +60,9 @@ def _same(a, b, tolerance: dict) -> bool:
 
 def _case(case_id: str, op: str, made: tuple, seed: int, index: int, tensors: dict) -> dict:
     """One case: matsim's outputs (or error) for its inputs and, where Psyche's reading of the
-    same data differs, Psyche's outputs too (flag psyche_divergent)."""
+    same data differs, Psyche's outputs too (flag psyche_divergent), with the inputs Psyche's
+    reading starts from where Psyche would have sent other pairs (an all-zero block's zeros
+    at real indices, libtorch's choice among ties)."""
     inputs, flags, strategy, *psyche_inputs = made
     flags, file = set(flags), f"{op}.safetensors"
     try:
@@ -73,6 +75,8 @@ def _case(case_id: str, op: str, made: tuple, seed: int, index: int, tensors: di
         psyche = READINGS.get(op, OPS[op])(psyche_inputs[0])
         if not _same(outputs, psyche, FLOAT if op in FLOAT_OPS else EXACT):
             expected["psyche"] = {"outputs": _stored(psyche, case_id, "psyche", tensors)}
+            if not _same(inputs, psyche_inputs[0], EXACT):   # Psyche would have sent other pairs: its own inputs
+                expected["psyche"]["inputs"] = _stored(psyche_inputs[0], case_id, "psyche_in", tensors)
             flags.add("psyche_divergent")
     return {"id": case_id, "op": op, "inputs": _with_file(_stored(inputs, case_id, "in", tensors), file),
             "expected": _with_file(expected, file), "tolerance": FLOAT if op in FLOAT_OPS else EXACT,

@@ -94,12 +94,17 @@ def decode(coeffs: np.ndarray, shape, chunk: int) -> np.ndarray:
     return tiles.transpose(0, 2, 1, 3).reshape(shape)
 
 
+KEY_MANTISSA = 32   # FORMAT.md: magnitudes rank at 32 bits of mantissa, equal ranks to the lowest index
+
+
 def compress(x: np.ndarray, chunk: int, topk: int, zero_blocks: str) -> tuple[np.ndarray, np.ndarray]:
     """Top-k magnitudes per block, ties to the lowest index; exact zeros to the absent slot."""
     coeffs = encode(x, chunk)
     numel = coeffs.shape[-1]
     k = min(topk, numel)
-    indices = np.argsort(-np.abs(coeffs), axis=-1, kind="stable")[..., :k]
+    # A non-negative float64's bits order as the float does: its top bits are its rank.
+    rank = np.abs(coeffs).astype(np.float64).view(np.int64) >> (52 - KEY_MANTISSA)
+    indices = np.argsort(-rank, axis=-1, kind="stable")[..., :k]
     values = np.take_along_axis(coeffs, indices, -1)
     if zero_blocks == "absent":
         indices = np.where(values == 0, numel, indices)
@@ -206,7 +211,8 @@ def resolve(value, directory: Path, files: dict):
     if isinstance(value, dict):
         if set(value) == {"tensor"}:
             ref = value["tensor"]
-            if ref["file"] not in files:
+            if ref["file"] not in files:   # one file at a time: an export's op shares one, a fuzz case has its own
+                files.clear()
                 files[ref["file"]] = load_file(str(directory / ref["file"]))
             return files[ref["file"]][ref["key"]]
         return {k: resolve(v, directory, files) for k, v in value.items()}
