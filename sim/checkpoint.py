@@ -120,6 +120,23 @@ def save_checkpoint(model: MatFormerLM, directory: str | Path, max_shard_bytes: 
     return save_tensors(tensors, checkpoint_config(model), directory, max_shard_bytes)
 
 
+def keep_step(checkpoint: str | Path, directory: str | Path, step: int, keep: int) -> Path:
+    """Psyche's client checkpoints (--client-checkpoint-dir, --client-keep-steps): a copy of the
+    run's `checkpoint` as `directory`/step-<step>, written beside and renamed into place, and
+    only the newest `keep` steps kept."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target, staging = directory / f"step-{step}", directory / f".step-{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    steps = sorted((p for p in directory.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for old in steps[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], hf: dict, directory: str | Path,
                  max_shard_bytes: int | None = None, files: dict[str, bytes] | None = None) -> Path:
     """A checkpoint directory from its tensors, config.json and other `files` (name -> bytes),

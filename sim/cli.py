@@ -132,9 +132,12 @@ def cmd_memory(args) -> None:
 
 def run_flags(args) -> RunFlags:
     """The flags of `testnet start` and `matrix` that shape the run itself."""
-    return RunFlags(args.config_path, getattr(args, "data_location", None), getattr(args, "model_config", None),
-                    args.accept_stale_config, args.micro_batch_size,
-                    getattr(args, "matformer_helper_rotation_interval", None), mode_flags(args))
+    flags = RunFlags(args.config_path, getattr(args, "data_location", None), getattr(args, "model_config", None),
+                     args.accept_stale_config, args.micro_batch_size,
+                     getattr(args, "matformer_helper_rotation_interval", None), mode_flags(args),
+                     (args.fault_latency_ms, args.fault_packet_loss, args.fault_bandwidth_limit, args.fault_seed))
+    flags.network_faults(args.seed)   # bad values: one line, before anything runs
+    return flags
 
 
 def _validate_testnet(args):
@@ -162,8 +165,11 @@ def _validate_testnet(args):
 
 def checkpoint_flags(args) -> dict:
     """simulate's checkpoint arguments from the testnet's flags."""
+    if args.client_keep_steps < 1:
+        raise ConfigError(f"--client-keep-steps {args.client_keep_steps} is invalid: expected an integer >= 1")
     return {"init_checkpoint": args.init_checkpoint, "checkpoint_every": args.checkpoint_every,
-            "max_shard_bytes": parse_size(args.max_shard_size) if args.max_shard_size else None}
+            "max_shard_bytes": parse_size(args.max_shard_size) if args.max_shard_size else None,
+            "client_checkpoint_dir": args.client_checkpoint_dir, "client_keep_steps": args.client_keep_steps}
 
 
 def _validate_checkpoints(args, run, tiers) -> None:
@@ -199,7 +205,7 @@ def cmd_testnet(args) -> None:
         run_peer(run, parse_client_tiers(args.client_matformer_tiers),
                  parse_fractions(args.client_matformer_helper_fractions), args.faults, args.seed, rounds=args.rounds,
                  eval_every=args.eval_every, init_checkpoint=args.init_checkpoint,
-                 checkpoint_every=args.checkpoint_every)
+                 checkpoint_every=args.checkpoint_every, network_faults=run_flags(args).network_faults(args.seed))
         return
     if torchrun_rank() == 0:
         args.backend = "distributed"
@@ -257,6 +263,14 @@ def add_run_flags(command) -> None:
     command.add_argument("--micro-batch-size", type=int,
                          help="Psyche's client flag: split each trainer's batch into ceil(batch / N) micro-batches "
                               "whose gradients accumulate (default: the whole batch at once)")
+    command.add_argument("--fault-latency-ms", help="Psyche's network fault: every payload delayed BASE or BASE-JITTER "
+                                                    "ms (uniform), e.g. 50 or 50-20, on the simulated clock")
+    command.add_argument("--fault-packet-loss", type=float, help="Psyche's network fault: the probability in [0, 1] "
+                                                                  "that a payload is lost")
+    command.add_argument("--fault-bandwidth-limit", type=int, help="Psyche's network fault: each client's upload in "
+                                                                    "bytes per second (a payload's bytes delay it)")
+    command.add_argument("--fault-seed", type=int, help="seed of the network faults; client i draws from seed + i "
+                                                         "(default: --seed)")
     command.add_argument(STALE_FLAG, action="store_true", dest="accept_stale_config",
                          help="run a config Psyche at HEAD refuses (a stale schema, a failed check); the run "
                               "records each reason")
@@ -339,6 +353,10 @@ def build_parser() -> Parser:
     start.add_argument("--init-checkpoint", help="start every client from this checkpoint, loaded at its tier "
                                                  "(auto strategy)")
     start.add_argument("--max-shard-size", help=SHARD_HELP)
+    start.add_argument("--client-checkpoint-dir", help="Psyche's flag: also keep the run's checkpoints as "
+                                                       "DIR/step-N (every --checkpoint-every rounds, and the last)")
+    start.add_argument("--client-keep-steps", type=int, default=3, help="checkpoint steps kept in "
+                                                                         "--client-checkpoint-dir (Psyche's default 3)")
     add_mode_flags(start)
     add_run_flags(start)
     start.set_defaults(run=cmd_testnet)

@@ -206,6 +206,7 @@ class RunConfig:
     total_steps: int
     min_clients: int = 1
     max_round_train_time: float = 30.0
+    round_witness_time: float = 0.0   # with max_round_train_time, the round's deadline (NetworkFaults)
     # What the run reads: "Dummy" (the synthetic source) or a local byte corpus; None when
     # state.toml names data matsim cannot reach (data_location says what; --data-location substitutes).
     data: str | None = "Dummy"
@@ -420,6 +421,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, data_location: str | None 
         total_steps=run["total_steps"],
         min_clients=run.get("min_clients", 1),
         max_round_train_time=run.get("max_round_train_time", 30.0),
+        round_witness_time=run.get("round_witness_time", 0.0),
         data=data, data_location=data_label,
         checkpoint=checkpoint,
         lr_schedule=_build(SCHEDULES[schedule[0]], schedule[1], f"{state_path} [lr_schedule.{schedule[0]}]")

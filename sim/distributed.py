@@ -34,16 +34,17 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from sim.checkpoint import checkpoint_config, save_tensors
+from sim.checkpoint import checkpoint_config, keep_step, save_tensors
 from sim.clock import WALL, Clock
 from sim.config import RunConfig
 from sim.distro import DistroState
 from sim.errors import ConfigError, SimError
-from sim.faults import FaultPlan, Sent
+from sim.faults import FaultPlan, NetworkFaults, Sent
 from sim.metrics import RunResult, count_churn, summary
-from sim.model import build_model
+from sim.align import prefix_dim
+from sim.model import build_model, is_mlp_sliced, mlp_layer
 from sim.run import CHECKPOINT, Network, check_every, evaluates, fault_plan, run_length, saves_checkpoint
-from sim.tiers import layer_tiers
+from sim.tiers import layer_tiers, tier_width
 
 JOIN_TIMEOUT_S = 120.0
 
@@ -52,7 +53,7 @@ def _pack(sent: Sent) -> bytes:
     """A Sent as bytes: a JSON line, then its payloads back to back (lengths in the JSON)."""
     head = {"peer": sent.peer, "loss": sent.loss, "faults": list(sent.faults), "withheld": sent.withheld,
             "bytes_sent": sent.bytes_sent, "outgoing": [len(d) for d in sent.outgoing],
-            "late": [len(d) for d in sent.late]}
+            "late": [len(d) for d in sent.late], "delay_ms": sent.delay_ms, "fate": sent.fate}
     return json.dumps(head).encode() + b"\n" + b"".join(sent.outgoing + sent.late)
 
 
@@ -65,12 +66,21 @@ def _unpack(data: bytes) -> Sent:
         offset += length
     n = len(meta["outgoing"])
     return Sent(meta["peer"], meta["loss"], tuple(meta["faults"]), meta["withheld"], meta["bytes_sent"], parts[:n],
-                parts[n:])
+                parts[n:], meta["delay_ms"], meta["fate"])
 
 
-def _digest(model) -> str:
+def _digest(model, network: Network) -> str:
+    """A replica's weights on the elements every present replica holds, as `_replica_max_diff`
+    compares them in one process: a peer back from a sliced checkpoint stores only its prefix,
+    so every replica is hashed narrowed to the narrowest stored width of each layer (every
+    process knows each peer's tiers and whether it came back sliced)."""
+    full = network.config.model.intermediate_size
+    narrowest = [min(tier_width(full, min(p.tiers)) if p.id in network.sliced else full for p in network.present())
+                 ] * network.config.model.num_hidden_layers
     h = hashlib.sha256()
-    for tensor in model.state_dict().values():
+    for name, tensor in model.state_dict().items():
+        if is_mlp_sliced(name):
+            tensor = tensor.narrow(prefix_dim(name), 0, narrowest[mlp_layer(name)])
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -84,7 +94,8 @@ def _get(store, key: str, timeout_s: float) -> bytes | None:
 
 
 def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, fractions, plan: FaultPlan, seed: int,
-                 rounds: int, eval_every: int, wait_s: float, trouble: dict, saving: dict | None = None) -> None:
+                 rounds: int, eval_every: int, wait_s: float, trouble: dict, saving: dict | None = None,
+                 network_faults: NetworkFaults | None = None) -> None:
     """One peer's process: join, then, round by round in step with the coordinator, run its
     send half, deliver what the coordinator says arrived to its own replica, and (when it is
     the lowest peer whose payload arrived) publish the round's record.
@@ -93,7 +104,8 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
     torch.set_num_threads(1)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     saving = saving or {}
-    network = Network(config, tiers, fractions, seed, device="cpu", only=rank, init_checkpoint=saving.get("init"))
+    network = Network(config, tiers, fractions, seed, device="cpu", only=rank, init_checkpoint=saving.get("init"),
+                      network_faults=network_faults)   # applied in this process's send path, as in-process
     me = network.peers[rank]
     store.set(f"joined/{rank}", b"1")
     for round_ in range(rounds):
@@ -119,7 +131,7 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
         network.carried = [d for s in everyone for d in s.late]
         (received,) = network.deliver(round_, arrived, network.receivers())
         store.set(f"{round_}/recv/{rank}", json.dumps({"contributing": received.contributing_peers,
-                                                       "digest": _digest(me.model)}).encode())
+                                                       "digest": _digest(me.model, network)}).encode())
         if arrival["peers"] and rank == arrival["peers"][0]:  # the reporter
             views = [json.loads(_get(store, f"{round_}/recv/{p}", wait_s) or b"null") for p in arrival["peers"]]
             views = [v for v in views if v is not None]
@@ -176,7 +188,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                          on_round: Callable[[dict], None] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S,
                          trouble: dict[int, dict] | None = None, clock: Clock = WALL,
                          init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
-                         max_shard_bytes: int | None = None) -> RunResult:
+                         max_shard_bytes: int | None = None, network_faults: NetworkFaults | None = None,
+                         client_checkpoint_dir: str | Path | None = None, client_keep_steps: int = 3) -> RunResult:
     """`simulate` with every peer in its own process, on CPU: the same records. The
     coordinator (this process) waits up to `round_deadline_s` (default: the config's
     max_round_train_time) after a round's first payload for the others; a peer whose
@@ -213,7 +226,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         context = multiprocessing.get_context("spawn")
         workers = {rank: context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
                                          args=(rank, "127.0.0.1", store.port, config, list(tiers), fractions, plan,
-                                               seed, rounds, eval_every, wait_s, trouble.get(rank, {}), saving))
+                                               seed, rounds, eval_every, wait_s, trouble.get(rank, {}), saving,
+                                               network_faults))
                    for rank in range(len(probe.peers))}
 
     def alive(peer: int) -> bool:
@@ -249,6 +263,8 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                 save_tensors(safetensors.torch.load(store.get(f"{round_}/checkpoint")),
                              json.loads(store.get(f"{round_}/checkpoint/config")), Path(out) / CHECKPOINT,
                              max_shard_bytes)
+                if client_checkpoint_dir:
+                    keep_step(Path(out) / CHECKPOINT, client_checkpoint_dir, round_ + 1, client_keep_steps)
             timings.append({"round": round_, "wall_s": time.perf_counter() - tick})
             if on_round:
                 on_round(records[-1])
@@ -287,7 +303,8 @@ def _check_world(peers: int) -> None:
 def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
              faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
              eval_every: int | None = None, round_deadline_s: float | None = None,
-             init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None) -> None:
+             init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
+             network_faults: NetworkFaults | None = None) -> None:
     """A torchrun rank r >= 1: peer r - 1 of the run the coordinator (rank 0) drives. It takes
     the same arguments as the coordinator, so it derives the same plan without asking (the
     testnet's coordinator always writes results, so checkpoints are always handed over)."""
@@ -297,7 +314,7 @@ def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     peer_process(torchrun_rank() - 1, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), config, list(tiers),
                  [p.helper_fraction for p in probe.peers], fault_plan(faults, probe, rounds, seed), seed, rounds,
                  eval_every, round_deadline_s or config.max_round_train_time, {},
-                 {"init": init_checkpoint, "every": checkpoint_every, "out": True})
+                 {"init": init_checkpoint, "every": checkpoint_every, "out": True}, network_faults)
     probe.close()
 
 

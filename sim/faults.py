@@ -23,6 +23,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sim.distro import Sparse
@@ -173,6 +174,8 @@ class Sent:
     bytes_sent: int = 0
     outgoing: list[bytes] = field(default_factory=list)  # arrives this round
     late: list[bytes] = field(default_factory=list)      # arrives next round
+    delay_ms: int | None = None                          # on the network (NetworkFaults), when it models one
+    fate: str | None = None                              # on_time, late or lost on that network
 
 
 @torch.inference_mode()  # no autograd in a sender's wire work: skip its bookkeeping per call
@@ -208,3 +211,74 @@ def byzantine(payload: Payload, scale: bool) -> Payload:
         return {n: Sparse(s.grid, s.indices, s.values * factor) for n, s in sparses.items()}
     return Payload(payload.peer, payload.round, payload.tiers, skewed(payload.params), payload.quantized,
                    payload.helper_neurons, skewed(payload.helper_params))
+
+
+# --- the network's faults: Psyche's --fault-* flags ----------------------------------------
+
+@dataclass(frozen=True)
+class NetworkFaults:
+    """Psyche's network fault injection (shared/network-fault-injection, the flags of its
+    local testnet and client): every payload a client sends is delayed by a latency of
+    `base_ms` +- `jitter_ms` (uniform, whole milliseconds, never below 0) plus its bytes over
+    `bandwidth` bytes per second (whole milliseconds, as `bandwidth_delay` floors them), and
+    lost with probability `packet_loss`: the message never arrives (the crate's
+    `should_drop_packet` fails the send; nothing retransmits it). On the simulated clock a
+    round's payloads leave when their peers have trained (compute is not on the clock) and
+    must arrive within the round, `max_round_train_time + round_witness_time` (Psyche's
+    RoundTrain and RoundWitness phases); one that arrives later arrives with the next round,
+    where it is stale. Client i draws from seed + i, as Psyche's local testnet seeds its
+    clients, and each round draws afresh from (seed + i, round), so a fate never depends on
+    which backend or process computes it."""
+    base_ms: int = 0
+    jitter_ms: int = 0
+    packet_loss: float = 0.0
+    bandwidth: int | None = None
+    seed: int = 0
+
+    def arrival(self, client: int, round_: int, nbytes: int) -> tuple[int, bool]:
+        """(delay in ms, lost) of one payload: the latency drawn first, then the loss, as the
+        crate's `inject_latency` and `should_drop_packet` draw them."""
+        rng = np.random.default_rng([self.seed + client, round_])
+        jitter = int(rng.integers(0, 2 * self.jitter_ms + 1)) - self.jitter_ms if self.jitter_ms else 0
+        delay = max(0, self.base_ms + jitter) + (nbytes * 1000 // self.bandwidth if self.bandwidth else 0)
+        return delay, bool(self.packet_loss and rng.random() < self.packet_loss)
+
+
+def parse_network_faults(latency: str | None, packet_loss: float | None, bandwidth: int | None,
+                         seed: int | None, run_seed: int = 0) -> NetworkFaults | None:
+    """The fault flags as Psyche reads them, refused in one line where Psyche would ignore a
+    bad value with a warning: --fault-latency-ms "BASE" or "BASE-JITTER" (non-negative whole
+    ms), --fault-packet-loss in [0, 1], --fault-bandwidth-limit bytes per second > 0. No flag:
+    None. Psyche seeds an unseeded run from the wall clock; matsim from the run's --seed."""
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--fault-seed {seed} is invalid: expected an integer >= 0")
+    if latency is None and packet_loss is None and bandwidth is None:
+        return None
+    base = jitter = 0
+    if latency is not None:
+        parts = str(latency).split("-")
+        if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"--fault-latency-ms {latency!r} is invalid: expected BASE or BASE-JITTER in whole "
+                              f"milliseconds, e.g. 50 or 50-20 (50 ms +- 20 ms)")
+        base, jitter = int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+    if packet_loss is not None and not 0.0 <= packet_loss <= 1.0:
+        raise ConfigError(f"--fault-packet-loss {packet_loss} is invalid: expected a probability in [0, 1]")
+    if bandwidth is not None and bandwidth < 1:
+        raise ConfigError(f"--fault-bandwidth-limit {bandwidth} is invalid: expected bytes per second >= 1")
+    return NetworkFaults(base, jitter, packet_loss or 0.0, bandwidth, run_seed if seed is None else seed)
+
+
+def through_the_network(sent: Sent, faults: NetworkFaults, round_: int, deadline_ms: float) -> Sent:
+    """`sent` as the network delivers it: each payload of this round delayed, lost, or past
+    the deadline (then it arrives next round). Its delay and fate go in the record."""
+    if not sent.outgoing:
+        return sent
+    delay, lost = faults.arrival(sent.peer, round_, len(sent.outgoing[0]))
+    sent.delay_ms = delay
+    if lost:
+        sent.fate, sent.outgoing = "lost", []
+    elif delay > deadline_ms:
+        sent.fate, sent.late, sent.outgoing = "late", sent.late + sent.outgoing, []
+    else:
+        sent.fate = "on_time"
+    return sent

@@ -51,7 +51,8 @@ def round_record(network, round_: int, sent: Sequence, rejected: Counter, contri
     losses, assigned = {s.peer: s.loss for s in sent if s.loss is not None}, network.assignment(round_)
     rejected = Counter(rejected)
     rejected["non_finite"] += sum(s.withheld for s in sent)
-    return {
+    links = {str(s.peer): {"delay_ms": s.delay_ms, "fate": s.fate} for s in sent if s.fate is not None}
+    return {**({"network": links} if links else {}),
         "round": round_, "lr": network.config.lr(round_),
         "loss": sum(losses.values()) / len(losses),
         "eval_loss": network.eval_loss() if evaluate else None,

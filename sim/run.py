@@ -18,7 +18,7 @@ import torch
 
 from sim.aggregate import ApplyRule, MeanSemantics, apply_update, mean_semantics, receive_decoded
 from sim.align import align_prefix_grad
-from sim.checkpoint import export_tiers, load_checkpoint, save_checkpoint
+from sim.checkpoint import export_tiers, keep_step, load_checkpoint, save_checkpoint
 from sim.config import RunConfig
 from sim.sources import remote_data_error
 from sim.assignment import assign, round_seed
@@ -26,7 +26,8 @@ from sim.data import held_out, make_source, sequences
 from sim.engine import check_batching, train_group, train_peers
 from sim.distro import DistroState
 from sim.errors import ConfigError
-from sim.faults import JOIN_VIA, FaultPlan, Sent, parse_fault_spec, plan_faults, send_through
+from sim.faults import (JOIN_VIA, FaultPlan, NetworkFaults, Sent, parse_fault_spec, plan_faults, send_through,
+                        through_the_network)
 from sim.metrics import RunResult, count_churn, round_record, summary
 from sim.helper import helper_indices
 from sim.model import build_model, default_device, parameters_by_name
@@ -63,9 +64,10 @@ class Network:
                  seed: int = 0, *, semantics: MeanSemantics | None = None, shared_weights: bool = False,
                  apply_rule: ApplyRule | None = None, weight_decay: float | None = None, device=None,
                  only: int | None = None, dtype: torch.dtype = torch.float32, batching: str = "auto",
-                 init_checkpoint: str | Path | None = None):
+                 init_checkpoint: str | Path | None = None, network_faults: NetworkFaults | None = None):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
         self.batching = check_batching(batching)
+        self.network_faults = network_faults   # Psyche's --fault-* flags: every payload's delay and fate
         if dtype not in VALUE_DTYPES:
             raise ConfigError(f"dtype {dtype} is unsupported: valid are {', '.join(map(str, VALUE_DTYPES))}")
         # The receivers' modes: the config's ([matsim], the testnet flags) unless given here.
@@ -296,7 +298,11 @@ class Network:
 
     def post(self, peer: Peer, payload: Payload | None, loss: float, faults=None) -> Sent:
         """What leaves a peer: its payload encoded, with its `faults` acting on it (sim/faults.py)."""
-        return send_through(peer.id, payload, loss, faults, self.config.distro)
+        sent = send_through(peer.id, payload, loss, faults, self.config.distro)
+        if self.network_faults is None:
+            return sent
+        deadline_ms = 1000 * (self.config.max_round_train_time + self.config.round_witness_time)
+        return through_the_network(sent, self.network_faults, payload.round if payload else 0, deadline_ms)
 
     @torch.inference_mode()
     def deliver(self, round_: int, arrived: Sequence[bytes], receivers: Sequence[dict[str, torch.Tensor]]) -> list:
@@ -357,9 +363,11 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
              device=None, deadline_s: float | None = None, eval_every: int | None = None,
              on_round: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32,
              batching: str = "auto", init_checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
-             max_shard_bytes: int | None = None) -> RunResult:
+             max_shard_bytes: int | None = None, network_faults: NetworkFaults | None = None,
+             client_checkpoint_dir: str | Path | None = None, client_keep_steps: int = 3) -> RunResult:
     """Run `rounds` (default: the config's total_steps) rounds of heterogeneous training
-    under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05").
+    under a fault plan (a FaultPlan, or a spec such as "drop=0.1,churn=0.05") and, with
+    `network_faults`, Psyche's network faults on every payload (sim/faults.py).
 
     The held-out loss is measured on round 0, every `eval_every`-th round and the last
     round run (default: about EVAL_POINTS points per run). With `out`, the full model is saved
@@ -368,7 +376,7 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
     rounds, eval_every = run_length(config, rounds, eval_every)
     network = Network(config, tiers, helper_fractions, seed, semantics=semantics, shared_weights=shared_weights,
                       apply_rule=apply_rule, weight_decay=weight_decay, device=device, dtype=dtype, batching=batching,
-                      init_checkpoint=init_checkpoint)
+                      init_checkpoint=init_checkpoint, network_faults=network_faults)
     check_every(checkpoint_every)
     plan = fault_plan(faults, network, rounds, seed)
     out = Path(out) if out else None
@@ -392,6 +400,8 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
                 metrics_file.flush()
             if out and saves_checkpoint(round_, checkpoint_every, rounds, stopped_early):
                 network.checkpoint(out / CHECKPOINT, max_shard_bytes)
+                if client_checkpoint_dir:
+                    keep_step(out / CHECKPOINT, client_checkpoint_dir, round_ + 1, client_keep_steps)
             if on_round:
                 on_round(record)
             if stopped_early:

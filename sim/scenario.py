@@ -15,6 +15,7 @@ from sim.config import load_config
 from sim.sources import remote_data_error
 from sim.distributed import simulate_distributed
 from sim.errors import ConfigError
+from sim.faults import parse_network_faults
 from sim.memory import check_fits
 from sim.run import simulate
 from sim.tiers import parse_client_tiers
@@ -36,6 +37,12 @@ class RunFlags:
     micro_batch_size: int | None = None   # --micro-batch-size (Psyche's client flag)
     rotation_interval: int | None = None  # --matformer-helper-rotation-interval (Psyche's client flag)
     modes: dict = field(default_factory=dict)   # --matformer-mean-semantics, --apply-rule, --zero-blocks
+    # --fault-latency-ms, --fault-packet-loss, --fault-bandwidth-limit, --fault-seed (Psyche's; sim/faults.py)
+    network: tuple = (None, None, None, None)
+
+    def network_faults(self, seed: int):
+        """The network faults these flags ask for (None: no flag), seeded by --fault-seed or the run's seed."""
+        return parse_network_faults(*self.network, run_seed=seed)
 
     def load(self):
         """The validated RunConfig these flags describe."""
@@ -110,15 +117,17 @@ def run_scenario(flags: RunFlags, tiers_text: str, helper_text: str | None, out:
             bar.start()
         options = {} if backend == "distributed" else {"batching": batching}   # one process per peer: nothing to batch
         runner = simulate_distributed if backend == "distributed" else simulate
+        network = flags.network_faults(seed)
         result = runner(run, tiers, helpers, faults, seed, rounds=rounds, out=out, deadline_s=exit_after,
-                        eval_every=eval_every, on_round=line, **(checkpoints or {}), **options)
+                        eval_every=eval_every, on_round=line, network_faults=network, **(checkpoints or {}), **options)
     finally:
         if bar:
             bar.stop()
         logfile.close()
     meta = {"name": name, "tiers": tiers_text, "helpers": helper_text, "kind": kind, "oracle": oracle,
             "rounds": len(result.records), "config": run.name, "config_path": str(run.path), "seed": seed,
-            "faults": faults or "none", "backend": backend, "peer_batching": batching, "modes": run.modes,
+            "faults": faults or "none", "network_faults": dataclasses.asdict(network) if network else None,
+            "backend": backend, "peer_batching": batching, "modes": run.modes,
             "optimizer": run.optimizer, "lr_schedule": repr(run.lr_schedule), "data_location": run.data_location,
             "data": run.data, "checkpoint": run.checkpoint, "micro_batch_size": run.micro_batch_size,
             "overrides": [{"key": k, "config": was, "used": used} for k, was, used in run.overrides],

@@ -16,6 +16,7 @@ from sim.config import load_config
 from sim.checkpoint import read_checkpoint
 from sim.distributed import simulate_distributed
 from sim.errors import SimError
+from sim.faults import NetworkFaults
 from sim.run import simulate
 
 TINY = load_config("tiny")
@@ -39,18 +40,30 @@ def hard_timeout_and_no_leftovers():
     assert multiprocessing.active_children() == [], "a peer process outlived its test"
 
 
-@pytest.mark.parametrize("config, modes, tiers, helpers, faults", [
-    ("tiny", {"mean_semantics": "peer", "apply_rule": "adamw"}, [0, 1], None, None),   # Psyche's mean, AdamW's moments
-    ("tiny", {}, [0, 1, 2, (1, 0)], [0, 0.5, 0.25, 0], "drop=0.1,late=0.1,duplicate=0.1,corrupt=0.1,byzantine=0.1,churn=0.25"),
-    ("test-nanogpt-small", {}, [0, 1, 1], None, "nan=0.2,corrupt=0.1"),
+# Psyche's network faults (sim/faults.py NetworkFaults), applied in each peer process's send path:
+# some payloads lost, some past a deadline of 1 s (max_round_train_time 0.5 + round_witness_time 0.5).
+NETWORK = NetworkFaults(base_ms=600, jitter_ms=500, packet_loss=0.2, bandwidth=None, seed=11)
+
+
+@pytest.mark.parametrize("config, modes, tiers, helpers, faults, network", [
+    ("tiny", {"mean_semantics": "peer", "apply_rule": "adamw"}, [0, 1], None, None, None),   # Psyche's mean, AdamW
+    ("tiny", {}, [0, 1, 2, (1, 0)], [0, 0.5, 0.25, 0], "drop=0.1,late=0.1,duplicate=0.1,corrupt=0.1,byzantine=0.1,churn=0.25",
+     None),
+    ("test-nanogpt-small", {}, [0, 1, 1], None, "nan=0.2,corrupt=0.1", None),
+    ("tiny", {"max_round_train_time": 0.5, "round_witness_time": 0.5}, [0, 1, 1, 2], None, "churn=0.2", NETWORK),
 ])
 def test_distributed_metrics_and_checkpoint_equal_the_in_process_simulators_exactly(tmp_path, config, modes, tiers,
-                                                                                  helpers, faults):
+                                                                                  helpers, faults, network):
     run = load_config(config).replace(**modes)
     rounds = 6 if config == "tiny" else 3
     local = simulate(run, tiers, helpers, faults, seed=5, rounds=rounds, device="cpu", batching="off",
-                     out=tmp_path / "here")
-    remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds, out=tmp_path / "there")
+                     out=tmp_path / "here", network_faults=network)
+    # The coordinator's wait for payloads is a hang guard: the network's deadline is on the simulated clock.
+    remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds, out=tmp_path / "there",
+                                  network_faults=network, round_deadline_s=ROUND_DEADLINE_S if network else None)
+    if network:
+        fates = {link["fate"] for r in local.records for link in r["network"].values()}
+        assert fates == {"on_time", "late", "lost"}, fates
     assert remote.records == local.records
     # The round's reporter hands its weights to the coordinator, which writes the same checkpoint.
     (_, hf_here, here), (_, hf_there, there) = (read_checkpoint(tmp_path / d / "checkpoint") for d in ("here", "there"))
