@@ -148,6 +148,27 @@ def micro_batch_weighting(smoke: bool, psyche=None) -> dict:
             "holds": figures["5_in_2"] > 1e-3 and figures["6_in_3"] < 1e-12}
 
 
+def fault_flags_never_applied(smoke: bool, psyche=None) -> dict:
+    """Every Rust file of the checkout outside the fault-injection crate: who builds the faults
+    (`fault_config()`) and who injects them (`inject_latency`, `should_drop_packet`,
+    `apply_bandwidth_limit`, `bandwidth_delay`)."""
+    import re
+    root = psyche_root(psyche)
+    crate = root / "shared" / "network-fault-injection"
+    uses = {name: [] for name in ("fault_config", "inject_latency", "should_drop_packet", "apply_bandwidth_limit",
+                                  "bandwidth_delay")}
+    for path in root.rglob("*.rs"):
+        if crate in path.parents or "target" in path.parts:
+            continue
+        text = path.read_text(errors="replace")
+        for name in uses:
+            calls = [m for m in re.finditer(rf"\.{name}\s*\(", text)]
+            uses[name] += [str(path.relative_to(root))] * len(calls)
+    defined = "pub fn fault_config" in (root / "shared" / "client" / "src" / "cli.rs").read_text()
+    return {"defined_in_client_cli": defined, "calls": {k: len(v) for k, v in uses.items()},
+            "holds": defined and not any(uses.values())}
+
+
 def twenty_m_gap(smoke: bool, psyche=None) -> dict:
     from sim.config import load_config
     from sim.run import simulate
@@ -222,6 +243,18 @@ FINDINGS = {
         lambda f: (f"On tiny in float64, 5 sequences in micro-batches of 2 (pieces 2, 2, 1) give a gradient "
                    f"{f['relative_difference']['5_in_2']:.2%} away from the whole batch's (largest relative "
                    f"difference over parameters); 6 in 3 (even pieces) {f['relative_difference']['6_in_3']:.1e}.")),
+    "fault-flags-never-applied": Finding(
+        "Psyche's network-fault flags inject nothing",
+        "The local testnet passes --fault-latency-ms, --fault-packet-loss, --fault-bandwidth-limit and --fault-seed "
+        "to every client, and the client parses them into `fault_config()` (shared/client/src/cli.rs), but no code "
+        "calls `fault_config()`, `inject_latency`, `should_drop_packet` or the bandwidth limit: "
+        "scripts/stress_test.sh's latency, packet-loss and combined scenarios run without any fault.",
+        "The stress scenarios should stress: the client's network path should build the fault config and apply it "
+        "to every message it sends (as matsim's testnet does, on a simulated clock).",
+        fault_flags_never_applied,
+        lambda f: (f"Calls outside the fault-injection crate: "
+                   + ", ".join(f"`{k}` {v}" for k, v in f["calls"].items()) + "."),
+        needs_psyche=True),
     "suffix-gap-at-20m": Finding(
         "At the chapter's 20m body, 0,1,1 misses the 15% criterion",
         "Heterogeneous training as Psyche does it (tier-1 peers send no suffix), on nanogpt-20m-chain's whole "

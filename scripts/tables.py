@@ -370,13 +370,22 @@ def fuzz_impl() -> str:
     return "\n\n".join(out) + "\n\n" + source(d, "python -m scripts.fuzz_impl")
 
 
+def stress() -> str:
+    d = load("stress")
+    body = [[r["scenario"], r["tiers"], r["rounds"], f"{r['final_loss']:.4f}", f"{r['homogeneous']:.4f}",
+             pct(r["gap"], True), r["lost"], r["late"], r["churn"], "PASS" if r["passed"] else "FAIL"] for r in d["rows"]]
+    return (rows(["scenario", "tiers", "rounds completed", "final loss", "homogeneous", "vs homogeneous",
+                  "payloads lost", "payloads late", "clients churned", "verdict"], body) + "\n\n"
+            + source(d, f"CONFIG_PATH={d['config']} ROUNDS={d['rounds']} SEED={d['seed']} python -m scripts.stress all --write"))
+
+
 TABLES = {
     "power-detection": power_detection, "power-runs": power_runs, "fault-gap": fault_gap, "round-off": round_off,
     "shrink": shrink, "bug-paths": bug_paths, "psyche-configs": psyche_configs, "zero-blocks": zero_blocks,
     "matrix": matrix, "memory": memory, "reference-modes": reference_modes, "planted-bugs": planted_bugs,
     "mutation": mutation, "fuzz-vs-random": fuzz_vs_random,
     "bandwidth": bandwidth, "cli": cli, "findings": findings, "bench": bench,
-    "fuzz-power": fuzz_power, "fuzz-impl": fuzz_impl,
+    "fuzz-power": fuzz_power, "fuzz-impl": fuzz_impl, "stress": stress,
 }
 
 

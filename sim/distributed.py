@@ -95,20 +95,24 @@ def _get(store, key: str, timeout_s: float) -> bytes | None:
 
 def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, fractions, plan: FaultPlan, seed: int,
                  rounds: int, eval_every: int, wait_s: float, trouble: dict, saving: dict | None = None,
-                 network_faults: NetworkFaults | None = None) -> None:
+                 network_faults: NetworkFaults | None = None, start_round: int = 0) -> None:
     """One peer's process: join, then, round by round in step with the coordinator, run its
     send half, deliver what the coordinator says arrived to its own replica, and (when it is
     the lowest peer whose payload arrived) publish the round's record.
     `trouble` ({"crash": round, "slow": [rounds]}) makes this process misbehave: a slow peer
-    sends only once the coordinator has closed the round without it, whatever the speed."""
+    sends only once the coordinator has closed the round without it, whatever the speed.
+    `start_round` > 0: a process started for a peer back from churn (its old one was killed
+    when it left): it catches up on the run's membership, then rejoins as the plan says."""
     torch.set_num_threads(1)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     saving = saving or {}
     network = Network(config, tiers, fractions, seed, device="cpu", only=rank, init_checkpoint=saving.get("init"),
                       network_faults=network_faults)   # applied in this process's send path, as in-process
     me = network.peers[rank]
+    if start_round:
+        _catch_up(network, plan, store, start_round)
     store.set(f"joined/{rank}", b"1")
-    for round_ in range(rounds):
+    for round_ in range(start_round, rounds):
         go = json.loads(_get(store, f"go/{round_}", wait_s * 4 + JOIN_TIMEOUT_S) or b'{"stop": true}')
         if go.get("stop"):
             break
@@ -150,6 +154,26 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
             store.set(f"{round_}/record", json.dumps(record, sort_keys=True).encode())
 
 
+def _moments(data: bytes) -> dict:
+    """AdamW's moments as the donor published them: {name: (m, v, t)}."""
+    tensors, _, steps = data.rpartition(b"\n")
+    loaded = safetensors.torch.load(tensors) if tensors else {}
+    return {n: (loaded[f"{n}/m"], loaded[f"{n}/v"], t) for n, t in json.loads(steps).items()}
+
+
+def _catch_up(network: Network, plan: FaultPlan, store, start_round: int) -> None:
+    """What a restarted peer's process must know before it rejoins at `start_round`: every
+    earlier round's membership (who left, who came back at which tiers, who is dead), the
+    payloads due to arrive late at `start_round`, and the AdamW moments every replica shares
+    (its donor's, published with the weights)."""
+    for round_ in range(start_round):
+        dead = set(json.loads(store.get(f"go/{round_}"))["dead"])
+        network.away.update(dead)
+        _membership(network, plan, round_, store, None, dead)
+    arrived = json.loads(store.get(f"{start_round - 1}/arrived"))
+    network.carried = [d for p in arrived["peers"] for d in _unpack(store.get(f"{start_round - 1}/sent/{p}")).late]
+
+
 def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead: set) -> None:
     """The plan's churn for this round, applied identically in every process; a returning
     peer's own process takes the current weights from the lowest present peer holding the
@@ -166,10 +190,17 @@ def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead:
         key = f"{round_}/weights/{fault.peer}"
         if me is not None and me.id == donor:
             store.set(key, safetensors.torch.save({n: t.contiguous() for n, t in me.model.state_dict().items()}))
+            store.set(f"{key}/adam", safetensors.torch.save(
+                {f"{n}/{part}": t for n, (m, v, _) in network.adam.items() for part, t in (("m", m), ("v", v))})
+                + b"\n" + json.dumps({n: steps for n, (_, _, steps) in network.adam.items()}).encode())
         sliced = fault.rejoin_from == "sliced-checkpoint" and min(peer.tiers) > 0
         if me is not None and me.id == fault.peer:   # the donor's weights, then the join's own path
             donated = build_model(network.config.model, 0, device="cpu")
             donated.load_state_dict(safetensors.torch.load(_get(store, key, JOIN_TIMEOUT_S)))
+            # The moments every replica shares: this process's went stale while it was away (or
+            # it is a new process), so the donor's, as the in-process network's one state.
+            network.adam.clear()
+            network.adam.update(_moments(_get(store, f"{key}/adam", JOIN_TIMEOUT_S)))
             me.model, me.helper_fraction = network._copy_of_current(fault.rejoin_from or "current", peer.tiers,
                                                                     me.helper_fraction, f"peer{me.id}", donated)
         elif sliced:
@@ -224,11 +255,13 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
     else:
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         context = multiprocessing.get_context("spawn")
-        workers = {rank: context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
-                                         args=(rank, "127.0.0.1", store.port, config, list(tiers), fractions, plan,
-                                               seed, rounds, eval_every, wait_s, trouble.get(rank, {}), saving,
-                                               network_faults))
-                   for rank in range(len(probe.peers))}
+
+        def process(rank: int, start_round: int = 0):
+            return context.Process(target=peer_process, daemon=True, name=f"matsim-peer-{rank}",
+                                   args=(rank, "127.0.0.1", store.port, config, list(tiers), fractions, plan, seed,
+                                         rounds, eval_every, wait_s, trouble.get(rank, {}), saving, network_faults,
+                                         start_round))
+        workers = {rank: process(rank) for rank in range(len(probe.peers))}
 
     def alive(peer: int) -> bool:
         return peer not in workers or workers[peer].is_alive()
@@ -242,6 +275,15 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         start = clock.now()
         for round_ in range(rounds):
             tick = time.perf_counter()
+            if not launched:   # churn as real clients churn: a leaving peer's process is killed, a new one returns
+                for fault in plan.leaving(round_):
+                    if fault.peer not in dead and workers[fault.peer].is_alive():
+                        workers[fault.peer].kill()
+                        workers[fault.peer].join()
+                for fault in plan.returning(round_):
+                    if fault.peer not in dead and not workers[fault.peer].is_alive():
+                        workers[fault.peer] = process(fault.peer, round_)
+                        workers[fault.peer].start()
             store.set(f"go/{round_}", json.dumps({"dead": sorted(dead)}).encode())
             _membership(probe, plan, round_, store, None, dead)  # membership only: it holds no replica
             probe.away.update(dead)

@@ -60,7 +60,7 @@ def test_distributed_metrics_and_checkpoint_equal_the_in_process_simulators_exac
                      out=tmp_path / "here", network_faults=network)
     # The coordinator's wait for payloads is a hang guard: the network's deadline is on the simulated clock.
     remote = simulate_distributed(run, tiers, helpers, faults, seed=5, rounds=rounds, out=tmp_path / "there",
-                                  network_faults=network, round_deadline_s=ROUND_DEADLINE_S if network else None)
+                                  network_faults=network, round_deadline_s=HANG_GUARD_S if network else None)
     if network:
         fates = {link["fate"] for r in local.records for link in r["network"].values()}
         assert fates == {"on_time", "late", "lost"}, fates
@@ -142,3 +142,25 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def test_churn_kills_a_leaving_peers_process_and_a_new_one_rejoins_with_the_same_records(monkeypatch):
+    """Churn as real clients churn: each peer that leaves has its process killed, and a new
+    process comes back for it, catches up on the run's membership and rejoins; the records
+    equal the in-process run's (AdamW's moments included: the new process takes its donor's)."""
+    import sim.distributed as backend
+    started = []
+    spawn = multiprocessing.get_context("spawn")
+
+    class Counting:
+        def Process(self, *args, **kwargs):
+            process = spawn.Process(*args, **kwargs)
+            started.append(kwargs["args"][0])
+            return process
+    monkeypatch.setattr(backend.multiprocessing, "get_context", lambda method: Counting())
+    run = TINY.replace(apply_rule="adamw")
+    local = simulate(run, [0, 1, 1, 2], faults="churn=0.3", seed=3, rounds=6, device="cpu", batching="off")
+    remote = simulate_distributed(run, [0, 1, 1, 2], faults="churn=0.3", seed=3, rounds=6)
+    returns = sum(r["faults"].get("churn", 0) for r in local.records)
+    assert returns > 0 and len(started) > 4, started          # new processes beyond the first four
+    assert remote.records == local.records
