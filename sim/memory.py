@@ -192,7 +192,7 @@ def report(runs, tiers: list[int], outdir: Path, out) -> None:
                              f"{run.client_batch}x{run.seq_len}", human(row["peak_bytes"]), f"{row['peak_bytes'] / base[0] - 1:+.1%}",
                              human(estimate), f"{estimate / base[1] - 1:+.1%}")
     out.print(measured)
-    analytic = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
+    breakdown_table = Table("model", "tokens", "tier", "parameters", "gradients", "DisTrO state", "activations", "total",
                      "vs tier 0", title="Analytic breakdown (fp32)")
     bars, breakdown = [], []
     shapes = {run.name: (run.model, largest_piece(run.client_batch, run.micro_batch_size), run.seq_len)
@@ -201,12 +201,12 @@ def report(runs, tiers: list[int], outdir: Path, out) -> None:
         base = analytic(cfg, 0, batch, seq).total
         for tier in tiers:
             b = analytic(cfg, tier, batch, seq)
-            analytic.add_row(name, f"{batch}x{seq}", str(tier), human(b.parameters), human(b.gradients),
+            breakdown_table.add_row(name, f"{batch}x{seq}", str(tier), human(b.parameters), human(b.gradients),
                              human(b.distro_state), human(b.activations), human(b.total), f"{b.total / base - 1:+.1%}")
             bars.append((name, tier, b))
             breakdown.append({"model": name, "tokens": f"{batch}x{seq}", "tier": tier, **dataclasses.asdict(b),
                               "total": b.total})
-    out.print(analytic)
+    out.print(breakdown_table)
     outdir.mkdir(parents=True, exist_ok=True)
     bar_chart(bars, outdir / "memory.png")
     (outdir / "memory.json").write_text(json.dumps({**stamp(), "measured": records, "analytic": breakdown},

@@ -164,8 +164,10 @@ def test_cli_checkpoint_errors_are_one_line_exit_2_and_overwrite_nothing(full, t
 def test_memory_command_measures_each_tier_and_writes_table_data_and_chart(tmp_path):
     result = matsim_here("memory", "--config-path", "tiny", "--tiers", "0,1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    records = json.loads((tmp_path / "memory.json").read_text())
+    written = json.loads((tmp_path / "memory.json").read_text())
+    records = written["measured"]
     assert [r["tier"] for r in records] == [0, 1] and all(r["peak_bytes"] > 0 for r in records)
+    assert written["commit"] and {"tiny", "llama-7b"} <= {r["model"] for r in written["analytic"]}
     assert records[1]["analytic_bytes"] < records[0]["analytic_bytes"]
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "llama-7b" in result.stdout
