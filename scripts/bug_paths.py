@@ -19,12 +19,10 @@ tests/test_bug_paths.py is the check that holds at HEAD.
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from scripts import CHECKOUT
+from scripts import CHECKOUT, in_checkout
 
 SCENARIOS = "ABC"
 BATCHING = ("auto", "off")
@@ -104,12 +102,7 @@ def main(argv=None) -> int:
         return 0
     from sim.provenance import stamp
     checkout = args.checkout.resolve()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(CHECKOUT)])}
-    child = subprocess.run([sys.executable, "-m", "scripts.bug_paths", "--child", "--seed", str(args.seed)],
-                           cwd=checkout, env=env, stdout=subprocess.PIPE, text=True)
-    if child.returncode:
-        return child.returncode
-    table = json.loads(child.stdout)
+    table = json.loads(in_checkout(checkout, "scripts.bug_paths", ["--seed", str(args.seed)]))
     out = {**stamp(checkout), "seed": args.seed, "rounds": ROUNDS, "scenarios": SCENARIOS,
            "bugs": {bug: {"default": "".join(s for s in SCENARIOS if row[f"{s}-auto"]),
                           "off": "".join(s for s in SCENARIOS if row[f"{s}-off"]), **row} for bug, row in table.items()}}

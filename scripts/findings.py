@@ -252,7 +252,7 @@ FINDINGS = {
         "The stress scenarios should stress: the client's network path should build the fault config and apply it "
         "to every message it sends (as matsim's testnet does, on a simulated clock).",
         fault_flags_never_applied,
-        lambda f: (f"Calls outside the fault-injection crate: "
+        lambda f: ("Calls outside the fault-injection crate: "
                    + ", ".join(f"`{k}` {v}" for k, v in f["calls"].items()) + "."),
         needs_psyche=True),
     "suffix-gap-at-20m": Finding(

@@ -15,6 +15,7 @@ public API exposes either. A measurement script, never part of the suite.
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.core import StateForActualGivenExecution
 from hypothesis.internal.conjecture.data import ConjectureData
 
+from scripts import CHECKOUT, in_checkout
 from tests.planted_bugs import BUGS, CATCHERS, plant, property_function
 
 TENSOR_PROPERTIES = ("test_align", "test_distro", "test_aggregate", "test_wire", "test_helper")
@@ -84,33 +86,41 @@ def shrunk(bug: str) -> dict | None:
             "nonzero": sum(n for _, n in drawn), "largest": {"shape": list(largest[0]), "nonzero": largest[1]}}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bugs", help="comma-separated; default: every bug with a tensor catcher")
-    parser.add_argument("--out", default="docs/data/shrink_after.json")
-    args = parser.parse_args()
+def measure(bugs: list[str] | None) -> dict:
+    """{"bugs": {bug: row}, "median_nonzero"} in the checkout on sys.path."""
     ConjectureData.draw = _recording(ConjectureData.draw)
     StateForActualGivenExecution.execute_once = _clearing(StateForActualGivenExecution.execute_once)
-    bugs = args.bugs.split(",") if args.bugs else sorted(BUGS)
     report = {}
-    for bug in bugs:
+    for bug in bugs or sorted(BUGS):
         row = shrunk(bug)
         if row is None:
             continue
         report[bug] = row
-        print(f"{bug:45s} {row.get('nonzero', '-')!s:>6} non-zero  {row.get('largest')}", flush=True)
+        print(f"{bug:45s} {row.get('nonzero', '-')!s:>6} non-zero  {row.get('largest')}", file=sys.stderr, flush=True)
     counts = [r["nonzero"] for r in report.values() if r["caught"]]
-    summary = {"bugs": len(report), "median_nonzero": statistics.median(counts) if counts else None}
-    print(f"median non-zero elements of a shrunk counterexample: {summary['median_nonzero']} over {len(counts)} bugs")
-    try:
-        from sim.provenance import stamp
-        head = stamp()
-    except ImportError:   # an older checkout measured for comparison
-        import subprocess
-        head = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**head, **summary, "bugs": report}, indent=2, sort_keys=True))
+    return {"bugs": report, "median_nonzero": statistics.median(counts) if counts else None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bugs", help="comma-separated; default: every bug with a tensor catcher")
+    parser.add_argument("--checkout", type=Path, default=CHECKOUT, help="the checkout to measure (default: this one)")
+    parser.add_argument("--out", type=Path, default=CHECKOUT / "docs" / "data" / "shrink_after.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    bugs = args.bugs.split(",") if args.bugs else None
+    if args.child:
+        print(json.dumps(measure(bugs)))
+        return 0
+    from sim.provenance import stamp   # this checkout's, whichever one is measured
+    checkout = args.checkout.resolve()
+    report = json.loads(in_checkout(checkout, "scripts.shrink_report", ["--bugs", args.bugs] if args.bugs else []))
+    print(f"median non-zero elements of a shrunk counterexample: {report['median_nonzero']} over "
+          f"{sum(r['caught'] for r in report['bugs'].values())} bugs")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**stamp(checkout), **report}, indent=2, sort_keys=True) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
