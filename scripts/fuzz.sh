@@ -65,5 +65,5 @@ echo "fuzz: replaying the example database under pytest"
 HYPOTHESIS_PROFILE=replay .venv/bin/python -m pytest $workers -q -p no:cacheprovider "$@" >"$out/replay.log" 2>&1
 status=$?
 tail -n 3 "$out/replay.log"
-.venv/bin/python -m scripts.fuzz_report --out "$out" "$@"
+.venv/bin/python -m scripts.fuzz_report --out "$out" --seconds "$seconds" "$@"
 exit $status

@@ -17,6 +17,7 @@ from sim.provenance import stamp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "results" / "fuzz"))
+    parser.add_argument("--seconds", type=int, help="the run's budget, recorded with the report")
     parser.add_argument("selection", nargs="*", default=["properties/"])
     args = parser.parse_args()
     from hypofuzz.collection import collect_tests
@@ -48,7 +49,7 @@ def main() -> None:
         })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({**stamp(), "properties": rows}, indent=2))
+    (out / "report.json").write_text(json.dumps({**stamp(), "seconds": args.seconds, "properties": rows}, indent=2))
     table = Table(title="HypoFuzz, per property (example database)")
     for column in ("test", "sweep", "examples", "behaviors", "fingerprints", "seconds", "failures"):
         table.add_column(column, justify="left" if column == "test" else "right")

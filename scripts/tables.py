@@ -379,6 +379,20 @@ def stress() -> str:
             + source(d, f"CONFIG_PATH={d['config']} ROUNDS={d['rounds']} SEED={d['seed']} python -m scripts.stress all --write"))
 
 
+def fuzz_reach() -> str:
+    d = load("fuzz_reach")
+    props = d["properties"]
+    swept = sum(p["sweep"] == "passed" for p in props)
+    fuzzed = [p["examples"] for p in props]
+    reached = sum(p["sweep"] == "passed" or p["examples"] > 0 for p in props)
+    median = sorted(fuzzed)[len(fuzzed) // 2]
+    body = [["properties", len(props)], ["with at least one example (sweep or HypoFuzz)", reached],
+            ["passed the sweep's random examples", swept], ["reached by HypoFuzz", sum(e > 0 for e in fuzzed)],
+            ["HypoFuzz examples: total / median per property", f"{sum(fuzzed):,} / {median}"],
+            ["failures", sum(p["failures"] > 0 for p in props) + sum(p["sweep"] == "failed" for p in props)]]
+    return rows(["make fuzz", "count"], body) + "\n\n" + source(d, f"make fuzz (FUZZ_SECONDS={d.get('seconds', '?')})")
+
+
 TABLES = {
     "power-detection": power_detection, "power-runs": power_runs, "fault-gap": fault_gap, "round-off": round_off,
     "shrink": shrink, "bug-paths": bug_paths, "psyche-configs": psyche_configs, "zero-blocks": zero_blocks,
@@ -386,6 +400,7 @@ TABLES = {
     "mutation": mutation, "fuzz-vs-random": fuzz_vs_random,
     "bandwidth": bandwidth, "cli": cli, "findings": findings, "bench": bench,
     "fuzz-power": fuzz_power, "fuzz-impl": fuzz_impl, "stress": stress,
+    "fuzz-reach": fuzz_reach,
 }
 
 
