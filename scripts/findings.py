@@ -280,6 +280,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown findings {unknown}: valid are {', '.join(FINDINGS)}")
     torch.set_num_threads(1)
+    provenance = stamp()   # the checkout as the reproductions import it, before they run
     stored = json.loads(args.out.read_text()) if args.out.is_file() and not args.smoke else {"findings": {}}
     failed = False
     for name in args.ids or FINDINGS:
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
             continue
         failed |= not figures["holds"] and (finding.smoke_shows_it or not args.smoke)
         print(f"{name}: {'holds' if figures['holds'] else 'DOES NOT HOLD'}: {finding.summary(figures)}")
-        stored["findings"][name] = {**stamp(), "smoke": args.smoke, **figures}
+        stored["findings"][name] = {**provenance, "smoke": args.smoke, **figures}
     if not args.smoke:
         args.out.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     return 1 if failed else 0
