@@ -23,6 +23,13 @@ from sim.run import Network, simulate
 PAIRS = 8
 
 
+def every_peer_trains(run, peers: int):
+    """`run` with a global batch that gives each of `peers` the batch one client trains
+    (Psyche splits the global batch over the peers present: at tiny's 4 sequences, 60 of 64
+    peers would train nothing, and a ratio of rounds would measure the four that do)."""
+    return run.replace(global_batch_size=peers * run.client_batch, global_batch_size_end=None)
+
+
 @pytest.mark.parametrize("config, tiers", [
     ("tiny", "0,1,2 x4"), ("tiny", "0,1,2 x16"), ("tiny", "0,1,2 x64"),
     ("test-nanogpt-small", "0,1,2 x4"), ("test-nanogpt-small", "0,1,2 x16"),
@@ -34,18 +41,18 @@ def test_bench_batched_round_over_serial(benchmark, config, tiers):
     cycle = [int(t) for t in pattern.split(",")]
     peers = [cycle[i % len(cycle)] for i in range(int(count))]
     benchmark.group = f"batched peers, {config}, {len(peers)} peers at tiers {pattern}"
-    run = load_config(config)
+    run = every_peer_trains(load_config(config), len(peers))
     if benchmark.disabled and run.seq_len > 64:   # run once as a test (xdist): the same code, a smoke size
         run = run.replace(seq_len=16, model=dataclasses.replace(run.model, num_hidden_layers=2))
     serial, batched = (Network(run, peers, seed=0, device="cpu", batching=b) for b in ("off", "on"))
-    counter, ratios = iter(range(10**6)), []
+    counter, ratios, records = iter(range(10**6)), [], []
 
     def pair():
         round_ = next(counter)
         tick = time.perf_counter()
         serial.round(round_, evaluate=False)
         tock = time.perf_counter()
-        batched.round(round_, evaluate=False)
+        records.append(batched.round(round_, evaluate=False))
         ratios.append((tock - tick) / (time.perf_counter() - tock))
 
     pairs = 3 if run.seq_len > 64 else PAIRS   # 20m: a pair takes half a minute
@@ -56,6 +63,7 @@ def test_bench_batched_round_over_serial(benchmark, config, tiers):
     print(f"\n{config}, {len(peers)} peers at {pattern}: serial round / batched round = {ratio:.2f} "
           f"(median of {len(timed)} pairs)")
     assert len(ratios) == (1 if benchmark.disabled else pairs + 1)
+    assert all(p["sequences"] > 0 for r in records for p in r["peers"].values()), "a peer trained nothing"
     serial.close()
     batched.close()
 
@@ -76,9 +84,12 @@ import json, sys
 from sim.config import load_config
 from sim.memory import peak_rss_bytes
 from sim.run import Network
-network = Network(load_config(sys.argv[1]), [0, 1, 2] * (int(sys.argv[2]) // 3) + [0] * (int(sys.argv[2]) % 3), seed=0,
-                  device="cpu", batching=sys.argv[3])
-network.round(0)
+peers = int(sys.argv[2])
+run = load_config(sys.argv[1])
+run = run.replace(global_batch_size=peers * run.client_batch, global_batch_size_end=None)   # every peer trains (every_peer_trains)
+network = Network(run, [0, 1, 2] * (peers // 3) + [0] * (peers % 3), seed=0, device="cpu", batching=sys.argv[3])
+record = network.round(0)
+assert all(p["sequences"] > 0 for p in record["peers"].values()), "a peer trained nothing"
 print(json.dumps({"peers": len(network.peers), "peak_rss": peak_rss_bytes()}))
 """
 
