@@ -111,7 +111,7 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
     me = network.peers[rank]
     if start_round:
         _catch_up(network, plan, store, start_round)
-    store.set(f"joined/{rank}", b"1")
+    store.set(_joined(rank, start_round), b"1")
     for round_ in range(start_round, rounds):
         go = json.loads(_get(store, f"go/{round_}", wait_s * 4 + JOIN_TIMEOUT_S) or b'{"stop": true}')
         if go.get("stop"):
@@ -136,7 +136,11 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
         (received,) = network.deliver(round_, arrived, network.receivers())
         store.set(f"{round_}/recv/{rank}", json.dumps({"contributing": received.contributing_peers,
                                                        "digest": _digest(me.model, network)}).encode())
-        if arrival["peers"] and rank == arrival["peers"][0]:  # the reporter
+        # The reporter evaluates and hands over checkpoints, so it holds the full weights: the
+        # lowest such peer whose payload arrived (a peer back from a sliced checkpoint holds a prefix).
+        full = ([p for p in arrival["peers"] if p not in network.sliced]
+                or [p.id for p in network.present() if p.id not in network.sliced])
+        if arrival["peers"] and full and rank == full[0]:
             views = [json.loads(_get(store, f"{round_}/recv/{p}", wait_s) or b"null") for p in arrival["peers"]]
             views = [v for v in views if v is not None]
             # Replicas live in other processes: compared by digest, a disagreement reads NaN.
@@ -189,7 +193,9 @@ def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead:
         donor = min(p.id for p in network.present() if p.id not in network.sliced)
         key = f"{round_}/weights/{fault.peer}"
         if me is not None and me.id == donor:
-            store.set(key, safetensors.torch.save({n: t.contiguous() for n, t in me.model.state_dict().items()}))
+            # Cloned: a model with tied embeddings holds one tensor under two names, which
+            # safetensors refuses to write.
+            store.set(key, safetensors.torch.save({n: t.detach().clone() for n, t in me.model.state_dict().items()}))
             store.set(f"{key}/adam", safetensors.torch.save(
                 {f"{n}/{part}": t for n, (m, v, _) in network.adam.items() for part, t in (("m", m), ("v", v))})
                 + b"\n" + json.dumps({n: steps for n, (_, _, steps) in network.adam.items()}).encode())
@@ -203,6 +209,7 @@ def _membership(network: Network, plan: FaultPlan, round_: int, store, me, dead:
             network.adam.update(_moments(_get(store, f"{key}/adam", JOIN_TIMEOUT_S)))
             me.model, me.helper_fraction = network._copy_of_current(fault.rejoin_from or "current", peer.tiers,
                                                                     me.helper_fraction, f"peer{me.id}", donated)
+            store.set(_rejoined(me.id, round_), b"1")
         elif sliced:
             peer.helper_fraction = 0.0   # as its own process finds: a sliced checkpoint holds no suffix
         (network.sliced.add if sliced else network.sliced.discard)(fault.peer)
@@ -271,20 +278,29 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         for rank, worker in workers.items():
             if not trouble.get(rank, {}).get("never_join"):
                 worker.start()
-        _await_joins(store, len(probe.peers), workers, join_timeout_s, clock)
+        _await_joins(store, {p.id: _joined(p.id) for p in probe.peers}, workers, join_timeout_s, clock)
         start = clock.now()
         for round_ in range(rounds):
             tick = time.perf_counter()
+            restarted = {}
             if not launched:   # churn as real clients churn: a leaving peer's process is killed, a new one returns
-                for fault in plan.leaving(round_):
-                    if fault.peer not in dead and workers[fault.peer].is_alive():
-                        workers[fault.peer].kill()
-                        workers[fault.peer].join()
                 for fault in plan.returning(round_):
                     if fault.peer not in dead and not workers[fault.peer].is_alive():
                         workers[fault.peer] = process(fault.peer, round_)
                         workers[fault.peer].start()
+                        restarted[fault.peer] = _joined(fault.peer, round_)
+                # The round starts once they are back, as a returning client joins at a round
+                # boundary: a process still starting would read as a late payload, by wall clock.
+                _await_joins(store, restarted, workers, join_timeout_s, clock)
             store.set(f"go/{round_}", json.dumps({"dead": sorted(dead)}).encode())
+            if not launched:
+                # A peer leaving this round may be the donor of one returning in it: its process is
+                # killed once the newcomers hold their weights (it trains nothing this round).
+                _await_joins(store, {p: _rejoined(p, round_) for p in restarted}, workers, join_timeout_s, clock)
+                for fault in plan.leaving(round_):
+                    if fault.peer not in dead and workers[fault.peer].is_alive():
+                        workers[fault.peer].kill()
+                        workers[fault.peer].join()
             _membership(probe, plan, round_, store, None, dead)  # membership only: it holds no replica
             probe.away.update(dead)
             present = [p.id for p in probe.present()]
@@ -294,6 +310,9 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
             # Decided before the record, as simulate does, so the last round run is evaluated.
             stopped_early = (deadline_s is not None and clock.now() - start >= deadline_s
                              and round_ + 1 < rounds)
+            # A payload missing from the last round arrives now if it is in the store by now; a
+            # peer killed before it sent (churn) sent nothing, and nobody may wait for it.
+            overdue = [[r, p] for r, p in overdue if store.check([f"{r}/sent/{p}"])]
             store.set(f"{round_}/arrived", json.dumps({"peers": arrived, "missing": missing, "overdue": overdue,
                                                        "last": stopped_early}).encode())
             overdue = [[round_, p] for p in missing if p not in dead]
@@ -388,10 +407,21 @@ def _stop(workers: dict) -> None:
             worker.join()
 
 
-def _await_joins(store, peers: int, workers: dict, timeout_s: float, clock: Clock) -> None:
-    until, waiting = clock.now() + timeout_s, set(range(peers))
+def _joined(peer: int, start_round: int = 0) -> str:
+    """The key a peer's process sets once it is ready: one per process a peer has had."""
+    return f"joined/{peer}" + (f"/{start_round}" if start_round else "")
+
+
+def _rejoined(peer: int, round_: int) -> str:
+    """The key a returning peer's process sets once it holds its donor's weights."""
+    return f"{round_}/rejoined/{peer}"
+
+
+def _await_joins(store, keys: dict[int, str], workers: dict, timeout_s: float, clock: Clock) -> None:
+    """Wait until every peer of `keys` ({peer: its process's `_joined` key}) has joined."""
+    until, waiting = clock.now() + timeout_s, set(keys)
     while waiting:
-        waiting = {p for p in waiting if not store.check([f"joined/{p}"])}
+        waiting = {p for p in waiting if not store.check([keys[p]])}
         for p in waiting:
             worker = workers.get(p)
             if worker is not None and worker.pid is not None and not worker.is_alive():

@@ -1,6 +1,7 @@
 """The multi-process backend (sim/distributed.py): exact parity with the in-process
 simulator, and the faults only a process boundary shows. Every test runs under a hard
 timeout and checks that no peer process outlives it."""
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ from sim.config import load_config
 from sim.checkpoint import read_checkpoint
 from sim.distributed import simulate_distributed
 from sim.errors import SimError
-from sim.faults import NetworkFaults
+from sim.faults import Fault, FaultPlan, NetworkFaults
 from sim.run import simulate
 
 TINY = load_config("tiny")
@@ -144,10 +145,13 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def test_churn_kills_a_leaving_peers_process_and_a_new_one_rejoins_with_the_same_records(monkeypatch):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_churn_kills_a_leaving_peers_process_and_a_new_one_rejoins_with_the_same_records(monkeypatch, tied):
     """Churn as real clients churn: each peer that leaves has its process killed, and a new
     process comes back for it, catches up on the run's membership and rejoins; the records
-    equal the in-process run's (AdamW's moments included: the new process takes its donor's)."""
+    equal the in-process run's (AdamW's moments included: the new process takes its donor's).
+    Tied embeddings too (ffn-small and the nanogpt configs tie them): the donor's weights then
+    hold one tensor under two names."""
     import sim.distributed as backend
     started = []
     spawn = multiprocessing.get_context("spawn")
@@ -158,9 +162,21 @@ def test_churn_kills_a_leaving_peers_process_and_a_new_one_rejoins_with_the_same
             started.append(kwargs["args"][0])
             return process
     monkeypatch.setattr(backend.multiprocessing, "get_context", lambda method: Counting())
-    run = TINY.replace(apply_rule="adamw")
+    run = TINY.replace(apply_rule="adamw", model=dataclasses.replace(TINY.model, tie_word_embeddings=tied))
     local = simulate(run, [0, 1, 1, 2], faults="churn=0.3", seed=3, rounds=6, device="cpu", batching="off")
     remote = simulate_distributed(run, [0, 1, 1, 2], faults="churn=0.3", seed=3, rounds=6)
     returns = sum(r["faults"].get("churn", 0) for r in local.records)
     assert returns > 0 and len(started) > 4, started          # new processes beyond the first four
+    assert remote.records == local.records
+
+
+def test_a_peer_back_from_a_sliced_checkpoint_never_reports_the_round():
+    """The round's reporter evaluates the full model and hands over checkpoints, so it must
+    hold the full weights: peer 0 at tier 1 leaves and comes back from a sliced checkpoint (it
+    then holds its prefix alone), and is the lowest peer whose payload arrives."""
+    plan = FaultPlan((Fault(1, 0, "churn", away=1, rejoin_from="sliced-checkpoint"),))
+    local = simulate(TINY, [1, 0, 0], faults=plan, seed=0, rounds=4, eval_every=1, device="cpu", batching="off")
+    remote = simulate_distributed(TINY, [1, 0, 0], faults=plan, seed=0, rounds=4, eval_every=1)
+    assert [r["peers"]["0"]["present"] for r in local.records] == [True, False, True, True]
+    assert all(r["eval_loss"] is not None for r in remote.records)
     assert remote.records == local.records
