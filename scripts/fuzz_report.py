@@ -68,11 +68,22 @@ def sweep_outcomes(junit: Path) -> dict[str, str]:
         return {}
     outcomes = {}
     for case in ElementTree.parse(junit).iter("testcase"):
-        path = case.get("classname", "").replace(".", "/") + ".py"
         state = "failed" if case.find("failure") is not None or case.find("error") is not None else \
             "skipped" if case.find("skipped") is not None else "passed"
-        outcomes[f"{path}::{case.get('name')}"] = state
+        outcomes[node_id(case.get("classname", ""), case.get("name"), REPO)] = state
     return outcomes
+
+
+def node_id(classname: str, name: str, root: Path) -> str:
+    """pytest's node id of a junit testcase: its classname is the module's dotted path and then
+    any classes holding the test (a state machine's runTest sits in one), so the module is the
+    longest prefix that is a file under `root`, and the classes join the name with "::"."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = "/".join(parts[:cut]) + ".py"
+        if (root / module).is_file():
+            return "::".join([module, *parts[cut:], name])
+    return "::".join(["/".join(parts) + ".py", name])
 
 
 if __name__ == "__main__":

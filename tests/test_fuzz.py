@@ -91,3 +91,16 @@ def test_every_profile_draws_new_inputs_each_run_even_where_ci_is_set():
         shown = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "CI": ci},
                                capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert shown.stdout.strip() == "[False]", shown.stdout + shown.stderr
+
+
+def test_the_sweep_report_names_a_test_inside_a_class_by_its_pytest_node_id(tmp_path):
+    """A state machine's runTest sits in a class: junit's classname is the module path then the
+    class, and the sweep's outcome must still reach the property's row (it read "not run")."""
+    from scripts.fuzz_report import sweep_outcomes
+    junit = tmp_path / "sweep.xml"
+    junit.write_text('<testsuites><testsuite>'
+                     '<testcase classname="properties.test_runs.test_whole_run_state_machine" name="runTest" />'
+                     '<testcase classname="properties.test_runs" name="test_x"><failure /></testcase>'
+                     '</testsuite></testsuites>')
+    assert sweep_outcomes(junit) == {"properties/test_runs.py::test_whole_run_state_machine::runTest": "passed",
+                                     "properties/test_runs.py::test_x": "failed"}
