@@ -8,7 +8,7 @@ import torch
 from sim.config import load_config
 from sim.errors import ConfigError
 from sim.faults import Fault, FaultPlan, parse_fault_spec
-from sim.run import simulate
+from sim.run import Network, simulate
 
 TINY = load_config("tiny")
 ROUNDS = 4
@@ -95,3 +95,19 @@ def test_fault_specs_are_validated():
         parse_fault_spec("drop=1.5")
     with pytest.raises(ConfigError, match="add up to"):
         parse_fault_spec("drop=0.6,late=0.6")
+
+
+def test_a_checkpoint_join_takes_the_current_weights_after_an_earlier_sliced_join():
+    """Psyche's auto rule prefers a tier export beside a checkpoint: a peer that once came back
+    from a sliced checkpoint must not find that old export (its round's weights) when it comes
+    back later from a full checkpoint at the same tier (found by the reference property)."""
+    network = Network(TINY, [0, 0, 0], seed=0, device="cpu")
+    network.round(0, evaluate=False)
+    network.leave(2)
+    network.rejoin(2, via="sliced-checkpoint", tier=1)
+    network.leave(2)
+    network.round(1, evaluate=False)   # the weights move on while peer 2 is away
+    network.rejoin(2, via="checkpoint", tier=1)
+    current, back = network.peers[0].model.state_dict(), network.peers[2].model.state_dict()
+    for name, tensor in back.items():
+        assert torch.equal(tensor, current[name][tuple(slice(0, n) for n in tensor.shape)]), name
