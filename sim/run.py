@@ -204,12 +204,13 @@ class Network:
         donor = self._full_replica() if donor is None else donor
         if via == "current":
             return copy.deepcopy(donor).set_tiers(tiers), helper_fraction
-        # A folder of its own for each join: Psyche's auto rule would take a tier export an
-        # earlier sliced join of this peer left beside the same path, with that round's weights.
-        path = save_checkpoint(donor, Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=self._scratch.name)) / tag)
-        if via == "sliced-checkpoint" and min(tiers) > 0:  # at the widest layer it runs; auto finds <path>-tier<t>
-            export_tiers(path, [min(tiers)])
-        model, info = load_checkpoint(path, min(tiers), "auto", helper_fraction, device=self.device, dtype=self.dtype)
+        # A folder for each join, gone once loaded: the auto rule would take a tier export an
+        # earlier sliced join of this peer left beside a shared path, with that round's weights.
+        with tempfile.TemporaryDirectory(prefix=f"{tag}-", dir=self._scratch.name) as folder:
+            path = save_checkpoint(donor, Path(folder) / tag)
+            if via == "sliced-checkpoint" and min(tiers) > 0:  # at the widest layer it runs; auto finds <path>-tier<t>
+                export_tiers(path, [min(tiers)])
+            model, info = load_checkpoint(path, min(tiers), "auto", helper_fraction, device=self.device, dtype=self.dtype)
         return model.set_tiers(tiers), helper_fraction if info.helper_mode else 0.0
 
     def _full_replica(self):
