@@ -69,7 +69,7 @@ def account(path: Path, root: Path, args) -> dict:
     if verdict.refused and not args.accept_stale_config:
         row["result"] = "not run: Psyche refuses it (--accept-stale-config runs it anyway)"
         return row
-    if name in (args.not_run or "").split(","):
+    if name in args.not_run:
         row["result"] = "not run here: named by --not-run (its rounds are more than this machine can do in the time)"
         return row
     try:
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch-size", type=int, help="Psyche's client flag, for every run")
     parser.add_argument("--accept-stale-config", action="store_true", help="run the files Psyche refuses too")
     parser.add_argument("--only", help="comma-separated files (relative to the config folder)")
-    parser.add_argument("--not-run", help="comma-separated files to account for (Psyche's verdict) without running them")
+    parser.add_argument("--not-run", type=lambda files: set(files.split(",")), default=set(),
+                        help="comma-separated files to account for (Psyche's verdict) without running them")
     parser.add_argument("--out", default="results/psyche-configs")
     parser.add_argument("--write", action="store_true", help="publish the table as docs/data/psyche_configs.json")
     args = parser.parse_args(argv)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         (REPO / "docs" / "data" / "psyche_configs.json").write_text(text)
     runnable = [row for row in rows if row["kind"] and row["kind"] != "data server config"
                 and (row["psyche"] == "accepts" or args.accept_stale_config)
-                and row["file"] not in (args.not_run or "").split(",")]
+                and row["file"] not in args.not_run]
     return 0 if all(row["ran"] for row in runnable) else 1
 
 
