@@ -64,8 +64,6 @@ def test_bench_batched_round_over_serial(benchmark, config, tiers):
           f"(median of {len(timed)} pairs)")
     assert len(ratios) == (1 if benchmark.disabled else pairs + 1)
     assert all(p["sequences"] > 0 for r in records for p in r["peers"].values()), "a peer trained nothing"
-    serial.close()
-    batched.close()
 
 
 @pytest.mark.parametrize("batching", ["off", "auto"])

@@ -45,7 +45,6 @@ def test_bench_harness_overhead(benchmark, config, what):
     else:
         benchmark.pedantic(lambda: bare_peers(network, next(counter)), rounds=ROUNDS, warmup_rounds=3)
         assert all(p.state.delta for p in network.peers)
-    network.close()
 
 
 @pytest.mark.parametrize("config", ["tiny", "test-nanogpt-small"])
@@ -70,7 +69,6 @@ def test_bench_harness_overhead_interleaved(benchmark, config):
     benchmark.extra_info["round_over_bare"] = ratio
     print(f"\n{config}: round / bare peers = {ratio:.3f} (median of {len(timed)} interleaved pairs)")
     assert len(ratios) == (1 if benchmark.disabled else ROUNDS + 3) and all(r["contributing_peers"] == 3 for r in records)
-    network.close()
 
 
 PEAK = """

@@ -54,17 +54,14 @@ def test_over_a_run_no_sequence_is_lost_or_trained_twice(peers, batch, faults, s
     network = Network(config, [0] * peers, seed=seed, device="cpu")
     plan = plan_faults(parse_fault_spec(faults), peers, 4, seed) if faults else FaultPlan()
     seen = []
-    try:
-        for round_ in range(4):
-            for fault in plan.returning(round_):
-                network.rejoin(fault.peer, "current", None)
-            for fault in plan.leaving(round_):
-                network.leave(fault.peer)
-            dealt = network.assignment(round_)
-            assert set(dealt) <= {p.id for p in network.present()}
-            seen += [i for span in dealt.values() for i in span]
-    finally:
-        network.close()
+    for round_ in range(4):
+        for fault in plan.returning(round_):
+            network.rejoin(fault.peer, "current", None)
+        for fault in plan.leaving(round_):
+            network.leave(fault.peer)
+        dealt = network.assignment(round_)
+        assert set(dealt) <= {p.id for p in network.present()}
+        seen += [i for span in dealt.values() for i in span]
     assert sorted(seen) == seen == list(range(4 * batch))
 
 
@@ -76,8 +73,5 @@ def test_a_round_seed_depends_on_the_run_seed_and_the_round():
 def test_a_run_trains_every_sequence_of_its_global_batch_each_round():
     """3 peers, a global batch of 4: one trains 2 sequences, and all 4 go out."""
     network = Network(TINY, [0, 0, 0], seed=0, device="cpu")
-    try:
-        record = play_round(network, FaultPlan(), 0)
-    finally:
-        network.close()
+    record = play_round(network, FaultPlan(), 0)
     assert sorted(p["sequences"] for p in record["peers"].values()) == [1, 1, 2]

@@ -83,47 +83,44 @@ def test_batched_peers_compute_the_gradients_and_send_the_payloads_each_would_al
     otherwise than the serial definition does."""
     network = network_of(case)
     plan = fault_plan(case["faults"], network, case["rounds"], case["seed"])
-    try:
-        for round_ in range(case["rounds"]):
-            for fault in plan.returning(round_):
-                network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
-            for fault in plan.leaving(round_):
-                network.leave(fault.peer)
-            faults = plan.on_payloads(round_)
-            trainers = [p for p in network.present() if p.id in network.assignment(round_)]
-            for group, _ in groups(network, trainers, round_, "on"):
-                if len(group) < 2:
-                    continue
-                models = [network.shared if network.shared is not None else p.model for p in group]
-                for model, peer in zip(models, group):
-                    model.set_tiers(peer.tiers).set_helpers(network.helpers(peer, round_))
-                tokens = network.tokens(group, round_)
-                micro = network.config.micro_batch_size
-                serial, serial_losses = gradients(models, tokens, micro)
-                batched, batched_losses = batched_gradients(models[0], None if network.shared is not None else models,
-                                                            tokens, micro)
-                assert serial.keys() == batched.keys()
-                for name in serial:
-                    close(serial[name], batched[name], f"round {round_}, gradient of {name}")
-                for peer, a, b in zip(group, serial_losses, batched_losses):
-                    assert math.isclose(a, b, rel_tol=CLOSE), f"round {round_}, peer {peer.id}: loss {a} != {b}"
-                before = [copy.deepcopy(p.state) for p in group]
-                one_by_one = train_group(network, group, round_, faults, batched=False)
-                stepped = [p.state for p in group]
-                for peer, state in zip(group, before):
-                    peer.state = copy.deepcopy(state)
-                together = train_group(network, group, round_, faults, batched=True)
-                for peer, state in zip(group, stepped):
-                    assert state.delta.keys() == peer.state.delta.keys(), f"round {round_}, peer {peer.id}: other states"
-                    for name, delta in state.delta.items():
-                        close(delta, peer.state.delta[name], f"round {round_}, peer {peer.id}, DisTrO state of {name}")
-                for peer, a, b in zip(group, one_by_one, together):
-                    same_payload(a, b, f"round {round_}, peer {peer.id}")
-                for peer, state in zip(group, before):   # the round itself starts from here
-                    peer.state = state
-            network.round(round_, faults)
-    finally:
-        network.close()
+    for round_ in range(case["rounds"]):
+        for fault in plan.returning(round_):
+            network.rejoin(fault.peer, fault.rejoin_from, fault.rejoin_tier)
+        for fault in plan.leaving(round_):
+            network.leave(fault.peer)
+        faults = plan.on_payloads(round_)
+        trainers = [p for p in network.present() if p.id in network.assignment(round_)]
+        for group, _ in groups(network, trainers, round_, "on"):
+            if len(group) < 2:
+                continue
+            models = [network.shared if network.shared is not None else p.model for p in group]
+            for model, peer in zip(models, group):
+                model.set_tiers(peer.tiers).set_helpers(network.helpers(peer, round_))
+            tokens = network.tokens(group, round_)
+            micro = network.config.micro_batch_size
+            serial, serial_losses = gradients(models, tokens, micro)
+            batched, batched_losses = batched_gradients(models[0], None if network.shared is not None else models,
+                                                        tokens, micro)
+            assert serial.keys() == batched.keys()
+            for name in serial:
+                close(serial[name], batched[name], f"round {round_}, gradient of {name}")
+            for peer, a, b in zip(group, serial_losses, batched_losses):
+                assert math.isclose(a, b, rel_tol=CLOSE), f"round {round_}, peer {peer.id}: loss {a} != {b}"
+            before = [copy.deepcopy(p.state) for p in group]
+            one_by_one = train_group(network, group, round_, faults, batched=False)
+            stepped = [p.state for p in group]
+            for peer, state in zip(group, before):
+                peer.state = copy.deepcopy(state)
+            together = train_group(network, group, round_, faults, batched=True)
+            for peer, state in zip(group, stepped):
+                assert state.delta.keys() == peer.state.delta.keys(), f"round {round_}, peer {peer.id}: other states"
+                for name, delta in state.delta.items():
+                    close(delta, peer.state.delta[name], f"round {round_}, peer {peer.id}, DisTrO state of {name}")
+            for peer, a, b in zip(group, one_by_one, together):
+                same_payload(a, b, f"round {round_}, peer {peer.id}")
+            for peer, state in zip(group, before):   # the round itself starts from here
+                peer.state = state
+        network.round(round_, faults)
 
 
 @pytest.mark.slow
@@ -137,24 +134,20 @@ def test_a_batched_run_gives_the_serial_runs_records_and_aggregates_and_repeats_
     results reordered), or that depends on anything but the seed."""
     serial, batched = network_of(case, "off"), network_of(case, "on")
     plan = fault_plan(case["faults"], serial, case["rounds"], case["seed"])
-    try:
-        for round_ in range(case["rounds"]):
-            a, b = play_round(serial, plan, round_, evaluate=True), play_round(batched, plan, round_, evaluate=True)
-            assert _counts(a) == _counts(b), round_
-            losses = [(a["loss"], b["loss"]), (a["eval_loss"], b["eval_loss"])] + [
-                (p["loss"], b["peers"][k]["loss"]) for k, p in a["peers"].items() if p["loss"] is not None]
-            assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in losses), (round_, losses)
-            for mine, theirs in zip(serial.aggregates, batched.aggregates):
-                for name, update in mine.updates.items():
-                    scale = update.abs().max().item()
-                    assert (update - theirs.updates[name]).abs().max().item() <= 1e-9 * scale + 1e-300, (round_, name)
-                    clear = update.abs() > 1e-9 * scale
-                    assert torch.equal(update.sign()[clear], theirs.updates[name].sign()[clear]), (round_, name)
-            # Carry on from the same state: round-off-level aggregates may step either way.
-            _adopt(batched, serial)
-    finally:
-        serial.close()
-        batched.close()
+    for round_ in range(case["rounds"]):
+        a, b = play_round(serial, plan, round_, evaluate=True), play_round(batched, plan, round_, evaluate=True)
+        assert _counts(a) == _counts(b), round_
+        losses = [(a["loss"], b["loss"]), (a["eval_loss"], b["eval_loss"])] + [
+            (p["loss"], b["peers"][k]["loss"]) for k, p in a["peers"].items() if p["loss"] is not None]
+        assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in losses), (round_, losses)
+        for mine, theirs in zip(serial.aggregates, batched.aggregates):
+            for name, update in mine.updates.items():
+                scale = update.abs().max().item()
+                assert (update - theirs.updates[name]).abs().max().item() <= 1e-9 * scale + 1e-300, (round_, name)
+                clear = update.abs() > 1e-9 * scale
+                assert torch.equal(update.sign()[clear], theirs.updates[name].sign()[clear]), (round_, name)
+        # Carry on from the same state: round-off-level aggregates may step either way.
+        _adopt(batched, serial)
     from sim.run import simulate
     cfg, args = case["config"], (case["tiers"], case["fractions"], case["faults"], case["seed"])
     runs = [simulate(cfg, *args, rounds=case["rounds"], shared_weights=case["shared"], device="cpu", batching="on",

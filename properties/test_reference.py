@@ -160,25 +160,22 @@ def play(case, reference_round, observed: list | None = None):
                       shared_weights=case["shared"], apply_rule=case["rule"], weight_decay=case["weight_decay"],
                       device="cpu", dtype=dtype, batching=case["batching"])
     plan, evaluation, moments, history = case["plan"], held_out(cfg, case["seed"]), {}, {}
-    try:
-        for round_ in range(case["rounds"]):
-            before = {n: p.detach().double().clone() for n, p in network._full_replica().named_parameters()}
-            last = round_ == case["rounds"] - 1   # one held-out forward an example: any round shows an eval bug
-            try:   # a valid run completes: its breaking is a failure of the law, not of the test
-                record = play_round(network, plan, round_, evaluate=last)
-            except Exception as err:
-                raise AssertionError(f"round {round_}: the run broke: {err!r}") from err
-            peers = round_inputs(cfg, case["seed"], case["tiers"], case["fractions"], plan, round_, case["shared"])
-            lr = learning_rate(cfg, round_)
-            expected = reference_round(network, before, peers, lr, moments)
-            assert record["contributing_peers"] == expected.contributing, (round_, record, expected.contributing)
-            check_round(network, expected, lr, case["rule"], round_, dtype, history, observed)
-            _adopt_moments(network, expected, moments)
-            after = {n: p.detach().double() for n, p in network._full_replica().named_parameters()}
-            check_record(record, lr, {p.id: peer_loss(cfg.model, before, p) for p in peers},
-                         loss_of(cfg.model, after, evaluation).item() if last else None, round_, dtype)
-    finally:
-        network.close()
+    for round_ in range(case["rounds"]):
+        before = {n: p.detach().double().clone() for n, p in network._full_replica().named_parameters()}
+        last = round_ == case["rounds"] - 1   # one held-out forward an example: any round shows an eval bug
+        try:   # a valid run completes: its breaking is a failure of the law, not of the test
+            record = play_round(network, plan, round_, evaluate=last)
+        except Exception as err:
+            raise AssertionError(f"round {round_}: the run broke: {err!r}") from err
+        peers = round_inputs(cfg, case["seed"], case["tiers"], case["fractions"], plan, round_, case["shared"])
+        lr = learning_rate(cfg, round_)
+        expected = reference_round(network, before, peers, lr, moments)
+        assert record["contributing_peers"] == expected.contributing, (round_, record, expected.contributing)
+        check_round(network, expected, lr, case["rule"], round_, dtype, history, observed)
+        _adopt_moments(network, expected, moments)
+        after = {n: p.detach().double() for n, p in network._full_replica().named_parameters()}
+        check_record(record, lr, {p.id: peer_loss(cfg.model, before, p) for p in peers},
+                     loss_of(cfg.model, after, evaluation).item() if last else None, round_, dtype)
 
 
 def check_record(record, lr, losses, eval_loss, round_, dtype):

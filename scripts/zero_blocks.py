@@ -28,8 +28,7 @@ def unseen_rows_moved(rounds: int) -> dict:
     base = load_config("tiny")
     base = base.replace(markov=dataclasses.replace(base.markov, states=SEEN),
                         distro=dataclasses.replace(base.distro, quantize_1bit=True))
-    with Network(base, [0, 1], seed=0, device="cpu") as network:
-        start = network.peers[0].model.state_dict()[EMBED][SEEN:].clone()
+    start = Network(base, [0, 1], seed=0, device="cpu").peers[0].model.state_dict()[EMBED][SEEN:].clone()
     rows = {}
     for mode in ("absent", "sent"):
         config = base.replace(distro=dataclasses.replace(base.distro, zero_blocks=mode))

@@ -25,6 +25,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -106,8 +107,9 @@ def peer_process(rank: int, host: str, port: int, config: RunConfig, tiers, frac
     torch.set_num_threads(1)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     saving = saving or {}
+    # network_faults: applied in this process's send path, as in-process
     network = Network(config, tiers, fractions, seed, device="cpu", only=rank, init_checkpoint=saving.get("init"),
-                      network_faults=network_faults)   # applied in this process's send path, as in-process
+                      network_faults=network_faults, scratch=saving.get("scratch"))
     me = network.peers[rank]
     if start_round:
         _catch_up(network, plan, store, start_round)
@@ -247,7 +249,10 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
                           f"{config.optimizer} peers send none: use --backend inprocess")
     rounds, eval_every = run_length(config, rounds, eval_every)
     check_every(checkpoint_every)
-    saving = {"init": init_checkpoint, "every": checkpoint_every, "out": out is not None}
+    # The joins' checkpoints live in a folder of the run's, removed after its processes are:
+    # a process killed mid-join (churn, the end of the run) cannot clean up after itself.
+    scratch = tempfile.TemporaryDirectory(prefix="matsim-run-")
+    saving = {"init": init_checkpoint, "every": checkpoint_every, "out": out is not None, "scratch": scratch.name}
     probe = Network(config, tiers, helper_fractions, seed, device="cpu", only=-1)
     plan = fault_plan(faults, probe, rounds, seed)
     fractions = [p.helper_fraction for p in probe.peers]
@@ -338,7 +343,7 @@ def simulate_distributed(config: RunConfig, tiers: Sequence, helper_fractions: S
         if not launched:   # peers still waiting for a round's go (a failed join, an error) stop now
             store.set(f"go/{len(records)}", json.dumps({"stop": True}).encode())
         _stop(workers)
-        probe.close()
+        scratch.cleanup()
     result = RunResult(records, timings, probe.source.entropy_rate, stopped_early, {})
     if out:
         out = Path(out)
@@ -376,7 +381,6 @@ def run_peer(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
                  [p.helper_fraction for p in probe.peers], fault_plan(faults, probe, rounds, seed), seed, rounds,
                  eval_every, round_deadline_s or config.max_round_train_time, {},
                  {"init": init_checkpoint, "every": checkpoint_every, "out": True}, network_faults)
-    probe.close()
 
 
 def _collect(store, round_: int, present: list[int], alive: Callable[[int], bool], wait_s: float) -> list[int]:

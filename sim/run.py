@@ -64,7 +64,8 @@ class Network:
                  seed: int = 0, *, semantics: MeanSemantics | None = None, shared_weights: bool = False,
                  apply_rule: ApplyRule | None = None, weight_decay: float | None = None, device=None,
                  only: int | None = None, dtype: torch.dtype = torch.float32, batching: str = "auto",
-                 init_checkpoint: str | Path | None = None, network_faults: NetworkFaults | None = None):
+                 init_checkpoint: str | Path | None = None, network_faults: NetworkFaults | None = None,
+                 scratch: str | Path | None = None):
         per_peer, fractions = validate_assignment(config, tiers, helper_fractions)
         self.batching = check_batching(batching)
         self.network_faults = network_faults   # Psyche's --fault-* flags: every payload's delay and fate
@@ -105,7 +106,7 @@ class Network:
         self.sliced: set[int] = set()    # peers back from a checkpoint sliced below tier 0: no suffix to donate
         self.carried: list[bytes] = []   # late payloads: they arrive next round
         self.aggregates: list = []       # each receiver's Aggregate of the last round (the exact reference reads them)
-        self._scratch = tempfile.TemporaryDirectory(prefix="matsim-")
+        self.scratch = scratch   # where a join's checkpoint lives while it loads (None: the system's temp folder)
 
     def _new_peer(self, peer_id, tiers, model, fraction) -> Peer:
         return Peer(peer_id, tuple(tiers), fraction, DistroState.fresh(self.config.distro), model)
@@ -206,7 +207,7 @@ class Network:
             return copy.deepcopy(donor).set_tiers(tiers), helper_fraction
         # A folder for each join, gone once loaded: the auto rule would take a tier export an
         # earlier sliced join of this peer left beside a shared path, with that round's weights.
-        with tempfile.TemporaryDirectory(prefix=f"{tag}-", dir=self._scratch.name) as folder:
+        with tempfile.TemporaryDirectory(prefix=f"matsim-{tag}-", dir=self.scratch) as folder:
             path = save_checkpoint(donor, Path(folder) / tag)
             if via == "sliced-checkpoint" and min(tiers) > 0:  # at the widest layer it runs; auto finds <path>-tier<t>
                 export_tiers(path, [min(tiers)])
@@ -349,15 +350,6 @@ class Network:
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().cpu().clone() for n, t in self._full_replica().state_dict().items()}
 
-    def close(self) -> None:
-        self._scratch.cleanup()
-
-    def __enter__(self) -> "Network":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[float] | None = None,
              faults: FaultPlan | str | None = None, seed: int = 0, *, rounds: int | None = None,
@@ -410,7 +402,6 @@ def simulate(config: RunConfig, tiers: Sequence, helper_fractions: Sequence[floa
             if stopped_early:
                 break
     finally:
-        network.close()
         if out:
             metrics_file.close()
             timing_file.close()

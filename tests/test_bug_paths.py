@@ -61,11 +61,8 @@ def test_the_default_run_of_each_scenario_batches_groups_of_one_shape(scenario):
     """Else the auto run would take the serial path, and the test below would prove nothing."""
     s = SCENARIOS[scenario]
     network = Network(s["config"], s["tiers"], s["fractions"], SEED, device="cpu")
-    try:
-        trainers = [p for p in network.present() if p.id in network.assignment(0)]
-        assert any(batched for _, batched in groups(network, trainers, 0, "auto"))
-    finally:
-        network.close()
+    trainers = [p for p in network.present() if p.id in network.assignment(0)]
+    assert any(batched for _, batched in groups(network, trainers, 0, "auto"))
 
 
 @pytest.mark.parametrize("bug", RUN_BUGS)

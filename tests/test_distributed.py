@@ -1,6 +1,7 @@
 """The multi-process backend (sim/distributed.py): exact parity with the in-process
 simulator, and the faults only a process boundary shows. Every test runs under a hard
-timeout and checks that no peer process outlives it."""
+timeout and checks that no peer process outlives it, and that the run leaves nothing in the
+temp folder (a killed process cannot clean up after itself)."""
 import dataclasses
 import json
 import multiprocessing
@@ -8,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -27,8 +29,18 @@ ROUND_DEADLINE_S = 4.0
 HANG_GUARD_S = 60.0
 
 
+# Folders the temp folder may keep that are not matsim's: torch's compile cache, torchrun's and
+# multiprocessing's own (removed when their process exits, which may be after the test).
+NOT_OURS = ("torchinductor_", "torchelastic_", "pymp-")
+
+
 @pytest.fixture(autouse=True)
-def hard_timeout_and_no_leftovers():
+def hard_timeout_and_no_leftovers(tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))          # the peer processes' temp folder too
+    monkeypatch.setattr(tempfile, "tempdir", None)   # this process reads TMPDIR again
+
     def expire(signum, frame):
         raise TimeoutError("distributed test exceeded its 240 s timeout")
     previous = signal.signal(signal.SIGALRM, expire)
@@ -39,6 +51,8 @@ def hard_timeout_and_no_leftovers():
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert multiprocessing.active_children() == [], "a peer process outlived its test"
+    left = [p.name for p in temp.iterdir() if not p.name.startswith(NOT_OURS)]
+    assert left == [], f"the run left {left} in the temp folder"
 
 
 # Psyche's network faults (sim/faults.py NetworkFaults), applied in each peer process's send path:

@@ -97,11 +97,12 @@ def test_fault_specs_are_validated():
         parse_fault_spec("drop=0.6,late=0.6")
 
 
-def test_a_checkpoint_join_takes_the_current_weights_after_an_earlier_sliced_join():
+def test_a_checkpoint_join_takes_the_current_weights_after_an_earlier_sliced_join(tmp_path):
     """Psyche's auto rule prefers a tier export beside a checkpoint: a peer that once came back
     from a sliced checkpoint must not find that old export (its round's weights) when it comes
-    back later from a full checkpoint at the same tier (found by the reference property)."""
-    network = Network(TINY, [0, 0, 0], seed=0, device="cpu")
+    back later from a full checkpoint at the same tier (found by the reference property).
+    Each join's checkpoint is gone once loaded."""
+    network = Network(TINY, [0, 0, 0], seed=0, device="cpu", scratch=tmp_path)
     network.round(0, evaluate=False)
     network.leave(2)
     network.rejoin(2, via="sliced-checkpoint", tier=1)
@@ -111,3 +112,4 @@ def test_a_checkpoint_join_takes_the_current_weights_after_an_earlier_sliced_joi
     current, back = network.peers[0].model.state_dict(), network.peers[2].model.state_dict()
     for name, tensor in back.items():
         assert torch.equal(tensor, current[name][tuple(slice(0, n) for n in tensor.shape)]), name
+    assert list(tmp_path.iterdir()) == []

@@ -48,20 +48,17 @@ def test_mix_n_match_per_layer_tiers_with_helpers_train_whole_runs():
 
 def test_a_peer_joining_from_a_sliced_checkpoint_has_helper_mode_auto_disabled_with_the_reason_logged(caplog):
     network = Network(TINY, [0, 1], [0, 0.5], seed=0, device="cpu")
-    try:
-        network.round(0)
-        with caplog.at_level(logging.WARNING):
-            sliced = network.join(1, via="sliced-checkpoint", helper_fraction=0.5)
-        full = network.join(1, via="checkpoint", helper_fraction=0.5)
-        assert "auto-disabled: a sliced checkpoint holds no suffix neurons" in caplog.text
-        assert network.peers[sliced].helper_fraction == 0.0 and network.peers[full].helper_fraction == 0.5
-        assert network.peers[sliced].model.stored_widths == (32, 32)
-        for round_ in (1, 2):  # the sliced peer is a receiver too: it holds the prefix of every update
-            record = network.round(round_)
-            assert record["replica_max_diff"] == 0.0 and not record["rejected"], record
-        assert record["peers"][str(sliced)]["helper"] == 0.0
-    finally:
-        network.close()
+    network.round(0)
+    with caplog.at_level(logging.WARNING):
+        sliced = network.join(1, via="sliced-checkpoint", helper_fraction=0.5)
+    full = network.join(1, via="checkpoint", helper_fraction=0.5)
+    assert "auto-disabled: a sliced checkpoint holds no suffix neurons" in caplog.text
+    assert network.peers[sliced].helper_fraction == 0.0 and network.peers[full].helper_fraction == 0.5
+    assert network.peers[sliced].model.stored_widths == (32, 32)
+    for round_ in (1, 2):  # the sliced peer is a receiver too: it holds the prefix of every update
+        record = network.round(round_)
+        assert record["replica_max_diff"] == 0.0 and not record["rejected"], record
+    assert record["peers"][str(sliced)]["helper"] == 0.0
 
 
 def test_helper_indices_are_the_same_in_another_process():

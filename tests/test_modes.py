@@ -31,7 +31,6 @@ def one_round(config, tiers, rounds=1, seed=3):
         network.round(round_, evaluate=False)
     after = dict(network._full_replica().named_parameters())
     update = network.aggregates[0].updates
-    network.close()
     return {n: after[n].detach() - before[n] for n in before}, update
 
 
@@ -114,12 +113,10 @@ def test_distro_weight_decay_from_state_toml_shrinks_every_weight_by_lr_times_it
     network = Network(config.replace(distro=DistroConfig(**{**LOSSLESS.distro.__dict__, "weight_decay": 0.5})),
                       [0, 1], seed=3, device="cpu", dtype=torch.float64)
     assert network.weight_decay == 0.5
-    network.close()
     plain = LOSSLESS.replace(apply_rule="sgd")
     decayed = plain.replace(distro=DistroConfig(**{**plain.distro.__dict__, "weight_decay": 0.5}))
     weights = Network(plain, [0, 1], seed=3, device="cpu", dtype=torch.float64)
     start = {n: p.detach().clone() for n, p in weights._full_replica().named_parameters()}
-    weights.close()
     (with_wd, _), (without, _) = one_round(decayed, [0, 1]), one_round(plain, [0, 1])
     for name in start:
         torch.testing.assert_close(with_wd[name] - without[name], -lr * 0.5 * start[name], rtol=1e-9, atol=1e-15)
@@ -129,7 +126,6 @@ def test_state_toml_names_the_modes_and_the_network_uses_them(tmp_path):
     config = with_state(tmp_path, "", '[matsim]\nmean_semantics = "peer"\napply_rule = "sgd"\n')
     network = Network(config, [0, 1], seed=0, device="cpu")
     assert network.semantics is MeanSemantics.PEER_MEAN and network.apply_rule is ApplyRule.SGD
-    network.close()
     assert Network(TINY, [0], device="cpu").semantics is MeanSemantics.COEFF_MEAN
 
 

@@ -187,7 +187,6 @@ def test_adamw_steps_as_torch_adamw_with_psyches_clip_on_the_clients_own_gradien
     network.round(2)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), twin[name].detach(), rtol=0, atol=0)
-    network.close()
 
 
 def test_under_dummy_no_weight_moves_and_the_record_still_carries_the_losses():

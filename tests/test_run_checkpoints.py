@@ -61,13 +61,11 @@ def test_every_client_starts_from_the_init_checkpoint_at_its_tier(tmp_path):
     source = Network(TINY, [0], seed=5, device="cpu")
     path = source.checkpoint(tmp_path / "ckpt")
     want = {n: p.detach().clone() for n, p in source.peers[0].model.named_parameters()}
-    source.close()
     network = Network(TINY, [0, 1, 2], seed=9, device="cpu", init_checkpoint=path)
     for peer in network.peers:
         assert peer.model.layer_tiers == (peer.tiers[0],) * TINY.model.num_hidden_layers
         for name, param in peer.model.named_parameters():
             assert torch.equal(param.detach(), want[name])
-    network.close()
 
 
 def test_an_init_checkpoint_that_cannot_serve_the_clients_is_one_line_and_exit_2(tmp_path):
