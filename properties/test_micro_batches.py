@@ -7,9 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.strategies import model_configs
+from sim.config import load_config
 from sim.memory import largest_piece
 from sim.model import build_model, random_tokens
 from sim.peer import gradients, micro_batches
+from sim.run import Network
+
+TINY = load_config("tiny")
 
 
 @given(st.integers(1, 40), st.integers(1, 40))
@@ -48,3 +52,14 @@ def test_accumulated_micro_batches_weigh_each_piece_by_one_over_their_count_and_
         assert math.isclose(loss, whole_loss, rel_tol=1e-12)
         for name, g in accumulated.items():
             torch.testing.assert_close(g, whole[name][0], rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 20), st.integers(0, 2**16))
+def test_the_held_out_loss_is_the_mean_over_all_its_tokens_whatever_the_micro_batch_size(micro, seed):
+    """The evaluation puts the held-out batch (16 sequences) through in micro-batches, since its
+    logits at once may not fit: each piece's mean weighs by its share of the tokens, so the loss
+    is the whole batch's (float64, 1e-12) for any split, unequal pieces included. Catches:
+    pieces averaged with equal weights, a piece dropped or counted twice."""
+    whole = Network(TINY, [0], seed=seed, device="cpu", dtype=torch.float64).eval_loss()
+    split = Network(TINY.replace(micro_batch_size=micro), [0], seed=seed, device="cpu", dtype=torch.float64)
+    assert math.isclose(split.eval_loss(), whole, rel_tol=1e-12)

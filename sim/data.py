@@ -176,6 +176,14 @@ def sequences(source, seed: int, indices: Sequence[int], length: int) -> torch.T
     return source.from_uniform(draws)
 
 
+EVAL_SEQUENCES = 16   # at least: the loss a criterion reads is then a measurement, not noise
+
+
+def held_out_count(global_batch_size: int) -> int:
+    """Sequences in a run's held-out batch: a global batch, and never fewer than EVAL_SEQUENCES."""
+    return max(EVAL_SEQUENCES, global_batch_size)
+
+
 def held_out(source, task: int, count: int, length: int) -> torch.Tensor:
     """The batch every evaluation of a run reads: drawn under a key no data index has."""
     return source.sample(count, length, _generator(task, -1, -1))

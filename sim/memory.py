@@ -24,6 +24,7 @@ import torch
 from rich.table import Table
 
 from sim.config import ModelConfig, load_config
+from sim.data import held_out_count
 from sim.distro import DistroState
 from sim.errors import ConfigError
 from sim.model import build_model, default_device, param_count, random_tokens
@@ -73,6 +74,18 @@ def step_bytes(config, tier: int, batch: int) -> int:
     return analytic(config.model, tier, largest_piece(batch, config.micro_batch_size), config.seq_len).total
 
 
+def eval_bytes(config) -> int:
+    """The held-out evaluation (sim.run.Network.eval_loss): a forward without autograd of the
+    full model over the held-out batch in the config's micro-batches: the weights, and per
+    token of the largest piece its logits and their log-softmax (2V) and one layer's working
+    set at a time (the attention terms, and the FFN's at its full width)."""
+    cfg = config.model
+    piece = largest_piece(held_out_count(config.global_batch_size), config.micro_batch_size)
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    per_token = 2 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * kv + (4 if cfg.style == "llama" else 3) * cfg.intermediate_size
+    return param_count(cfg, 0) * BYTES + per_token * piece * config.seq_len * BYTES
+
+
 def memory_budget() -> int:
     """What one trainer's step may take: half of this machine's memory (or of the GPU's)."""
     if default_device().type == "cuda":
@@ -81,20 +94,27 @@ def memory_budget() -> int:
 
 
 def check_fits(config, trainers: int) -> None:
-    """Refuse a run whose trainer's step would not fit (`memory_budget`), naming
-    --micro-batch-size and the largest that fits: the widest trainer, with its share of round
-    0's global batch (Psyche's split over `trainers`)."""
+    """Refuse a run whose trainer's step, or whose held-out evaluation, would not fit
+    (`memory_budget`), naming --micro-batch-size and the largest that fits: the widest trainer,
+    with its share of round 0's global batch (Psyche's split over `trainers`)."""
     batch, budget = -(-config.global_batch(0) // trainers), memory_budget()
-    need = step_bytes(config, 0, batch)
-    if need <= budget:
+    held = held_out_count(config.global_batch_size)
+
+    def need(run) -> int:
+        return max(step_bytes(run, 0, batch), eval_bytes(run))
+    if need(config) <= budget:
         return
-    fitting = [m for m in range(1, batch + 1) if step_bytes(config.replace(micro_batch_size=m), 0, batch) <= budget]
-    advice = (f"give --micro-batch-size {fitting[-1]} (the largest that fits: pieces of at most "
-              f"{largest_piece(batch, fitting[-1])} sequences; Psyche's default is 1)" if fitting
+    fitting = [m for m in range(1, max(batch, held) + 1) if need(config.replace(micro_batch_size=m)) <= budget]
+    advice = (f"give --micro-batch-size {fitting[-1]} (the largest that fits: a step's pieces of at most "
+              f"{largest_piece(batch, fitting[-1])} sequences, the evaluation's of at most "
+              f"{largest_piece(held, fitting[-1])}; Psyche's default is 1)" if fitting
               else "no micro-batch fits: even one sequence's step does not")
-    raise ConfigError(f"one trainer's step needs ~{human(need)} ({largest_piece(batch, config.micro_batch_size)} x "
-                      f"{config.seq_len} tokens at once of its {batch} sequences), over the {human(budget)} a step may "
-                      f"take here (half of this machine's): {advice}")
+    step, evaluation = step_bytes(config, 0, batch), eval_bytes(config)
+    what = (f"one trainer's step needs ~{human(step)} ({largest_piece(batch, config.micro_batch_size)} x "
+            f"{config.seq_len} tokens at once of its {batch} sequences)" if step >= evaluation else
+            f"the held-out evaluation needs ~{human(evaluation)} ({largest_piece(held, config.micro_batch_size)} x "
+            f"{config.seq_len} tokens at once of its {held} sequences)")
+    raise ConfigError(f"{what}, over the {human(budget)} a step may take here (half of this machine's): {advice}")
 
 
 def human(n: int) -> str:

@@ -22,7 +22,7 @@ from sim.checkpoint import export_tiers, keep_step, load_checkpoint, save_checkp
 from sim.config import RunConfig
 from sim.sources import remote_data_error
 from sim.assignment import assign, round_seed
-from sim.data import held_out, make_source, sequences
+from sim.data import held_out, held_out_count, make_source, sequences
 from sim.engine import check_batching, train_group, train_peers
 from sim.distro import DistroState
 from sim.errors import ConfigError
@@ -31,11 +31,10 @@ from sim.faults import (JOIN_VIA, FaultPlan, NetworkFaults, Sent, parse_fault_sp
 from sim.metrics import RunResult, count_churn, round_record, summary
 from sim.helper import helper_indices
 from sim.model import build_model, default_device, parameters_by_name
-from sim.peer import Peer, train_locally
+from sim.peer import Peer, micro_batches, train_locally
 from sim.tiers import layer_tiers, layer_widths
 from sim.wire import VALUE_DTYPES, Payload, decode_payload
 
-EVAL_SEQUENCES = 16
 CHECKPOINT = "checkpoint"   # a run's checkpoint, in its results directory
 EVAL_POINTS = 50   # default evaluations per run: a curve's worth, at a few % of the run's time
 
@@ -81,11 +80,10 @@ class Network:
         if config.data is None:
             raise remote_data_error(config)
         self.source = make_source(config.data, config.model.vocab_size, seed, config.markov)
-        # Held-out batch: at least 16 sequences, so the loss a criterion reads is a measurement, not noise.
         # A source with its own seed (one task for every run) has one held-out batch for every run too:
         # runs of different seeds are then compared on the same tokens.
         task = seed if config.markov.seed is None else config.markov.seed
-        self.held_out = held_out(self.source, task, max(EVAL_SEQUENCES, config.global_batch_size),
+        self.held_out = held_out(self.source, task, held_out_count(config.global_batch_size),
                                  config.seq_len + 1).to(self.device)
         self._assigned: tuple[tuple, dict[int, range]] | None = None   # ((round, trainers), assignment)
         if shared_weights and config.optimizer != "Distro":
@@ -338,14 +336,18 @@ class Network:
         """The round's metrics line (sim/metrics.py)."""
         return round_record(self, round_, sent, rejected, contributing, replica_max_diff, evaluate)
     def eval_loss(self) -> float:
-        """Loss of the full (tier-0) model on the fixed held-out batch: what the network learned.
-        A forward over EVAL_SEQUENCES sequences, the one cost `eval_every` amortizes."""
+        """Loss of the full (tier-0) model on the fixed held-out batch, the mean over all its
+        tokens: what the network learned. The one cost `eval_every` amortizes. In pieces of the
+        micro-batch size, as a client puts its batch through: the logits of a whole global
+        batch at once may not fit (64 x 2048 tokens of a 50k vocabulary are 26 GB)."""
         model = self._full_replica()
-        tiers = model.layer_tiers
-        with torch.no_grad():
-            loss = model.set_tiers(model.stored_tiers)(self.held_out[:, :-1], self.held_out[:, 1:])[1].item()
+        tiers, tokens = model.layer_tiers, self.held_out[:, 1:].numel()
+        model.set_tiers(model.stored_tiers)
+        with torch.no_grad():   # each piece's mean weighs by its share of the tokens: pieces may be unequal
+            loss = sum(model(piece[:, :-1], piece[:, 1:])[1] * (piece[:, 1:].numel() / tokens)
+                       for piece in micro_batches(self.held_out, self.config.micro_batch_size))
         model.set_tiers(tiers)
-        return loss
+        return loss.item()
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().cpu().clone() for n, t in self._full_replica().state_dict().items()}

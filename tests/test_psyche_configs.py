@@ -8,6 +8,7 @@ between them they use every form. Schedule values are Psyche's own test values
 (shared/core/src/definitions.rs), worked by hand from its formulas."""
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -285,6 +286,24 @@ def test_a_hub_checkpoint_on_a_local_path_supplies_the_models_config_json(tmp_pa
 
 # --- micro-batches --------------------------------------------------------------------
 
+def test_an_evaluation_too_big_for_this_machine_is_refused_though_every_step_fits(monkeypatch):
+    """The held-out batch is a whole global batch, evaluated by one model: with 4 trainers each
+    step holds a quarter of it. A budget between the two refuses the run, naming the
+    evaluation and the micro-batch size that makes both fit."""
+    import sim.memory
+    config = load_config("tiny").replace(global_batch_size=16, global_batch_size_end=16)
+    step, evaluation = sim.memory.step_bytes(config, 0, 4), sim.memory.eval_bytes(config)
+    assert step < evaluation
+    monkeypatch.setattr(sim.memory, "memory_budget", lambda: (step + evaluation) // 2)
+    with pytest.raises(ConfigError, match=r"the held-out evaluation needs .*\(16 x 16 tokens at once of its 16 "
+                                          r"sequences.*give --micro-batch-size (\d+)") as refused:
+        sim.memory.check_fits(config, 4)
+    micro = int(re.search(r"--micro-batch-size (\d+)", str(refused.value)).group(1))
+    sim.memory.check_fits(config.replace(micro_batch_size=micro), 4)
+    with pytest.raises(ConfigError):
+        sim.memory.check_fits(config.replace(micro_batch_size=micro + 1), 4)
+
+
 def test_a_step_too_big_for_this_machine_names_the_micro_batch_that_fits(tmp_path, monkeypatch):
     """The budget is the machine's (half its memory): here set just below one trainer's whole
     batch, so the refusal names --micro-batch-size and the largest that fits, and that one runs."""
@@ -302,7 +321,7 @@ def test_a_step_too_big_for_this_machine_names_the_micro_batch_that_fits(tmp_pat
     refused = matsim_here(*argv)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     # 3 splits 4 sequences as Psyche does, into ceil(4 / 3) = 2 pieces of 2: the largest flag that fits.
-    assert "give --micro-batch-size 3 (the largest that fits: pieces of at most 2 sequences" in refused.stderr
+    assert "give --micro-batch-size 3 (the largest that fits: a step's pieces of at most 2 sequences" in refused.stderr
     assert not (tmp_path / "run").exists()
     ran = matsim_here(*argv, "--micro-batch-size", "3")
     assert ran.returncode == 0, ran.stderr
