@@ -2,10 +2,17 @@
 # The wheel as a user gets it: build it, check its contents and metadata, install it into a
 # fresh venv outside the checkout and run the harness's three front-door commands there with
 # the shipped configs. scripts/check_wheel.sh [WORKDIR]   (make check-wheel)
+# Without WORKDIR it works in a temporary folder removed at the end (a venv with torch is
+# over 1 GB, and CI runs this on every push); a WORKDIR given is kept, for a look inside.
 set -eu
 cd "$(dirname "$0")/.."
 checkout="$(pwd)"
-work="${1:-$(mktemp -d)}"
+if [ $# -ge 1 ]; then
+    work="$1"
+else
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+fi
 mkdir -p "$work"
 [ -x .venv/bin/python ] || make .venv/.installed
 
@@ -33,4 +40,5 @@ run "$work/venv/bin/matsim" testnet start --config-path tiny --client-matformer-
 run "$work/venv/bin/matsim" matrix --config-path ffn-small --rounds 20 --out "$work/matrix"
 run "$work/venv/bin/matsim" vectors export --out "$work/vectors" --cases-per-op 4
 run "$work/venv/bin/matsim" vectors check "$work/vectors" --impl "$work/venv/bin/python -m sim.conformance"
-echo "wheel ok: $(basename "$wheel") in a clean venv at $work/venv"
+if [ $# -ge 1 ]; then where="at $work/venv"; else where="in a temporary folder, removed now"; fi
+echo "wheel ok: $(basename "$wheel") in a clean venv $where"

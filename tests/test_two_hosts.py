@@ -69,6 +69,7 @@ def test_the_two_host_recipe_across_two_namespaces_gives_the_in_process_metrics(
     before = link_bytes(ns_b, dev_b)
     hosts = [subprocess.Popen(["ip", "netns", "exec", ns, torchrun, "--local-addr", addr,
                                "--rdzv-conf", f"is_host={int(ns == ns_a)}", *recipe], cwd=repo,
+                              env={**os.environ, "TMPDIR": str(tmp_path)},   # torchrun leaves its folders there
                               stdout=open(tmp_path / f"{ns}.log", "w"), stderr=subprocess.STDOUT)
              for ns, _, addr in two_hosts]
     try:
