@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 checkout="$(pwd)"
 if [ $# -ge 1 ]; then
     work="$1"
+    where="at $work/venv"
 else
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
+    where="in a temporary folder, removed now"
 fi
 mkdir -p "$work"
 [ -x .venv/bin/python ] || make .venv/.installed
@@ -40,5 +42,4 @@ run "$work/venv/bin/matsim" testnet start --config-path tiny --client-matformer-
 run "$work/venv/bin/matsim" matrix --config-path ffn-small --rounds 20 --out "$work/matrix"
 run "$work/venv/bin/matsim" vectors export --out "$work/vectors" --cases-per-op 4
 run "$work/venv/bin/matsim" vectors check "$work/vectors" --impl "$work/venv/bin/python -m sim.conformance"
-if [ $# -ge 1 ]; then where="at $work/venv"; else where="in a temporary folder, removed now"; fi
 echo "wheel ok: $(basename "$wheel") in a clean venv $where"

@@ -51,12 +51,16 @@ class Breakdown:
         return self.parameters + self.gradients + self.distro_state + self.activations
 
 
+def layer_floats(cfg: ModelConfig, width: int) -> int:
+    """Floats per token one layer holds: ~8H + 4*kv for attention, 4w (SwiGLU) or 3w (relu²)
+    for its FFN of width w."""
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    return 8 * cfg.hidden_size + 4 * kv + (4 if cfg.style == "llama" else 3) * width
+
+
 def analytic(cfg: ModelConfig, tier: int, batch: int, seq_len: int) -> Breakdown:
     params = param_count(cfg, tier) * BYTES
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    ffn_terms = 4 if cfg.style == "llama" else 3
-    per_token = sum(8 * cfg.hidden_size + 4 * kv + ffn_terms * w
-                    for w in layer_widths(cfg.intermediate_size, tier, cfg.num_hidden_layers))
+    per_token = sum(layer_floats(cfg, w) for w in layer_widths(cfg.intermediate_size, tier, cfg.num_hidden_layers))
     per_token += 2 * cfg.vocab_size + 2 * cfg.hidden_size
     return Breakdown(params, params, params, per_token * batch * seq_len * BYTES)
 
@@ -81,8 +85,7 @@ def eval_bytes(config) -> int:
     set at a time (the attention terms, and the FFN's at its full width)."""
     cfg = config.model
     piece = largest_piece(held_out_count(config.global_batch_size), config.micro_batch_size)
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    per_token = 2 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * kv + (4 if cfg.style == "llama" else 3) * cfg.intermediate_size
+    per_token = 2 * cfg.vocab_size + layer_floats(cfg, cfg.intermediate_size)
     return param_count(cfg, 0) * BYTES + per_token * piece * config.seq_len * BYTES
 
 
@@ -99,17 +102,18 @@ def check_fits(config, trainers: int) -> None:
     with its share of round 0's global batch (Psyche's split over `trainers`)."""
     batch, budget = -(-config.global_batch(0) // trainers), memory_budget()
     held = held_out_count(config.global_batch_size)
-
-    def need(run) -> int:
-        return max(step_bytes(run, 0, batch), eval_bytes(run))
-    if need(config) <= budget:
+    step, evaluation = step_bytes(config, 0, batch), eval_bytes(config)
+    if max(step, evaluation) <= budget:
         return
-    fitting = [m for m in range(1, max(batch, held) + 1) if need(config.replace(micro_batch_size=m)) <= budget]
+
+    def fits(micro: int) -> bool:
+        run = config.replace(micro_batch_size=micro)
+        return max(step_bytes(run, 0, batch), eval_bytes(run)) <= budget
+    fitting = [m for m in range(1, max(batch, held) + 1) if fits(m)]
     advice = (f"give --micro-batch-size {fitting[-1]} (the largest that fits: a step's pieces of at most "
               f"{largest_piece(batch, fitting[-1])} sequences, the evaluation's of at most "
               f"{largest_piece(held, fitting[-1])}; Psyche's default is 1)" if fitting
               else "no micro-batch fits: even one sequence's step does not")
-    step, evaluation = step_bytes(config, 0, batch), eval_bytes(config)
     what = (f"one trainer's step needs ~{human(step)} ({largest_piece(batch, config.micro_batch_size)} x "
             f"{config.seq_len} tokens at once of its {batch} sequences)" if step >= evaluation else
             f"the held-out evaluation needs ~{human(evaluation)} ({largest_piece(held, config.micro_batch_size)} x "
